@@ -1,0 +1,5 @@
+"""`python -m llamactl` runs the CLI (used to start a serve in the background)."""
+
+from llamactl.cli import main
+
+main()

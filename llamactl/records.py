@@ -1,0 +1,141 @@
+"""State records of running `llamactl serve` processes, read by ps / stop / logs / chat.
+
+One JSON file per serve in paths.run_dir(), written atomically, readable by its owner only.
+A record whose process is gone (or whose pid was reused by another program) is stale: it is
+ignored and removed when read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llamactl import paths
+
+
+@dataclass
+class InstanceRecord:
+    """One supervised llama-server as `ps` shows it."""
+
+    name: str
+    state: str
+    pid: int | None = None
+    port: int | None = None
+    model: str | None = None
+    restarts: int = 0
+    started_at: float | None = None
+    log_path: str | None = None
+    last_error: str | None = None
+
+
+@dataclass
+class ServeRecord:
+    """One running `llamactl serve`."""
+
+    id: str
+    pid: int
+    pid_started: float  # the process's create_time: tells a live record from a reused pid
+    host: str
+    port: int
+    started_at: float
+    backend: str | None = None
+    server_bin: str | None = None
+    auth: bool = False
+    instances: list[InstanceRecord] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["url"] = self.url
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ServeRecord:
+        insts = [InstanceRecord(**i) for i in data.get("instances", [])]
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "instances"}
+        return cls(**fields, instances=insts)
+
+
+def new_id() -> str:
+    return secrets.token_hex(4)
+
+
+def process_start_time(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _path(record_id: str) -> Path:
+    return paths.run_dir() / f"{record_id}.json"
+
+
+def write(record: ServeRecord) -> Path:
+    """Write (or replace) a record atomically, mode 0600."""
+    directory = paths.ensure_private_dir(paths.run_dir())
+    path = _path(record.id)
+    tmp = directory / f".{record.id}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(record.to_json(), fh, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def remove(record_id: str) -> None:
+    _path(record_id).unlink(missing_ok=True)
+
+
+def _is_live(record: ServeRecord) -> bool:
+    started = process_start_time(record.pid)
+    # create_time is rounded differently by different readers: allow a little slack.
+    return started is not None and abs(started - record.pid_started) < 2.0
+
+
+def live_records(*, clean: bool = True) -> list[ServeRecord]:
+    """Records of serves that are still running, newest first; stale ones are removed."""
+    directory = paths.run_dir()
+    if not directory.is_dir():
+        return []
+    found: list[ServeRecord] = []
+    for path in directory.glob("*.json"):
+        try:
+            record = ServeRecord.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError, KeyError):
+            if clean:
+                path.unlink(missing_ok=True)
+            continue
+        if _is_live(record):
+            found.append(record)
+        elif clean:
+            path.unlink(missing_ok=True)
+    found.sort(key=lambda r: r.started_at, reverse=True)
+    return found
+
+
+def find(prefix: str) -> ServeRecord | None:
+    """The live record whose id starts with prefix (or whose port equals it)."""
+    for record in live_records():
+        if record.id.startswith(prefix) or str(record.port) == prefix:
+            return record
+    return None
+
+
+def now() -> float:
+    return time.time()

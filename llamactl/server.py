@@ -1,0 +1,299 @@
+"""One llama-server process: its argument list, launch, log capture, readiness, and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llamactl import proc
+from llamactl.errors import ServerStartError
+
+log = logging.getLogger(__name__)
+
+#: Flags that name what llama-server loads; when one is given, serve adds no default model.
+MODEL_SOURCE_FLAGS = frozenset(
+    {
+        "-m",
+        "--model",
+        "-mu",
+        "--model-url",
+        "-hf",
+        "-hfr",
+        "--hf-repo",
+        "-hff",
+        "--hf-file",
+        "-dr",
+        "--docker-repo",
+        "--models-dir",
+        "--models-preset",
+    }
+)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """How to run one llama-server."""
+
+    binary: Path
+    args: tuple[str, ...]  # the user's llama-server flags, unchanged, model flags included
+    port: int
+    log_path: Path
+    api_key: str | None = None  # the private key, given through the environment
+    env: Mapping[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+
+
+def build_argv(spec: ServerSpec) -> list[str]:
+    """The argument list: the user's flags, then host and port, which llamactl owns.
+
+    The port is always explicit: upstream's default port is changing."""
+    return [str(spec.binary), *spec.args, "--host", spec.host, "--port", str(spec.port)]
+
+
+def build_env(spec: ServerSpec, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment: the caller's, minus any key of its own, plus the private key.
+
+    llama-server reads LLAMA_ARG_API_KEY like --api-key; an environment is readable only by
+    the process owner, unlike argv, which every local user can list."""
+    env = dict(os.environ if base is None else base)
+    env.pop("LLAMA_ARG_API_KEY", None)
+    env.pop("LLAMA_ARG_API_KEY_FILE", None)
+    # llama-server's own --host/--port env values would fight the explicit flags.
+    env.pop("LLAMA_ARG_HOST", None)
+    env.pop("LLAMA_ARG_PORT", None)
+    env.update(spec.env)
+    if spec.api_key:
+        env["LLAMA_ARG_API_KEY"] = spec.api_key
+    return env
+
+
+# What the last log lines of a llama-server that died while starting most often mean.
+_DIAGNOSES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern, re.IGNORECASE), text)
+    for pattern, text in (
+        (
+            r"couldn't bind|address already in use|failed to bind|bind\(\) failed",
+            "its port is already in use",
+        ),
+        (
+            r"invalid argument|unknown argument|error while handling argument|"
+            r"unrecognized option|invalid value",
+            "llama-server rejected a flag (see `llama-server --help`)",
+        ),
+        (
+            r"failed to open.*(no such file|not found)|No such file or directory|"
+            r"model file not found|does not exist",
+            "the model file does not exist",
+        ),
+        (
+            r"invalid magic|not a gguf|failed to read magic|gguf_init_from_file",
+            "the model file is not a valid GGUF file (wrong format, or truncated)",
+        ),
+        (
+            r"out of memory|failed to allocate|cudaMalloc failed|unable to allocate|"
+            r"ErrorOutOfDeviceMemory|std::bad_alloc",
+            "out of memory: try fewer GPU layers (-ngl) or a smaller context (-c)",
+        ),
+        (r"error loading model|failed to load model", "llama-server could not load the model"),
+    )
+)
+
+
+def diagnose(lines: Sequence[str]) -> str | None:
+    """A one-line reason for a failed start, from the log's last lines."""
+    text = "\n".join(lines)
+    for pattern, reason in _DIAGNOSES:
+        if pattern.search(text):
+            return reason
+    return None
+
+
+_ERRORISH = re.compile(r"error|fail|invalid|unknown|cannot|couldn't|abort|exception", re.I)
+
+
+def relevant_lines(lines: Sequence[str], limit: int = 8) -> list[str]:
+    """The log lines worth quoting: error-like lines first, else the last few."""
+    picked = [line for line in lines if _ERRORISH.search(line)]
+    return (picked or list(lines))[-limit:]
+
+
+class ServerProcess:
+    """A running llama-server: spawned from an argument list in its own process group, its
+    output copied to a log file and a ring buffer, its health polled, stopped for sure."""
+
+    def __init__(self, spec: ServerSpec, *, ring_size: int = 200) -> None:
+        self.spec = spec
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.ring: collections.deque[str] = collections.deque(maxlen=ring_size)
+        self.lines_seen = 0
+        self.last_line_at = 0.0
+        self.started_at = 0.0
+        self._reader: asyncio.Task[None] | None = None
+        self._exited = asyncio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll() if self.popen else None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.spec.host}:{self.spec.port}"
+
+    def start(self) -> None:
+        """Spawn llama-server (call from the main thread: see proc.spawn)."""
+        self.spec.log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.popen = proc.spawn(
+            build_argv(self.spec),
+            env=build_env(self.spec),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.started_at = time.monotonic()
+        self.last_line_at = self.started_at
+        self._reader = asyncio.get_running_loop().create_task(self._pump())
+
+    async def _pump(self) -> None:
+        """Copy the child's output to its log file and the ring buffer, line by line."""
+        assert self.popen is not None and self.popen.stdout is not None
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 20)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), self.popen.stdout
+        )
+        logfile = None
+        try:
+            fd = os.open(self.spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            logfile = os.fdopen(fd, "ab", buffering=0)
+        except OSError as exc:
+            # An unwritable log directory must not stop the server: the ring buffer remains.
+            self.ring.append(f"[llamactl] cannot write log {self.spec.log_path}: {exc}")
+        try:
+            while True:
+                try:
+                    raw = await reader.readline()
+                except ValueError:  # a line over the limit: keep going with what we have
+                    raw = await reader.read(1 << 16)
+                if not raw:
+                    break
+                if logfile is not None:
+                    try:
+                        logfile.write(raw)
+                    except OSError:
+                        pass
+                self.ring.append(raw.decode(errors="replace").rstrip())
+                self.lines_seen += 1
+                self.last_line_at = time.monotonic()
+        finally:
+            transport.close()
+            if logfile is not None:
+                logfile.close()
+            self._exited.set()
+
+    async def wait_exit(self) -> int | None:
+        """Wait until the process has exited; its exit code."""
+        await self._exited.wait()
+        assert self.popen is not None
+        for _ in range(200):  # output closed: the exit status follows within moments
+            code = self.popen.poll()
+            if code is not None:
+                return code
+            await asyncio.sleep(0.01)
+        return self.popen.poll()
+
+    def tail(self, n: int = 20) -> list[str]:
+        return list(self.ring)[-n:]
+
+    async def health(self, client: object, timeout: float = 3.0) -> int | None:
+        """GET /health: its status code, or None when it does not answer."""
+        import httpx
+
+        assert isinstance(client, httpx.AsyncClient)
+        try:
+            resp = await client.get(f"{self.url}/health", timeout=timeout)
+        except httpx.HTTPError:
+            return None
+        return resp.status_code
+
+    async def wait_ready(
+        self,
+        client: object,
+        *,
+        stall_timeout: float = 120.0,
+        max_timeout: float = 3600.0,
+        interval: float = 0.05,
+    ) -> float:
+        """Poll /health until 200; fail at once if the process exits.
+
+        A big model takes minutes to load: the deadline moves on while the log shows progress,
+        and only `stall_timeout` seconds without a new log line (or `max_timeout` in all) fail.
+        Returns the seconds it took."""
+        assert self.popen is not None
+        while True:
+            code = self.returncode
+            if code is not None:
+                await asyncio.wait_for(self._exited.wait(), timeout=5.0)
+                raise self.start_error(f"llama-server exited with code {code} while starting")
+            status = await self.health(client, timeout=2.0)
+            if status == 200:
+                return time.monotonic() - self.started_at
+            now = time.monotonic()
+            if now - self.last_line_at > stall_timeout:
+                raise self.start_error(
+                    f"llama-server made no progress for {stall_timeout:g} s while starting"
+                )
+            if now - self.started_at > max_timeout:
+                raise self.start_error(f"llama-server was not ready after {max_timeout:g} s")
+            # Short at first (a small model is ready in ~0.5 s), then gentler.
+            await asyncio.sleep(interval if now - self.started_at < 5 else 0.25)
+
+    def start_error(self, what: str) -> ServerStartError:
+        lines = self.tail(60)
+        reason = diagnose(lines)
+        quoted = "\n".join(f"  | {line}" for line in relevant_lines(lines))
+        message = f"{what}: {reason}" if reason else what
+        if quoted:
+            message += f"\nlast lines of {self.spec.log_path}:\n{quoted}"
+        return ServerStartError(message)
+
+    async def stop(self, grace: float = 5.0) -> int | None:
+        """SIGTERM to the group, up to `grace` seconds, then SIGKILL; gone already is fine."""
+        if self.popen is None:
+            return None
+        loop = asyncio.get_running_loop()
+        code = await loop.run_in_executor(
+            None,
+            lambda: proc.stop_group(self.popen.pid, grace=grace, popen=self.popen),  # type: ignore[union-attr]
+        )
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._reader), timeout=2.0)
+        return code
+
+    def kill_now(self) -> None:
+        """SIGKILL the group at once (a hung server gets no grace)."""
+        if self.popen is not None and self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, 9)
+            except ProcessLookupError:
+                pass

@@ -1,0 +1,347 @@
+"""Supervised llama-server instances: named states, restart with backoff, crash loops, hangs,
+broken servers; and the proxy's view of them (acquire / release).
+
+Built to hold several instances (one per model), though serve starts one today.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llamactl.errors import ServerStartError
+from llamactl.proxy import ProxyError, Upstream
+from llamactl.server import ServerProcess, ServerSpec, free_port
+
+log = logging.getLogger(__name__)
+
+
+class State(str, enum.Enum):
+    """The one state each instance is in."""
+
+    STARTING = "starting"
+    READY = "ready"
+    BACKOFF = "backoff"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How hard to try: all the knobs of supervision in one value."""
+
+    queue_timeout: float = 120.0  # how long a request waits for a starting instance
+    stall_timeout: float = 120.0  # start: seconds without log progress before giving up
+    max_start: float = 3600.0  # start: the bound in all
+    backoff_initial: float = 0.25
+    backoff_max: float = 30.0
+    crash_limit: int = 5  # this many failures ...
+    crash_window: float = 60.0  # ... within this many seconds is a crash loop
+    health_interval: float = 2.0  # while ready: how often /health is asked
+    health_timeout: float = 5.0
+    hung_after: int = 3  # consecutive unanswered health checks before a kill
+    broken_after: int = 5  # consecutive upstream 5xx / transport failures before a probe
+    stop_grace: float = 5.0
+
+
+@dataclass
+class InstanceConfig:
+    """What one instance runs: llama-server and its flags; the port is chosen per start."""
+
+    name: str
+    binary: Path
+    args: tuple[str, ...]
+    log_path: Path
+    model_label: str | None = None
+
+
+@dataclass
+class Instance:
+    """One supervised llama-server and its history."""
+
+    config: InstanceConfig
+    state: State = State.STOPPED
+    restarts: int = 0
+    generation: int = 0
+    last_error: str | None = None
+    process: ServerProcess | None = None
+    upstream: Upstream | None = None
+    ready_at: float | None = None
+    failures: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=64))
+    consecutive_bad: int = 0
+    in_flight: int = 0
+    ready_event: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    broken: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def set_state(self, state: State, reason: str) -> None:
+        if state is not self.state:
+            log.info("instance %s: %s -> %s (%s)", self.name, self.state.value, state.value, reason)
+        self.state = state
+        if state is State.READY:
+            self.ready_event.set()
+        else:
+            self.ready_event.clear()
+
+
+class Supervisor:
+    """Runs instances and answers the proxy's acquire/release calls."""
+
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        *,
+        on_change: Callable[[Supervisor], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        import httpx
+
+        self.policy = policy or Policy()
+        self.instances: dict[str, Instance] = {}
+        self._on_change = on_change
+        self._clock = clock
+        self._stopping = False
+        # llamactl's own calls (health, probes) go through httpx; the proxy does not.
+        self._client = httpx.AsyncClient(timeout=self.policy.health_timeout, trust_env=False)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def add(self, config: InstanceConfig) -> Instance:
+        inst = Instance(config=config)
+        self.instances[config.name] = inst
+        return inst
+
+    async def start(self, name: str) -> Instance:
+        """First start of an instance: a failure is raised at once (no retry), so that serve
+        can exit with the diagnosis; after that, the instance is supervised."""
+        inst = self.instances[name]
+        await self._start_once(inst)
+        inst.task = asyncio.get_running_loop().create_task(self._supervise(inst))
+        return inst
+
+    async def close(self) -> None:
+        """Stop every instance for sure."""
+        self._stopping = True
+        for inst in self.instances.values():
+            if inst.task is not None:
+                inst.task.cancel()
+        for inst in self.instances.values():
+            if inst.task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await inst.task
+            await self._stop_process(inst, "llamactl is stopping")
+            inst.set_state(State.STOPPED, "llamactl is stopping")
+        self._notify()
+        await self._client.aclose()
+
+    async def _start_once(self, inst: Instance) -> None:
+        """Spawn llama-server on a fresh private port and wait until it is healthy."""
+        cfg = inst.config
+        key = secrets.token_urlsafe(24)
+        spec = ServerSpec(
+            binary=cfg.binary, args=cfg.args, port=free_port(), log_path=cfg.log_path, api_key=key
+        )
+        process = ServerProcess(spec)
+        inst.process = process
+        inst.set_state(State.STARTING, "spawning llama-server")
+        self._notify()
+        process.start()
+        try:
+            await process.wait_ready(
+                self._client,
+                stall_timeout=self.policy.stall_timeout,
+                max_timeout=self.policy.max_start,
+            )
+        except ServerStartError as exc:
+            inst.last_error = exc.message
+            await self._stop_process(inst, "failed to start")
+            raise
+        except BaseException:
+            await self._stop_process(inst, "start interrupted")
+            raise
+        inst.generation += 1
+        inst.upstream = Upstream(
+            name=cfg.name,
+            host=spec.host,
+            port=spec.port,
+            auth=f"Bearer {key}".encode(),
+            generation=inst.generation,
+        )
+        inst.consecutive_bad = 0
+        inst.broken.clear()
+        inst.ready_at = self._clock()
+        inst.set_state(State.READY, f"healthy on port {spec.port}")
+        self._notify()
+
+    async def _stop_process(self, inst: Instance, reason: str) -> None:
+        process = inst.process
+        if process is None:
+            return
+        inst.upstream = None
+        if process.returncode is None:
+            inst.set_state(State.STOPPING, reason)
+        await process.stop(grace=self.policy.stop_grace)
+
+    async def _supervise(self, inst: Instance) -> None:
+        """Watch a ready instance; restart it when it exits, hangs or is broken."""
+        while not self._stopping:
+            reason = await self._watch(inst)
+            if self._stopping:
+                return
+            inst.last_error = reason
+            inst.failures.append(self._clock())
+            await self._stop_process(inst, reason)
+            while not self._stopping:
+                recent = [t for t in inst.failures if self._clock() - t < self.policy.crash_window]
+                if len(recent) >= self.policy.crash_limit:
+                    inst.set_state(
+                        State.FAILED,
+                        f"{len(recent)} failures within {self.policy.crash_window:g} s: {reason}",
+                    )
+                    self._notify()
+                    return
+                delay = min(
+                    self.policy.backoff_max,
+                    self.policy.backoff_initial * 2 ** max(0, len(recent) - 1),
+                )
+                inst.set_state(State.BACKOFF, f"{reason}; restarting in {delay:.2f} s")
+                self._notify()
+                await asyncio.sleep(delay)
+                try:
+                    await self._start_once(inst)
+                    inst.restarts += 1
+                    self._notify()
+                    break
+                except ServerStartError as exc:
+                    reason = exc.message.splitlines()[0]
+                    inst.last_error = exc.message
+                    inst.failures.append(self._clock())
+
+    async def _watch(self, inst: Instance) -> str:
+        """Wait until the instance needs a restart; say why."""
+        process = inst.process
+        assert process is not None
+        exited = asyncio.ensure_future(process.wait_exit())
+        broken = asyncio.ensure_future(inst.broken.wait())
+        misses = 0
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    {exited, broken},
+                    timeout=self.policy.health_interval,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if exited in done:
+                    return f"llama-server exited unexpectedly (code {exited.result()})"
+                if broken in done:
+                    return "llama-server answers /health but fails every request"
+                status = await process.health(self._client, timeout=self.policy.health_timeout)
+                if status is None and process.returncode is None:
+                    misses += 1
+                    if misses >= self.policy.hung_after:
+                        process.kill_now()
+                        return f"llama-server stopped answering /health ({misses} checks)"
+                else:
+                    misses = 0
+        finally:
+            exited.cancel()
+            broken.cancel()
+
+    # -- the proxy's side ---------------------------------------------------------------------
+
+    def pick(self, model: str | None) -> Instance:
+        """Which instance serves a request. One instance today: it serves every model name,
+        as llama-server itself accepts any `model`."""
+        if not self.instances:
+            raise ProxyError(503, "no model is being served", "unavailable_error", "no_instance")
+        return next(iter(self.instances.values()))
+
+    def is_ready(self, model: str | None = None) -> bool:
+        try:
+            return self.pick(model).state is State.READY
+        except ProxyError:
+            return False
+
+    async def acquire(self, model: str | None) -> Upstream:
+        """The upstream for a request, waiting (up to the queue bound) while it starts."""
+        inst = self.pick(model)
+        deadline = self._clock() + self.policy.queue_timeout
+        while True:
+            if inst.state is State.READY and inst.upstream is not None:
+                inst.in_flight += 1
+                return inst.upstream
+            if inst.state is State.FAILED or (self._stopping and inst.state is State.STOPPED):
+                raise ProxyError(
+                    503,
+                    "the model server failed and was not restarted: "
+                    f"{inst.last_error or 'unknown reason'}",
+                    "unavailable_error",
+                    "instance_failed",
+                )
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise ProxyError(
+                    503,
+                    "the model server is still starting; retry shortly",
+                    "unavailable_error",
+                    "instance_starting",
+                    retry_after=5,
+                )
+            # Ready wakes every waiter at once; a failure is noticed within half a second.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(inst.ready_event.wait(), timeout=min(remaining, 0.5))
+
+    def release(self, upstream: Upstream, outcome: int) -> None:
+        """Count the outcome: many 5xx or transport failures in a row on a server that still
+        answers /health make a probe; a failed probe means broken, and a restart."""
+        inst = self.instances.get(upstream.name)
+        if inst is None:
+            return
+        inst.in_flight = max(0, inst.in_flight - 1)
+        if upstream.generation != inst.generation:
+            return
+        if outcome == 0 or (outcome >= 500 and outcome != 503):
+            inst.consecutive_bad += 1
+            if inst.consecutive_bad == self.policy.broken_after:
+                asyncio.get_running_loop().create_task(self._probe(inst, upstream))
+        else:
+            inst.consecutive_bad = 0
+
+    async def _probe(self, inst: Instance, upstream: Upstream) -> None:
+        """One tiny real generation: the server is broken only if this fails too."""
+        import httpx
+
+        try:
+            resp = await self._client.post(
+                f"http://{upstream.host}:{upstream.port}/completion",
+                json={"prompt": "a", "n_predict": 1},
+                headers={"Authorization": upstream.auth.decode()} if upstream.auth else None,
+                timeout=60.0,
+            )
+            ok = resp.status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        if not ok and upstream.generation == inst.generation:
+            inst.broken.set()
+        else:
+            inst.consecutive_bad = 0
+
+    def _notify(self) -> None:
+        if self._on_change is not None:
+            try:
+                self._on_change(self)
+            except Exception:  # a state file that cannot be written must not stop serving
+                log.exception("state record update failed")
