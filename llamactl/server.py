@@ -70,17 +70,17 @@ def build_argv(spec: ServerSpec) -> list[str]:
 def build_env(spec: ServerSpec, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment: the caller's, minus any key of its own, plus the private key.
 
-    llama-server reads LLAMA_ARG_API_KEY like --api-key; an environment is readable only by
-    the process owner, unlike argv, which every local user can list."""
+    llama-server reads LLAMA_API_KEY like --api-key (common/arg.cpp); an environment is
+    readable only by the process owner, unlike argv, which every local user can list."""
     env = dict(os.environ if base is None else base)
-    env.pop("LLAMA_ARG_API_KEY", None)
+    env.pop("LLAMA_API_KEY", None)
     env.pop("LLAMA_ARG_API_KEY_FILE", None)
     # llama-server's own --host/--port env values would fight the explicit flags.
     env.pop("LLAMA_ARG_HOST", None)
     env.pop("LLAMA_ARG_PORT", None)
     env.update(spec.env)
     if spec.api_key:
-        env["LLAMA_ARG_API_KEY"] = spec.api_key
+        env["LLAMA_API_KEY"] = spec.api_key
     return env
 
 

@@ -1,0 +1,117 @@
+"""`llamactl ps`, `stop` and `logs`: the running serves, from their state records."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from llamactl.errors import UsageError
+
+
+def _pick(record_id: str | None):  # type: ignore[no-untyped-def]
+    from llamactl import records
+
+    live = records.live_records()
+    if record_id:
+        found = records.find(record_id)
+        if found is None:
+            raise UsageError(f"no running serve with id or port {record_id!r} (see `llamactl ps`)")
+        return found
+    if not live:
+        raise UsageError("no llamactl serve is running")
+    return live[0]
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def ps(as_json: bool) -> None:
+    """List running servers: id, pid, model, address, state, uptime, restarts, memory."""
+    from llamactl.ps import rows
+
+    table = rows()
+    if as_json:
+        click.echo(json.dumps(table, indent=2))
+        return
+    if not table:
+        click.echo("no llamactl serve is running")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Table(box=None, header_style="bold")
+    for col in ("ID", "PID", "MODEL", "ADDRESS", "STATE", "UPTIME", "RESTARTS", "MEMORY"):
+        out.add_column(col)
+    for row in table:
+        out.add_row(
+            row["id"],
+            str(row["pid"]),
+            row["model"] or "-",
+            row["url"],
+            row["state"],
+            row["uptime_human"],
+            str(row["restarts"]),
+            row["memory_human"],
+        )
+    Console().print(out)
+
+
+@click.command()
+@click.argument("record_id", required=False)
+@click.option("--all", "stop_all", is_flag=True, help="Stop every running serve.")
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds before SIGKILL.")
+def stop(record_id: str | None, stop_all: bool, timeout: float) -> None:
+    """Stop a running serve (by id or port; the only one when there is one)."""
+    from llamactl import records
+    from llamactl.ps import stop_serve
+
+    if stop_all:
+        targets = records.live_records()
+    elif record_id is None and len(records.live_records()) > 1:
+        raise UsageError("several serves are running: name one (see `llamactl ps`) or use --all")
+    else:
+        targets = [_pick(record_id)]
+    if not targets:
+        click.echo("no llamactl serve is running")
+        return
+    for rec in targets:
+        stop_serve(rec, timeout=timeout)
+        click.echo(f"stopped {rec.id} ({rec.url})")
+
+
+@click.command()
+@click.argument("record_id", required=False)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@click.option("-n", "--lines", default=50, show_default=True, help="How many last lines.")
+def logs(record_id: str | None, follow: bool, lines: int) -> None:
+    """Show the llama-server log of a running serve (the newest when no id is given)."""
+    rec = _pick(record_id)
+    paths = [Path(i.log_path) for i in rec.instances if i.log_path]
+    if not paths or not paths[0].is_file():
+        raise UsageError(f"serve {rec.id} has no log yet")
+    path = paths[0]
+    with open(path, "rb") as fh:
+        data = fh.read()
+        tail = data.splitlines()[-lines:] if lines > 0 else []
+        for line in tail:
+            sys.stdout.write(line.decode(errors="replace") + "\n")
+        sys.stdout.flush()
+        if not follow:
+            return
+        from llamactl.proc import pid_alive
+
+        try:
+            while True:
+                chunk = fh.read()
+                if chunk:
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                    sys.stdout.flush()
+                elif not pid_alive(rec.pid):
+                    return
+                else:
+                    time.sleep(0.2)
+        except KeyboardInterrupt:
+            return

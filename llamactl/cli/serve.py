@@ -1,0 +1,29 @@
+"""`llamactl serve`: a drop-in for `llama-server`, supervised and proxied."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command(
+    context_settings={
+        "ignore_unknown_options": True,
+        "allow_interspersed_args": False,
+        "help_option_names": [],
+    },
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def serve(args: tuple[str, ...]) -> None:
+    """Serve a model: llama-server, supervised, behind a streaming proxy.
+
+    Takes llama-server's flags unchanged (-m, -ngl, -c, --host, --port, --api-key, ...).
+    See `llamactl serve --help`.
+    """
+    from llamactl.serve import parse_serve_args
+    from llamactl.serve import serve as run_serve
+
+    spec = parse_serve_args(list(args))
+    sys.exit(run_serve(spec))

@@ -1,0 +1,374 @@
+"""`llamactl serve`: parse a llama-server command line, start and supervise llama-server,
+and run the proxy in front of it until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llamactl import paths
+from llamactl.errors import UsageError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+
+#: llamactl's own options. None of these names is a llama-server flag (checked against the
+#: vendored common/arg.cpp by tests/test_serve_args.py), so no llama-server flag is shadowed.
+OWN_OPTIONS = {
+    "--server-bin": "Use this llama-server binary instead of llamactl's build.",
+    "--backend": "Use (and if needed build) this backend's build: cpu, cuda, hip, ...",
+    "--queue-timeout": "Seconds a request waits for a starting model before 503 (default 120).",
+    "--start-timeout": "Seconds of no loading progress before a start fails (default 120).",
+    "--max-body-size": "Largest request body accepted, e.g. 64M (default 64M); larger: 413.",
+}
+#: llama-server flags that llamactl takes for the proxy instead of passing them on.
+TAKEN_FLAGS = ("--host", "--port", "--api-key", "--api-key-file", "-m", "--model")
+#: llama-server flags that cannot work behind the proxy, with the reason.
+REFUSED_FLAGS = {
+    "--ssl-key-file": "TLS is not supported by llamactl serve yet: put a TLS proxy in front",
+    "--ssl-cert-file": "TLS is not supported by llamactl serve yet: put a TLS proxy in front",
+}
+_NO_VALUE = frozenset({"-h", "--help"})
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    """Everything `serve` was asked to do."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_keys: tuple[str, ...] = ()
+    model: str | None = None
+    passthrough: tuple[str, ...] = ()  # llama-server flags, in the user's order
+    server_bin: Path | None = None
+    backend: str | None = None
+    queue_timeout: float = 120.0
+    start_timeout: float = 120.0
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    show_help: bool = False
+    env_overrides: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def has_model_source(self) -> bool:
+        from llamactl.server import MODEL_SOURCE_FLAGS
+
+        return self.model is not None or any(
+            a.split("=", 1)[0] in MODEL_SOURCE_FLAGS for a in self.passthrough
+        )
+
+
+def parse_size(text: str) -> int:
+    """'64M' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)i?[bB]?\s*", text)
+    if not m:
+        raise UsageError(f"not a size: {text!r} (examples: 1048576, 512K, 64M, 1G)")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def _read_key_file(path: str) -> list[str]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read --api-key-file {path}: {exc.strerror}") from exc
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def parse_serve_args(argv: list[str], environ: dict[str, str] | None = None) -> ServeSpec:
+    """Split a llama-server command line into llamactl's part and llama-server's part.
+
+    Pure: no file is touched but an --api-key-file. Flags llamactl does not know are passed
+    on unchanged and in order, so `llama-server ARGS` and `llamactl serve ARGS` agree."""
+    env = dict(os.environ if environ is None else environ)
+    values: dict[str, Any] = {}
+    keys: list[str] = []
+    passthrough: list[str] = []
+    i = 0
+
+    def take(flag: str, inline: str | None) -> str:
+        nonlocal i
+        if inline is not None:
+            return inline
+        if i + 1 >= len(argv):
+            raise UsageError(f"{flag} needs a value")
+        i += 1
+        return argv[i]
+
+    while i < len(argv):
+        arg = argv[i]
+        flag, eq, inline_value = arg.partition("=")
+        inline = inline_value if eq and flag.startswith("--") else None
+        if not (eq and flag.startswith("--")):
+            flag = arg
+        if flag in _NO_VALUE:
+            values["show_help"] = True
+        elif flag in REFUSED_FLAGS:
+            raise UsageError(f"{flag}: {REFUSED_FLAGS[flag]}")
+        elif flag == "--host":
+            values["host"] = take(flag, inline)
+        elif flag == "--port":
+            raw = take(flag, inline)
+            if not raw.isdigit() or not 0 < int(raw) < 65536:
+                raise UsageError(f"--port must be a number from 1 to 65535, not {raw!r}")
+            values["port"] = int(raw)
+        elif flag == "--api-key":
+            keys.extend(k for k in take(flag, inline).split(",") if k)
+        elif flag == "--api-key-file":
+            keys.extend(_read_key_file(take(flag, inline)))
+        elif flag in ("-m", "--model"):
+            values["model"] = take(flag, inline)
+        elif flag == "--server-bin":
+            values["server_bin"] = Path(take(flag, inline)).expanduser()
+        elif flag == "--backend":
+            values["backend"] = take(flag, inline)
+        elif flag in ("--queue-timeout", "--start-timeout"):
+            raw = take(flag, inline)
+            try:
+                seconds = float(raw)
+            except ValueError:
+                raise UsageError(f"{flag} takes seconds, not {raw!r}") from None
+            if seconds <= 0:
+                raise UsageError(f"{flag} must be positive")
+            values[flag[2:].replace("-", "_")] = seconds
+        elif flag == "--max-body-size":
+            values["max_body_bytes"] = parse_size(take(flag, inline))
+        else:
+            passthrough.append(arg)
+        i += 1
+
+    # llama-server reads these from the environment too; keep that working.
+    if "host" not in values and env.get("LLAMA_ARG_HOST"):
+        values["host"] = env["LLAMA_ARG_HOST"]
+    if "port" not in values and env.get("LLAMA_ARG_PORT", "").isdigit():
+        values["port"] = int(env["LLAMA_ARG_PORT"])
+    if not keys:
+        for name in ("LLAMACTL_API_KEY", "LLAMA_API_KEY"):
+            if env.get(name):
+                keys.extend(k for k in env[name].split(",") if k)
+                break
+    return ServeSpec(api_keys=tuple(keys), passthrough=tuple(passthrough), **values)
+
+
+HELP = """Usage: llamactl serve [-m MODEL] [--host HOST] [--port PORT] [--api-key KEY]
+                      [LLAMACTL OPTIONS] [ANY llama-server FLAG ...]
+
+  Serve a model through a supervised llama-server behind llamactl's proxy:
+  the OpenAI-compatible API, streaming and the web UI at http://HOST:PORT.
+  With no -m, serves the default model (SmolLM2-135M-Instruct), fetched once.
+
+  Taken by llamactl (same meaning as in llama-server):
+    -m, --model PATH|NAME   a GGUF file, or a model name (see `llamactl models`)
+    --host HOST             address to listen on (default 127.0.0.1)
+    --port PORT             port to listen on (default 8080)
+    --api-key KEY[,KEY]     required from clients (env LLAMACTL_API_KEY); /health stays open
+    --api-key-file FILE     keys, one per line
+
+  llamactl's own:
+{own}
+
+  Every other flag goes to llama-server unchanged (-ngl, -c, --alias, -t, ...):
+  see `$(llamactl which) --help`.
+"""
+
+
+def help_text() -> str:
+    own = "\n".join(f"    {name:<22}  {text}" for name, text in OWN_OPTIONS.items())
+    return HELP.format(own=own)
+
+
+# -- running ----------------------------------------------------------------------------------
+
+
+def _layers_offloaded(lines: list[str]) -> str | None:
+    for line in reversed(lines):
+        m = re.search(r"offloaded (\d+)/(\d+) layers to GPU", line)
+        if m:
+            return f"{m.group(1)}/{m.group(2)} layers on the GPU"
+    return None
+
+
+def _ngl_requested(passthrough: tuple[str, ...]) -> bool:
+    return any(a.split("=")[0] in ("-ngl", "--gpu-layers", "--n-gpu-layers") for a in passthrough)
+
+
+def resolve_binary(spec: ServeSpec, console: Any) -> tuple[Path, str | None]:
+    """The llama-server to run and its backend: --server-bin, else a build, built if needed."""
+    from llamactl import build
+    from llamactl.errors import BuildError
+
+    if spec.server_bin is not None:
+        binary = spec.server_bin
+        if not (binary.is_file() and os.access(binary, os.X_OK)):
+            raise UsageError(f"--server-bin {binary} is not an executable file")
+        return binary, None
+    try:
+        return build.find_server_binary(backend=spec.backend), build.backend_of(spec.backend)
+    except BuildError:
+        console.print("[bold]No llama.cpp build for this machine yet: building it first.[/]")
+        manifest = build.build_for_serve(backend=spec.backend, console=console)
+        return manifest.server_binary, manifest.backend
+
+
+def resolve_model_args(spec: ServeSpec, console: Any) -> tuple[tuple[str, ...], str]:
+    """The llama-server flags with the model resolved to a path, and a label for it."""
+    from llamactl import models
+
+    if spec.model is not None:
+        path = models.resolve_model(spec.model)
+        return ("-m", str(path), *spec.passthrough), path.name
+    if spec.has_model_source:
+        return spec.passthrough, "from llama-server flags"
+    path = models.ensure_default_model(console=console)
+    return ("-m", str(path), *spec.passthrough), path.name
+
+
+def serve(spec: ServeSpec) -> int:
+    """Run serve in the foreground until stopped; the process exit code."""
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    if spec.show_help:
+        print(help_text())
+        return 0
+    if spec.host not in ("127.0.0.1", "localhost", "::1") and not spec.api_keys:
+        console.print(
+            f"[yellow]warning:[/] listening on {spec.host} without --api-key: anyone who can "
+            "reach this address can use the model"
+        )
+    args, model_label = resolve_model_args(spec, console)
+    binary, backend = resolve_binary(spec, console)
+    if backend == "cpu" and _ngl_requested(spec.passthrough):
+        console.print("note: this llama.cpp build is CPU-only: -ngl has no effect")
+    try:
+        return _run(_serve_async(spec, args, binary, backend, model_label, console))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(coro: Any) -> int:
+    try:
+        import uvloop
+
+        return int(uvloop.run(coro))
+    except ImportError:
+        return int(asyncio.run(coro))
+
+
+async def _serve_async(
+    spec: ServeSpec,
+    args: tuple[str, ...],
+    binary: Path,
+    backend: str | None,
+    model_label: str,
+    console: Any,
+) -> int:
+    from llamactl import records
+    from llamactl.proxy import Proxy, ProxyConfig
+    from llamactl.supervisor import InstanceConfig, Policy, Supervisor
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    record = records.ServeRecord(
+        id=records.new_id(),
+        pid=os.getpid(),
+        pid_started=records.process_start_time(os.getpid()) or time.time(),
+        host=spec.host,
+        port=spec.port,
+        started_at=time.time(),
+        backend=backend,
+        server_bin=str(binary),
+        auth=bool(spec.api_keys),
+    )
+    log_dir = paths.ensure_private_dir(paths.logs_dir())
+
+    def write_record(sup: Supervisor) -> None:
+        record.instances = [
+            records.InstanceRecord(
+                name=inst.name,
+                state=inst.state.value,
+                pid=inst.process.pid if inst.process else None,
+                port=inst.upstream.port if inst.upstream else None,
+                model=inst.config.model_label,
+                restarts=inst.restarts,
+                started_at=time.time() - (time.monotonic() - inst.process.started_at)
+                if inst.process
+                else None,
+                log_path=str(inst.config.log_path),
+                last_error=(inst.last_error or "").splitlines()[0] if inst.last_error else None,
+            )
+            for inst in sup.instances.values()
+        ]
+        records.write(record)
+
+    policy = Policy(queue_timeout=spec.queue_timeout, stall_timeout=spec.start_timeout)
+    supervisor = Supervisor(policy, on_change=write_record)
+    proxy = Proxy(
+        ProxyConfig(
+            host=spec.host,
+            port=spec.port,
+            api_keys=spec.api_keys,
+            max_body_bytes=spec.max_body_bytes,
+        ),
+        supervisor,
+    )
+    await proxy.start()  # bind first: a taken port fails before any model loads
+    inst = supervisor.add(
+        InstanceConfig(
+            name="default",
+            binary=binary,
+            args=args,
+            log_path=log_dir / f"{record.id}-default.log",
+            model_label=model_label,
+        )
+    )
+    console.print(f"loading {model_label} with {binary} ...")
+    t0 = time.monotonic()
+    start = asyncio.ensure_future(supervisor.start(inst.name))
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({start, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if not start.done():
+            start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
+            return _signal_exit(received)
+        start.result()  # raises ServerStartError with the diagnosis
+        detail = [model_label, f"backend {backend or 'unknown'}"]
+        if inst.process is not None:
+            layers = _layers_offloaded(inst.process.tail(400))
+            if layers:
+                detail.append(layers)
+        console.print(f"ready in {time.monotonic() - t0:.1f} s: " + ", ".join(detail))
+        # stdout, flushed: scripts wait for this line.
+        print(f"listening at http://{_display_host(spec.host)}:{spec.port}", flush=True)
+        await waiter
+        return _signal_exit(received)
+    finally:
+        waiter.cancel()
+        await proxy.close()
+        await supervisor.close()
+        records.remove(record.id)
+
+
+def _display_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _signal_exit(received: list[int]) -> int:
+    # 128 + signal number, as shells report it (130 for Ctrl-C, 143 for SIGTERM).
+    return 128 + received[0] if received else 0
