@@ -164,7 +164,7 @@ def test_interrupted_unpack_is_never_taken_for_a_tree(vendor: Path) -> None:
 def test_custom_source_dir(tmp_path: Path, vendor: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_pin(vendor, "http://127.0.0.1:9/x", "0" * 64)
     other = tmp_path / "mine"
-    with pytest.raises(SourceError, match="not a llama.cpp checkout"):
+    with pytest.raises(SourceError, match=r"not a llama\.cpp checkout"):
         source.resolve_source(other)
     (other / "tools/server").mkdir(parents=True)
     (other / "tools/server/server.cpp").write_text("")
