@@ -322,7 +322,7 @@ async def _serve_async(
         ProxyConfig(
             host=spec.host,
             port=spec.port,
-            api_keys=spec.api_keys,
+            api_key=",".join(spec.api_keys) or None,
             max_body_bytes=spec.max_body_bytes,
         ),
         supervisor,

@@ -103,7 +103,8 @@ _DIAGNOSES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
             "the model file does not exist",
         ),
         (
-            r"invalid magic|not a gguf|failed to read magic|gguf_init_from_file",
+            r"invalid magic|not a gguf|failed to read magic|failed to read key-value|"
+            r"failed to read tensor|truncated|unexpectedly reached end of file",
             "the model file is not a valid GGUF file (wrong format, or truncated)",
         ),
         (
