@@ -1,0 +1,1323 @@
+"""The HTTP front of llamactl: a byte-level asyncio proxy in front of llama-server.
+
+Only request and response heads are parsed (httptools, llhttp in C); bodies travel as bytes
+over keep-alive connections pooled per upstream and are never re-encoded. See docs/proxy.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hmac
+import json
+import logging
+from collections import deque
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from email.utils import formatdate
+from functools import partial
+from http import HTTPStatus
+from typing import Any, Protocol
+
+import httptools
+
+from llamactl.errors import LlamactlError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Proxy",
+    "ProxyBindError",
+    "ProxyConfig",
+    "ProxyError",
+    "ProxyStats",
+    "Upstream",
+    "UpstreamProvider",
+    "install_uvloop",
+    "run",
+]
+
+
+# -- the contract with the supervisor ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One llama-server the proxy may send requests to."""
+
+    name: str
+    host: str
+    port: int
+    #: Full Authorization header value of the private llama-server key, e.g. b"Bearer abc".
+    auth: bytes | None = None
+    #: Changes when the instance restarts: pooled connections of an older generation are dropped.
+    generation: int = 0
+
+
+class UpstreamProvider(Protocol):
+    """What the proxy needs from the supervisor."""
+
+    async def acquire(self, model: str | None) -> Upstream:
+        """The upstream for a request; waits while it starts (its own bound); raises ProxyError."""
+        ...
+
+    def release(self, upstream: Upstream, outcome: int) -> None:
+        """Called once per acquire: the upstream's HTTP status, 0 for a transport failure,
+        499 when the client went away before the upstream answered."""
+        ...
+
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
+    431: "invalid_request_error",
+    501: "not_supported_error",
+    503: "unavailable_error",
+}
+
+
+class ProxyError(Exception):
+    """An error the proxy answers itself, in the OpenAI shape {"error": {message, type, code}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or _ERROR_TYPES.get(status, "server_error")
+        self.code = code
+        self.retry_after = retry_after
+
+
+class ProxyBindError(LlamactlError):
+    """The proxy cannot listen on the address it was given."""
+
+    exit_code = 6
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """Where the proxy listens and the bounds it enforces."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: When set, every request but /health and the web UI's files needs this key.
+    api_key: str | None = None
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    #: Longest silence from llama-server while a request is in flight; 600 s is llama-server's
+    #: own default read/write timeout (`--timeout`), so the proxy never gives up before it does.
+    upstream_timeout: float = 600.0
+    connect_timeout: float = 10.0
+    #: A request head must arrive within this, and a body may not stall longer (slow clients).
+    request_timeout: float = 30.0
+    keepalive_timeout: float = 75.0
+    #: CORS on the proxy's own error answers (llama-server's answers carry its own headers):
+    #: None = no CORS headers, "*" = echo any Origin, "localhost" = echo loopback origins only,
+    #: else a comma-separated list of allowed origins.
+    cors_origins: str | None = None
+    #: Idle pooled connections kept per upstream.
+    max_idle_per_upstream: int = 64
+    backlog: int = 1024
+
+
+@dataclass(frozen=True)
+class ProxyStats:
+    """Counters for `ps` and tests."""
+
+    requests: int
+    in_flight: int
+    connections: int
+    upstream_idle: int
+
+
+# -- small pure helpers -----------------------------------------------------------------------
+
+# Hop-by-hop request headers (RFC 9110 7.6.1) plus the ones the proxy rewrites itself.
+_REQ_SPECIAL = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"expect",
+        b"authorization",
+        b"x-api-key",
+        b"content-type",
+        b"host",
+        b"origin",
+    }
+)
+_RESP_SPECIAL = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"content-type",
+    }
+)
+_STATIC_SUFFIXES = (
+    b".html", b".js", b".mjs", b".css", b".svg", b".png", b".ico", b".webp", b".jpg", b".jpeg",
+    b".gif", b".woff", b".woff2", b".ttf", b".json", b".webmanifest", b".txt", b".map", b".wasm",
+)  # fmt: skip
+_CONNECTION_WORDS = frozenset({b"keep-alive", b"close", b"upgrade", b""})
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+
+# Response framings towards the client.
+_NONE, _LENGTH, _CHUNKED, _CLOSE = 0, 1, 2, 3
+
+
+def is_public(method: bytes, path: bytes) -> bool:
+    """Whether llama-server serves this request without an API key (tools/server/server-http.cpp:
+    /health, /v1/health, every embedded web UI asset, and OPTIONS preflights)."""
+    if path == b"/health" or path == b"/v1/health" or method == b"OPTIONS":
+        return True
+    if method != b"GET" and method != b"HEAD":
+        return False
+    if path == b"/" or path == b"/index.html":
+        return True
+    # The UI's assets (index.html, _app/..., sw.js, manifest.webmanifest, build.json) are files;
+    # no API route has a file suffix. No dot segments or escapes: the name must be literal.
+    if b"/." in path or b"%" in path or b"\\" in path:
+        return False
+    return path.startswith(b"/_app/") or path.rsplit(b"/", 1)[-1].endswith(_STATIC_SUFFIXES)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_decode_json = json.JSONDecoder(parse_constant=_reject_constant).decode
+
+
+def model_of(body: bytes) -> str | None:
+    """The `model` of a JSON request body; ProxyError 400 unless it is a UTF-8 JSON object
+    whose `model`, if any, is a string. Raw llama-server answers malformed JSON with 500."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProxyError(400, f"request body is not UTF-8: {exc}", code="invalid_body") from None
+    try:
+        obj = _decode_json(text)
+    except (ValueError, RecursionError) as exc:
+        raise ProxyError(
+            400, f"request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
+    if type(obj) is not dict:
+        raise ProxyError(400, "request body must be a JSON object", code="invalid_body")
+    model = obj.get("model")
+    if model is None or type(model) is str:
+        return model
+    raise ProxyError(400, "`model` must be a string", code="invalid_model")
+
+
+def _query_model(url: bytes) -> str | None:
+    """`?model=` of a GET, as llama-server's router mode reads it (e.g. GET /props?model=X)."""
+    from urllib.parse import parse_qs
+
+    query = url.partition(b"?")[2]
+    values = parse_qs(query.decode("latin-1")).get("model")
+    return values[0] if values else None
+
+
+def _origin_allowed(setting: str, origin: bytes) -> bool:
+    """llama-server's CORS rules (--cors-origins) applied to the proxy's own answers."""
+    if setting == "*":
+        return True
+    text = origin.decode("latin-1")
+    if setting == "localhost":
+        from urllib.parse import urlsplit
+
+        return urlsplit(text).hostname in ("localhost", "127.0.0.1", "::1")
+    return text in {o.strip() for o in setting.split(",")}
+
+
+def error_response(
+    err: ProxyError,
+    *,
+    keep_alive: bool = True,
+    http10: bool = False,
+    head_only: bool = False,
+    extra: bytes = b"",
+) -> bytes:
+    """A complete HTTP response for an error the proxy answers itself."""
+    body = json.dumps(
+        {"error": {"message": err.message, "type": err.type, "code": err.code}}
+    ).encode()
+    try:
+        reason = HTTPStatus(err.status).phrase.encode()
+    except ValueError:
+        reason = b"Error"
+    parts = [
+        b"HTTP/1.1 %d %s\r\n" % (err.status, reason),
+        b"Date: %s\r\n" % formatdate(usegmt=True).encode(),
+        b"Content-Type: application/json; charset=utf-8\r\n",
+        b"Content-Length: %d\r\n" % len(body),
+    ]
+    if err.retry_after is not None:
+        parts.append(b"Retry-After: %d\r\n" % err.retry_after)
+    if err.status == 401:
+        parts.append(b"WWW-Authenticate: Bearer\r\n")
+    if not keep_alive:
+        parts.append(b"Connection: close\r\n")
+    elif http10:
+        parts.append(b"Connection: keep-alive\r\n")
+    parts.append(extra)
+    parts.append(b"\r\n")
+    if not head_only:
+        parts.append(body)
+    return b"".join(parts)
+
+
+def _sse_error_event(message: str) -> bytes:
+    """The event llama-server itself sends when a stream fails (server-context.cpp format_error):
+    `data: {"error": {...}}` and no [DONE]."""
+    payload = {"error": {"message": message, "type": "server_error", "code": 502}}
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+async def _resume(coro: Coroutine[Any, Any, Upstream], yielded: Any) -> Upstream:
+    """Finish a coroutine whose first step already ran outside a task, as a Task would."""
+    while True:
+        try:
+            if yielded is None:
+                await asyncio.sleep(0)
+            else:
+                # Task.__step clears this flag when it takes a yielded future; so do we.
+                yielded._asyncio_future_blocking = False
+                await yielded
+        except BaseException as exc:  # cancellation or the awaited future's error: pass it in
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+            continue
+        try:
+            yielded = coro.send(None)
+        except StopIteration as stop:
+            return stop.value
+
+
+# -- one exchange: a request and its response ---------------------------------------------------
+
+
+class _Exchange:
+    """One request from a client and what became of it."""
+
+    __slots__ = (
+        "acquire_task",
+        "attempts",
+        "auth_ok",
+        "authz",
+        "body",
+        "body_len",
+        "client",
+        "complete",
+        "conn",
+        "connect_task",
+        "cred",
+        "declared",
+        "error",
+        "expect",
+        "finished",
+        "has_body",
+        "has_host",
+        "head_size",
+        "hop",
+        "http10",
+        "json_body",
+        "keep_alive",
+        "lines",
+        "method",
+        "origin",
+        "payload",
+        "released",
+        "started",
+        "status",
+        "timed_out",
+        "upstream",
+        "url",
+        "xkey",
+    )
+
+    def __init__(self, client: _ClientConn) -> None:
+        self.client = client
+        self.url = b""
+        self.method = b"GET"
+        self.lines: list[bytes] = []
+        self.cred: list[bytes] = []
+        self.body: list[bytes] = []
+        self.body_len = 0
+        self.head_size = 0
+        self.has_body = False
+        self.declared = 0
+        self.hop: set[bytes] | None = None
+        self.authz: bytes | None = None
+        self.xkey: bytes | None = None
+        self.has_host = False
+        self.json_body = True
+        self.expect = False
+        self.auth_ok = False
+        self.origin: bytes | None = None
+        self.http10 = False
+        self.keep_alive = True
+        self.complete = False
+        self.started = False
+        self.finished = False
+        self.error: ProxyError | None = None
+        self.upstream: Upstream | None = None
+        self.conn: _UpstreamConn | None = None
+        self.payload: list[bytes] = []
+        self.attempts = 0
+        self.released = False
+        self.status = 0
+        self.timed_out = False
+        self.acquire_task: asyncio.Task[Upstream] | None = None
+        self.connect_task: asyncio.Future[Any] | None = None
+
+
+# -- the client side -------------------------------------------------------------------------
+
+
+class _ClientConn(asyncio.Protocol):
+    """One client connection: parses request heads, keeps responses in request order."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: deque[_Exchange] = deque()
+        self.cur: _Exchange | None = None
+        self.in_head = False
+        self.raw_head = 0
+        self.head_started = 0.0
+        self.closed = False
+        self.ignore_input = False
+        self.write_paused = False
+        self.write_paused_at = 0.0
+        self.read_paused = False
+        self.pumping = False
+        self.stamp = proxy.now
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        # Bounded buffering towards a slow reader; past it the upstream is paused instead.
+        self.transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
+        self.proxy._clients.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.ignore_input:
+            return
+        self.stamp = self.proxy.now
+        if self.in_head:
+            self.raw_head += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # llama-server speaks no upgraded protocol: answer the request, then close.
+            self.ignore_input = True
+            if self.queue:
+                self.queue[-1].keep_alive = False
+        except httptools.HttpParserError as exc:
+            self._fatal(ProxyError(400, f"malformed HTTP request: {exc}", code="bad_request"))
+            return
+        if self.in_head and self.raw_head > self.proxy.config.max_header_bytes:
+            self._fatal(ProxyError(431, "request header fields too large"))
+            return
+        self._pump()
+
+    def eof_received(self) -> bool | None:
+        # A client that half-closes has gone away (llama-server's httplib reads it the same
+        # way): drop its requests so llama-server stops generating.
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.proxy._clients.discard(self)
+        for ex in self.queue:
+            self._abandon(ex)
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.write_paused_at = self.proxy.now
+        if self.queue:
+            conn = self.queue[0].conn
+            if conn is not None and conn.transport is not None:
+                conn.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.queue:
+            conn = self.queue[0].conn
+            if conn is not None and conn.transport is not None:
+                conn.transport.resume_reading()
+
+    # httptools callbacks (called from feed_data)
+
+    def on_message_begin(self) -> None:
+        ex = _Exchange(self)
+        self.cur = ex
+        self.queue.append(ex)
+        self.in_head = True
+        self.raw_head = 0
+        self.head_started = self.proxy.now
+
+    def on_url(self, url: bytes) -> None:
+        ex = self.cur
+        assert ex is not None
+        ex.url += url
+        ex.head_size += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.cur
+        assert ex is not None
+        ex.head_size += len(name) + len(value) + 4
+        lname = name.lower()
+        if lname not in _REQ_SPECIAL:
+            ex.lines += (name, b": ", value, b"\r\n")
+        elif lname == b"content-type":
+            ex.lines += (name, b": ", value, b"\r\n")
+            ctype = value.lower()
+            # Multipart uploads (/v1/audio/transcriptions) are not JSON; everything else that
+            # llama-server accepts by POST is parsed as JSON whatever its Content-Type says.
+            if ctype.startswith(b"multipart/") or ctype.startswith(b"application/octet-stream"):
+                ex.json_body = False
+        elif lname == b"host":
+            ex.has_host = True
+            ex.lines += (name, b": ", value, b"\r\n")
+        elif lname == b"authorization":
+            ex.cred += (name, b": ", value, b"\r\n")
+            ex.authz = value
+        elif lname == b"x-api-key":
+            ex.cred += (name, b": ", value, b"\r\n")
+            ex.xkey = value
+        elif lname == b"content-length":
+            ex.has_body = True
+            # llhttp has checked that it is a number and that there is only one.
+            ex.declared = int(value)
+        elif lname == b"transfer-encoding":
+            ex.has_body = True
+        elif lname == b"expect":
+            ex.expect = value.lower() == b"100-continue"
+        elif lname == b"origin":
+            ex.origin = value
+            ex.lines += (name, b": ", value, b"\r\n")
+        elif lname == b"connection":
+            extra = {t.strip() for t in value.lower().split(b",")} - _CONNECTION_WORDS
+            if extra:
+                ex.hop = (ex.hop or set()) | extra
+        # Other hop-by-hop headers (Connection, Keep-Alive, TE, Upgrade, ...) end here.
+
+    def on_headers_complete(self) -> None:
+        ex = self.cur
+        assert ex is not None
+        self.in_head = False
+        parser = self.parser
+        ex.method = parser.get_method()
+        ex.http10 = parser.get_http_version() == "1.0"
+        ex.keep_alive = parser.should_keep_alive()
+        proxy = self.proxy
+        config = proxy.config
+        if ex.head_size > config.max_header_bytes:
+            self._fatal(ProxyError(431, "request header fields too large"))
+            return
+        if ex.hop:
+            # Headers named by Connection are hop-by-hop too (RFC 9110 7.6.1).
+            lines = ex.lines
+            ex.lines = [
+                part
+                for i in range(0, len(lines), 4)
+                if lines[i].lower() not in ex.hop
+                for part in lines[i : i + 4]
+            ]
+        if proxy._key is not None:
+            ex.auth_ok = proxy._check_key(ex.authz, ex.xkey)
+        if proxy._key is not None and not ex.auth_ok:
+            path = ex.url.partition(b"?")[0]
+            if not is_public(ex.method, path):
+                ex.error = ProxyError(401, "Invalid API Key", code="invalid_api_key")
+            # A public request without a valid key reaches llama-server without the private
+            # key too, so llama-server's own list of public paths has the last word.
+            ex.cred = []
+        elif proxy._key is not None:
+            ex.cred = []
+        if ex.has_body and ex.declared > config.max_body_bytes:
+            self._fatal(ProxyError(413, f"request body larger than {config.max_body_bytes} bytes"))
+            return
+        if ex.error is not None:
+            if ex.expect:
+                # The client waits for 100 before sending its body: answer now and close.
+                self._fatal(ex.error)
+            return
+        if ex.expect and self.queue[0] is ex:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            ex.expect = False
+
+    def on_body(self, data: bytes) -> None:
+        ex = self.cur
+        assert ex is not None
+        if ex.error is not None:
+            return  # discarded: the answer is already decided
+        ex.body_len += len(data)
+        if ex.body_len > self.proxy.config.max_body_bytes:
+            # Chunked bodies have no length up front: stop at the limit.
+            self._fatal(
+                ProxyError(
+                    413, f"request body larger than {self.proxy.config.max_body_bytes} bytes"
+                )
+            )
+            return
+        ex.body.append(data)
+
+    def on_message_complete(self) -> None:
+        ex = self.cur
+        if ex is None:
+            return
+        ex.complete = True
+        self.cur = None
+        if len(self.queue) > 1 and not self.read_paused:
+            # Pipelined requests wait their turn; stop reading more of them meanwhile.
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    # the exchange queue
+
+    def _fatal(self, err: ProxyError) -> None:
+        """Answer an unrecoverable request error after the responses ahead of it, then close."""
+        self.ignore_input = True
+        ex = self.cur
+        if ex is None or ex.complete:
+            ex = _Exchange(self)
+            self.queue.append(ex)
+        self.cur = None
+        self.in_head = False
+        ex.error = err
+        ex.complete = True
+        ex.keep_alive = False
+        ex.expect = False
+        self._pump()
+
+    def _pump(self) -> None:
+        """Start the exchange at the head of the queue when its request is complete."""
+        if self.pumping:
+            return
+        self.pumping = True
+        try:
+            queue = self.queue
+            while queue and not self.closed:
+                ex = queue[0]
+                if ex.started:
+                    return
+                if not ex.complete:
+                    if ex.expect and ex.error is None and self.cur is ex and not self.in_head:
+                        self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        ex.expect = False
+                    return
+                ex.started = True
+                self.proxy.requests += 1
+                self.proxy.in_flight += 1
+                if ex.error is not None:
+                    self._reply_error(ex, ex.error)
+                else:
+                    self._dispatch(ex)
+                if not ex.finished:
+                    return
+        finally:
+            self.pumping = False
+
+    def _dispatch(self, ex: _Exchange) -> None:
+        """Find the model, acquire its upstream, send."""
+        model = None
+        if ex.json_body and ex.body_len and ex.method in _BODY_METHODS:
+            body = ex.body[0] if len(ex.body) == 1 else b"".join(ex.body)
+            ex.body = [body]
+            try:
+                model = model_of(body)
+            except ProxyError as err:
+                self._reply_error(ex, err)
+                return
+        elif b"model=" in ex.url:
+            model = _query_model(ex.url)
+        coro = self.proxy.provider.acquire(model)
+        # Run acquire's first step right here: a ready instance answers without suspending,
+        # which saves a Task per request (the same idea as Python 3.12's eager tasks).
+        try:
+            yielded = coro.send(None)
+        except StopIteration as stop:
+            self._acquired(ex, stop.value)
+            return
+        except ProxyError as err:
+            self._reply_error(ex, err)
+            return
+        task = asyncio.get_running_loop().create_task(_resume(coro, yielded))
+        ex.acquire_task = task
+        task.add_done_callback(partial(self._acquire_done, ex))
+
+    def _acquire_done(self, ex: _Exchange, task: asyncio.Task[Upstream]) -> None:
+        ex.acquire_task = None
+        if task.cancelled() or self.closed:
+            if not task.cancelled() and task.exception() is None:
+                self.proxy.provider.release(task.result(), 499)
+            return
+        exc = task.exception()
+        if exc is None:
+            self._acquired(ex, task.result())
+        elif isinstance(exc, ProxyError):
+            self._reply_error(ex, exc)
+        else:
+            log.error("acquire failed", exc_info=exc)
+            self._reply_error(ex, ProxyError(500, f"internal error: {exc!r}"))
+
+    def _acquired(self, ex: _Exchange, upstream: Upstream) -> None:
+        ex.upstream = upstream
+        body = ex.body[0] if len(ex.body) == 1 else b"".join(ex.body)
+        auth = b""
+        if upstream.auth is not None:
+            if ex.auth_ok or self.proxy._key is None:
+                auth = b"Authorization: " + upstream.auth + b"\r\n"
+        elif ex.cred:
+            auth = b"".join(ex.cred)
+        host = b"" if ex.has_host else b"Host: %s:%d\r\n" % (upstream.host.encode(), upstream.port)
+        # The body was read whole (bounded), so it always goes out with a Content-Length.
+        length = b"Content-Length: %d\r\n" % len(body) if ex.has_body or body else b""
+        head = b"%s %s HTTP/1.1\r\n%s%s%s%s\r\n" % (
+            ex.method,
+            ex.url,
+            b"".join(ex.lines),
+            host,
+            auth,
+            length,
+        )
+        ex.payload = [head + body] if len(body) < 65536 else [head, body]
+        ex.lines = ex.cred = ex.body = []
+        self._send(ex, fresh=False)
+
+    def _send(self, ex: _Exchange, fresh: bool) -> None:
+        """Send on a pooled connection, or open one."""
+        ex.attempts += 1
+        upstream = ex.upstream
+        assert upstream is not None
+        conn = None if fresh else self.proxy._pool_get(upstream)
+        if conn is not None:
+            conn.send(ex)
+            return
+        fut = asyncio.ensure_future(self.proxy._connect(upstream))
+        ex.connect_task = fut
+        fut.add_done_callback(partial(self._connected, ex))
+
+    def _connected(self, ex: _Exchange, fut: asyncio.Future[Any]) -> None:
+        ex.connect_task = None
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None:
+            conn: _UpstreamConn = fut.result()
+            if self.closed or ex.finished:
+                self.proxy._pool_put(conn)
+                return
+            conn.send(ex)
+            return
+        if self.closed or ex.finished:
+            return
+        if ex.attempts < 2 and not isinstance(exc, asyncio.TimeoutError):
+            self._send(ex, fresh=True)
+            return
+        upstream = ex.upstream
+        assert upstream is not None
+        log.warning(
+            "cannot connect to %s at %s:%d: %r", upstream.name, upstream.host, upstream.port, exc
+        )
+        self._release(ex, 0)
+        if isinstance(exc, asyncio.TimeoutError):
+            err = ProxyError(504, f"timed out connecting to the model server {upstream.name}")
+        else:
+            err = ProxyError(502, f"cannot reach the model server {upstream.name}: {exc}")
+        self._reply_error(ex, err)
+
+    def _release(self, ex: _Exchange, outcome: int) -> None:
+        if not ex.released and ex.upstream is not None:
+            ex.released = True
+            self.proxy.provider.release(ex.upstream, outcome)
+
+    def _reply_error(self, ex: _Exchange, err: ProxyError) -> None:
+        extra = b""
+        cors = self.proxy.config.cors_origins
+        if cors is not None and ex.origin is not None and _origin_allowed(cors, ex.origin):
+            extra = b"Access-Control-Allow-Origin: %s\r\nVary: Origin\r\n" % ex.origin
+        if not self.closed:
+            self.transport.write(
+                error_response(
+                    err,
+                    keep_alive=ex.keep_alive,
+                    http10=ex.http10,
+                    head_only=ex.method == b"HEAD",
+                    extra=extra,
+                )
+            )
+        self._done(ex)
+
+    def _done(self, ex: _Exchange) -> None:
+        """The response to `ex` is fully written: go on with the next request, or close."""
+        if ex.finished:
+            return
+        ex.finished = True
+        self.proxy.in_flight -= 1
+        ex.conn = None
+        if self.queue and self.queue[0] is ex:
+            self.queue.popleft()
+        if self.closed:
+            return
+        if not ex.keep_alive:
+            self._close_after_write()
+            return
+        if self.read_paused and len(self.queue) <= 1:
+            self.read_paused = False
+            self.transport.resume_reading()
+        if self.queue:
+            self._pump()
+
+    def _close_after_write(self) -> None:
+        """Close once the answer is out, without a reset that could eat it: stop sending, read
+        and drop what the client still sends for a moment, then close (a lingering close)."""
+        self.ignore_input = True
+        self.closed = True
+        self.proxy._clients.discard(self)
+        for ex in self.queue:
+            self._abandon(ex)
+        self.queue.clear()
+        transport = self.transport
+        if self.read_paused:
+            transport.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()
+            asyncio.get_running_loop().call_later(2.0, transport.close)
+        else:
+            transport.close()
+
+    def _abandon(self, ex: _Exchange) -> None:
+        """The client is gone: stop the upstream request so llama-server stops generating."""
+        if ex.acquire_task is not None:
+            ex.acquire_task.cancel()
+        if ex.connect_task is not None:
+            ex.connect_task.cancel()
+        conn = ex.conn
+        if conn is not None:
+            conn.abort()
+        self._release(ex, ex.status or 499)
+        if ex.started and not ex.finished:
+            ex.finished = True
+            self.proxy.in_flight -= 1
+
+    # called by the upstream side
+
+    def upstream_failed(self, ex: _Exchange, retry: bool) -> None:
+        """The upstream connection failed before any byte of a response."""
+        if self.closed or ex.finished:
+            self._release(ex, 0)
+            return
+        ex.conn = None
+        if retry and ex.attempts < 2:
+            # A pooled keep-alive connection that llama-server closed meanwhile is normal.
+            self._send(ex, fresh=True)
+            return
+        self._release(ex, 0)
+        upstream = ex.upstream
+        assert upstream is not None
+        if ex.timed_out:
+            err = ProxyError(504, f"the model server {upstream.name} did not answer in time")
+        else:
+            err = ProxyError(502, f"the model server {upstream.name} closed the connection")
+        self._reply_error(ex, err)
+
+    def check_timeouts(self, now: float) -> None:
+        """Called about once a second: close connections that stalled past their bound."""
+        config = self.proxy.config
+        if self.closed:
+            return
+        if self.in_head and now - self.head_started > config.request_timeout:
+            self._fatal(ProxyError(408, "request head not received in time"))
+            return
+        if not self.queue:
+            if now - self.stamp > config.keepalive_timeout:
+                self.transport.close()
+            return
+        ex = self.queue[0]
+        if not ex.complete:
+            if now - self.stamp > config.request_timeout:
+                self._fatal(ProxyError(408, "request body not received in time"))
+            return
+        if self.write_paused and now - self.write_paused_at > config.upstream_timeout:
+            # The client stopped reading its answer altogether.
+            self.transport.abort()
+            return
+        conn = ex.conn
+        if conn is not None and now - conn.stamp > config.upstream_timeout:
+            ex.timed_out = True
+            conn.abort_with_failure()
+
+
+# -- the upstream side -----------------------------------------------------------------------
+
+
+class _UpstreamConn(asyncio.Protocol):
+    """One pooled keep-alive connection to a llama-server; one request at a time."""
+
+    def __init__(self, proxy: Proxy, key: tuple[str, str, int], generation: int) -> None:
+        self.proxy = proxy
+        self.key = key
+        self.generation = generation
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.ex: _Exchange | None = None
+        self.client: _ClientConn | None = None
+        self.out: list[bytes] = []
+        self.closed = False
+        self.stamp = proxy.now
+        self._reset()
+
+    def _reset(self) -> None:
+        self.reason = b""
+        self.hdrs: list[bytes] = []
+        self.status = 0
+        self.framing = _NONE
+        self.sse = False
+        self.got_data = False
+        self.head_sent = False
+        self.done = False
+        self.interim = False
+        self.upstream_close = False
+        self.renew_parser = False
+
+    def send(self, ex: _Exchange) -> None:
+        """Send the request of `ex` and route the response to its client."""
+        assert self.transport is not None
+        self._reset()
+        self.ex = ex
+        ex.conn = self
+        client = ex.client
+        self.client = client
+        self.stamp = self.proxy.now
+        if client.write_paused:
+            self.transport.pause_reading()
+        if len(ex.payload) == 1:
+            self.transport.write(ex.payload[0])
+        else:
+            self.transport.writelines(ex.payload)
+
+    def abort(self) -> None:
+        """Drop the connection at once (the client left): llama-server notices and stops."""
+        self.ex = None
+        self.client = None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def abort_with_failure(self) -> None:
+        """Drop the connection and report it to the exchange as a transport failure."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is None:
+            # Bytes on an idle connection: nothing may be trusted on it any more.
+            self.closed = True
+            self.transport.abort()  # type: ignore[union-attr]
+            return
+        self.got_data = True
+        self.stamp = self.proxy.now
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._broken(f"invalid response from the model server: {exc}")
+            return
+        out = self.out
+        if out:
+            if len(out) == 1:
+                client.transport.write(out[0])
+            else:
+                client.transport.writelines(out)
+            out.clear()
+        if self.done:
+            self._finish()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        ex = self.ex
+        if ex is None:
+            self.proxy._pool_discard(self)
+            return
+        client = self.client
+        assert client is not None
+        if self.framing == _CLOSE and self.head_sent and not self.done:
+            # A body delimited by the end of the connection ends here, normally.
+            self.done = True
+            self.upstream_close = True
+            self._finish()
+            return
+        self.ex = None
+        self.client = None
+        if not self.got_data:
+            client.upstream_failed(ex, retry=not ex.timed_out)
+        elif not self.head_sent:
+            ex.conn = None
+            client.upstream_failed(ex, retry=False)
+        else:
+            self._died_mid_response(ex, client)
+
+    # httptools callbacks
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.head_sent:
+            self.hdrs += (name, value)
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200 and status != 101:
+            # Interim answers (1xx) are not forwarded: the proxy sends no Expect upstream.
+            self.interim = True
+            self.hdrs = []
+            self.reason = b""
+            return
+        ex = self.ex
+        assert ex is not None
+        self.status = status
+        ex.status = status
+        parts: list[bytes] = []
+        hdrs = self.hdrs
+        length = False
+        for i in range(0, len(hdrs), 2):
+            name = hdrs[i]
+            lname = name.lower()
+            if lname in _RESP_SPECIAL:
+                if lname == b"content-length":
+                    length = True
+                elif lname == b"content-type":
+                    if hdrs[i + 1][:17].lower() == b"text/event-stream":
+                        self.sse = True
+                elif lname == b"connection":
+                    if b"close" in hdrs[i + 1].lower():
+                        self.upstream_close = True
+                    continue
+                else:
+                    continue
+            parts += (name, b": ", hdrs[i + 1], b"\r\n")
+        self.hdrs = []
+        if ex.method == b"HEAD" or status == 204 or status == 304:
+            self.framing = _NONE
+            if ex.method == b"HEAD":
+                # llhttp would wait for the announced body: end the message here, then start
+                # the parser afresh for the next response on this connection.
+                self.done = True
+                self.renew_parser = True
+                if not self.parser.should_keep_alive():
+                    self.upstream_close = True
+        elif length:
+            self.framing = _LENGTH
+        elif ex.http10:
+            self.framing = _CLOSE
+            ex.keep_alive = False
+        else:
+            self.framing = _CHUNKED
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        if not ex.keep_alive:
+            parts.append(b"Connection: close\r\n")
+        elif ex.http10:
+            parts.append(b"Connection: keep-alive\r\n")
+        if self.sse:
+            # SSE must reach the client as it is produced; tell an nginx in front as well.
+            parts.append(b"X-Accel-Buffering: no\r\n")
+        self.out.append(b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, self.reason, b"".join(parts)))
+        self.head_sent = True
+
+    def on_body(self, data: bytes) -> None:
+        if self.framing == _CHUNKED:
+            self.out += (b"%x\r\n" % len(data), data, b"\r\n")
+        else:
+            self.out.append(data)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        if self.framing == _CHUNKED:
+            self.out.append(b"0\r\n\r\n")
+        # llhttp answers this only inside the callback; after feed_data it says False.
+        if not self.parser.should_keep_alive():
+            self.upstream_close = True
+        self.done = True
+
+    # endings
+
+    def _finish(self) -> None:
+        """The whole response went to the client: pool the connection, go on."""
+        ex = self.ex
+        client = self.client
+        assert ex is not None and client is not None
+        self.ex = None
+        self.client = None
+        ex.conn = None
+        if self.renew_parser:
+            self.parser = httptools.HttpResponseParser(self)
+        if self.upstream_close or self.framing == _CLOSE:
+            self.closed = True
+            assert self.transport is not None
+            self.transport.close()
+        else:
+            if client.write_paused:
+                assert self.transport is not None
+                self.transport.resume_reading()
+            self.proxy._pool_put(self)
+        client._release(ex, self.status)
+        if self.framing == _CLOSE:
+            ex.keep_alive = False
+        client._done(ex)
+
+    def _broken(self, message: str) -> None:
+        """The upstream sent something that is not HTTP."""
+        ex = self.ex
+        client = self.client
+        self.ex = None
+        self.client = None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+        if ex is None or client is None:
+            return
+        log.warning("%s", message)
+        if not self.head_sent:
+            ex.conn = None
+            client._release(ex, 0)
+            client._reply_error(ex, ProxyError(502, message))
+        else:
+            self._died_mid_response(ex, client)
+
+    def _died_mid_response(self, ex: _Exchange, client: _ClientConn) -> None:
+        """The upstream went away after the response head reached the client."""
+        ex.conn = None
+        client._release(ex, 0)
+        if client.closed:
+            return
+        message = "the model server closed the connection in the middle of the response"
+        if ex.timed_out:
+            message = "the model server stopped sending in the middle of the response"
+        if self.out:
+            client.transport.writelines(self.out)
+            self.out.clear()
+        if self.sse and self.framing in (_CHUNKED, _CLOSE):
+            # A stream that already started can only report the failure in-band, as
+            # llama-server does: an error event, then a proper end of the stream.
+            event = _sse_error_event(message)
+            if self.framing == _CHUNKED:
+                client.transport.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+                client._done(ex)
+            else:
+                client.transport.write(event)
+                ex.keep_alive = False
+                client._done(ex)
+            return
+        # Any other body: the client must see it cut short, so close its connection.
+        ex.keep_alive = False
+        client._done(ex)
+
+
+# -- the proxy ---------------------------------------------------------------------------------
+
+
+class Proxy:
+    """The listening proxy: clients in, pooled connections to upstreams out."""
+
+    def __init__(self, config: ProxyConfig, provider: UpstreamProvider) -> None:
+        self.config = config
+        self.provider = provider
+        self._key = config.api_key.encode() if config.api_key else None
+        self._server: asyncio.AbstractServer | None = None
+        self._clients: set[_ClientConn] = set()
+        self._idle: dict[tuple[str, str, int], list[_UpstreamConn]] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        self._address: tuple[str, int] | None = None
+        #: A coarse clock (updated every second) for idle and stall bounds: stamping activity
+        #: costs an attribute copy rather than a clock read per read.
+        self.now = 0.0
+        self.requests = 0
+        self.in_flight = 0
+
+    def _check_key(self, authz: bytes | None, xkey: bytes | None) -> bool:
+        """Constant-time check of the key, read as llama-server reads it: `Authorization`
+        (with or without "Bearer "), or `X-Api-Key` when Authorization is absent."""
+        key = self._key
+        assert key is not None
+        value = authz or xkey
+        if value is None:
+            return False
+        if value[:7] == b"Bearer ":
+            value = value[7:]
+        return hmac.compare_digest(value, key)
+
+    async def start(self) -> None:
+        """Listen; ProxyBindError when the address is taken or cannot be used."""
+        loop = asyncio.get_running_loop()
+        self.now = loop.time()
+        config = self.config
+        try:
+            self._server = await loop.create_server(
+                lambda: _ClientConn(self),
+                config.host,
+                config.port,
+                backlog=config.backlog,
+                reuse_address=True,
+            )
+        except OSError as exc:
+            where = f"{config.host}:{config.port}"
+            if exc.errno == errno.EADDRINUSE:
+                raise ProxyBindError(
+                    f"cannot listen on {where}: the address is already in use",
+                    hint="choose another --port, or stop the program that holds it",
+                ) from None
+            raise ProxyBindError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        sock = self._server.sockets[0].getsockname()
+        self._address = (sock[0], sock[1])
+        self._ticker = loop.create_task(self._tick())
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) actually bound; the port is real even when 0 was asked for."""
+        if self._address is None:
+            raise RuntimeError("the proxy is not started")
+        return self._address
+
+    @property
+    def stats(self) -> ProxyStats:
+        """A snapshot of the counters."""
+        return ProxyStats(
+            requests=self.requests,
+            in_flight=self.in_flight,
+            connections=len(self._clients),
+            upstream_idle=sum(len(v) for v in self._idle.values()),
+        )
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop listening, let requests in flight finish (up to `grace` s), close everything."""
+        if self._server is not None:
+            self._server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.in_flight > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for client in list(self._clients):
+            client.transport.abort()
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.closed = True
+                if conn.transport is not None:
+                    conn.transport.close()
+        self._idle.clear()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            self.now = now = loop.time()
+            for client in list(self._clients):
+                client.check_timeouts(now)
+
+    # the pool
+
+    async def _connect(self, upstream: Upstream) -> _UpstreamConn:
+        loop = asyncio.get_running_loop()
+        key = (upstream.name, upstream.host, upstream.port)
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: _UpstreamConn(self, key, upstream.generation), upstream.host, upstream.port
+            ),
+            self.config.connect_timeout,
+        )
+        return conn
+
+    def _pool_get(self, upstream: Upstream) -> _UpstreamConn | None:
+        conns = self._idle.get((upstream.name, upstream.host, upstream.port))
+        while conns:
+            conn = conns.pop()
+            if conn.generation == upstream.generation and not conn.closed:
+                return conn
+            # An older generation belongs to a server that was restarted.
+            conn.closed = True
+            if conn.transport is not None:
+                conn.transport.close()
+        return None
+
+    def _pool_put(self, conn: _UpstreamConn) -> None:
+        if conn.closed:
+            return
+        conns = self._idle.setdefault(conn.key, [])
+        if len(conns) >= self.config.max_idle_per_upstream:
+            conn.closed = True
+            if conn.transport is not None:
+                conn.transport.close()
+            return
+        conns.append(conn)
+
+    def _pool_discard(self, conn: _UpstreamConn) -> None:
+        conns = self._idle.get(conn.key)
+        if conns and conn in conns:
+            conns.remove(conn)
+
+
+def install_uvloop() -> bool:
+    """Use uvloop's event loop policy when it is installed; say whether it is."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def run(main: Coroutine[Any, Any, Any]) -> Any:
+    """asyncio.run on uvloop when available (the proxy is about twice as fast on it)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)

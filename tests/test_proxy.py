@@ -1,0 +1,748 @@
+"""The proxy in front of llama-server, driven against the fake server (and, marked `real`,
+against the real one)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llamactl import proxy as proxy_mod
+from llamactl.proxy import (
+    Proxy,
+    ProxyBindError,
+    ProxyConfig,
+    ProxyError,
+    Upstream,
+    is_public,
+    model_of,
+)
+
+FAKE = Path(__file__).parent / "fakes" / "fake_llama_server.py"
+pytestmark = pytest.mark.timeout(60)
+
+
+# -- fixtures: the fake llama-server, a provider, the proxy in a thread --------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_health(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"server on port {port} never became healthy")
+
+
+@contextlib.contextmanager
+def fake_server(*args: str, env: dict[str, str] | None = None) -> Iterator[int]:
+    """Run the fake llama-server; yield its port."""
+    port = free_port()
+    cmd = [sys.executable, str(FAKE), "--port", str(port), "--load-time", "0", *args]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env)
+    try:
+        wait_health(port)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+class StaticProvider:
+    """One upstream; optionally slow or failing; records every release."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.error: ProxyError | None = None
+        self.delay = 0.0
+        self.models: list[str | None] = []
+        self.releases: list[int] = []
+
+    async def acquire(self, model: str | None) -> Upstream:
+        self.models.append(model)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.error is not None:
+            raise self.error
+        return self.upstream
+
+    def release(self, upstream: Upstream, outcome: int) -> None:
+        self.releases.append(outcome)
+
+
+class ProxyThread:
+    """A Proxy on its own event loop (uvloop when present) in a background thread."""
+
+    def __init__(self, config: ProxyConfig, provider: StaticProvider) -> None:
+        try:
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        except ImportError:
+            self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.provider = provider
+        self.proxy = Proxy(config, provider)
+        self.run(self.proxy.start())
+        self.port = self.proxy.address[1]
+
+    def run(self, coro: Any, timeout: float = 10.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        fut: Future[Any] = Future()
+
+        def go() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(go)
+        return fut.result(5)
+
+    def close(self) -> None:
+        self.run(self.proxy.close(grace=0.5))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def fake_port() -> Iterator[int]:
+    with fake_server() as port:
+        yield port
+
+
+@contextlib.contextmanager
+def running_proxy(port: int, auth: bytes | None = None, **config: Any) -> Iterator[ProxyThread]:
+    provider = StaticProvider(Upstream("fake", "127.0.0.1", port, auth, 1))
+    pt = ProxyThread(ProxyConfig(host="127.0.0.1", port=0, **config), provider)
+    try:
+        yield pt
+    finally:
+        pt.close()
+
+
+@pytest.fixture
+def px(fake_port: int) -> Iterator[ProxyThread]:
+    with running_proxy(fake_port) as pt:
+        yield pt
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | str | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    data = resp.read()
+    hdrs = {k.lower(): v for k, v in resp.getheaders()}
+    conn.close()
+    return resp.status, hdrs, data
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes, read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        with contextlib.suppress(ConnectionResetError):
+            while True:
+                got = s.recv(65536)
+                if not got:
+                    break
+                chunks.append(got)
+    return b"".join(chunks)
+
+
+def error_of(body: bytes) -> dict[str, Any]:
+    err = json.loads(body)["error"]
+    assert set(err) == {"message", "type", "code"}
+    return err  # type: ignore[no-any-return]
+
+
+def echo(port: int, method: str = "POST", **kw: Any) -> dict[str, Any]:
+    status, _, data = request(port, method, "/debug/echo", **kw)
+    assert status == 200, data
+    return json.loads(data)  # type: ignore[no-any-return]
+
+
+def header_names(echoed: dict[str, Any]) -> list[str]:
+    return [k.lower() for k, _ in echoed["headers"]]
+
+
+# -- pure helpers --------------------------------------------------------------------------------
+
+
+def test_model_of_accepts_objects_and_string_models() -> None:
+    assert model_of(b'{"model": "smol", "x": [1]}') == "smol"
+    assert model_of(b'{"messages": []}') is None
+    assert model_of(b'{"model": null}') is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{", b"\xff\xfe{}", b"[1, 2]", b'"text"', b'{"model": 3}', b'{"a": NaN}', b"[" * 100000],
+)
+def test_model_of_rejects_bad_bodies_with_400(body: bytes) -> None:
+    with pytest.raises(ProxyError) as info:
+        model_of(body)
+    assert info.value.status == 400
+    assert info.value.type == "invalid_request_error"
+
+
+def test_public_paths_follow_llama_server() -> None:
+    assert is_public(b"GET", b"/health")
+    assert is_public(b"POST", b"/v1/health")
+    assert is_public(b"GET", b"/")
+    assert is_public(b"GET", b"/_app/immutable/entry/start.abc.js")
+    assert is_public(b"GET", b"/sw.js")
+    assert is_public(b"OPTIONS", b"/v1/chat/completions")
+    assert not is_public(b"POST", b"/")
+    assert not is_public(b"GET", b"/v1/models")
+    assert not is_public(b"GET", b"/props")
+    assert not is_public(b"GET", b"/slots")
+    assert not is_public(b"GET", b"/_app/../slots")
+    assert not is_public(b"GET", b"/x/%2e%2e/metrics.js")
+
+
+# -- forwarding ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+def test_forwards_method_path_query_headers_and_body(px: ProxyThread, method: str) -> None:
+    body = json.dumps({"model": "m1", "text": "héllo"}).encode() if method != "GET" else None
+    got = echo(
+        px.port,
+        method,
+        body=body,
+        headers={
+            "X-Custom": "a b",
+            "Connection": "keep-alive, X-Hop",
+            "X-Hop": "1",
+            "Content-Type": "application/json",
+        },
+    )
+    assert got["method"] == method
+    assert dict((k.lower(), v) for k, v in got["headers"])["x-custom"] == "a b"
+    names = header_names(got)
+    # Hop-by-hop headers do not cross the proxy.
+    assert "connection" not in names and "keep-alive" not in names and "x-hop" not in names
+    if body is not None:
+        import base64
+
+        assert base64.b64decode(got["body_b64"]) == body
+    status, _, _ = request(px.port, method, "/debug/echo?a=1&b=%20x", body=body)
+    assert status == 200
+
+
+def test_path_and_query_reach_upstream_unchanged(px: ProxyThread) -> None:
+    status, _, data = request(px.port, "GET", "/debug/echo?a=1&b=%20x&model=q")
+    assert status == 200
+    assert json.loads(data)["target"] == "/debug/echo?a=1&b=%20x&model=q"
+    # GET requests route by ?model=, as llama-server's router mode reads it.
+    assert px.provider.models[-1] == "q"
+
+
+def test_model_field_routes_request(px: ProxyThread) -> None:
+    status, _, _ = request(px.port, "POST", "/tokenize", b'{"model": "smol", "content": "a b"}')
+    assert status == 200
+    assert px.provider.models[-1] == "smol"
+    assert px.provider.releases[-1] == 200
+
+
+def test_chunked_request_body_is_forwarded_whole(px: ProxyThread) -> None:
+    body = b'{"content": "one two three four"}'
+    parts = [body[:5], body[5:17], body[17:]]
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+    raw = raw_exchange(
+        px.port,
+        b"POST /debug/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n" + chunked,
+    )
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    got = json.loads(payload)
+    import base64
+
+    assert base64.b64decode(got["body_b64"]) == body
+    names = header_names(got)
+    assert "transfer-encoding" not in names and "content-length" in names
+
+
+def test_keep_alive_reuses_one_upstream_connection(px: ProxyThread) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", px.port, timeout=5)
+    for _ in range(5):
+        conn.request("POST", "/tokenize", body=b'{"content": "x y"}')
+        resp = conn.getresponse()
+        assert resp.status == 200
+        resp.read()
+    conn.close()
+    assert px.call(lambda: px.proxy.stats.upstream_idle) == 1
+
+
+def test_pipelined_requests_answered_in_order(px: ProxyThread) -> None:
+    reqs = (
+        b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Length: 17\r\n\r\n"
+        b'{"content": "a"}\n'
+        b"GET /debug/echo?second HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    raw = raw_exchange(px.port, reqs)
+    assert raw.count(b"HTTP/1.1 200 OK") == 3
+    first = raw.index(b'"tokens"')
+    second = raw.index(b"/debug/echo?second")
+    third = raw.index(b'{"status":"ok"}')
+    assert first < second < third
+
+
+def test_http10_client_without_host(px: ProxyThread) -> None:
+    raw = raw_exchange(px.port, b"GET /v1/models HTTP/1.0\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert b'"object": "list"' in raw
+
+
+def test_http10_gets_streamed_answer_until_close(px: ProxyThread) -> None:
+    body = b'{"stream": true, "max_tokens": 3}'
+    raw = raw_exchange(
+        px.port,
+        b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+    )
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head and b"Connection: close" in head
+    assert payload.endswith(b"data: [DONE]\n\n")
+
+
+def test_expect_100_continue(px: ProxyThread) -> None:
+    body = b'{"content": "a b c"}'
+    with socket.create_connection(("127.0.0.1", px.port), timeout=5) as s:
+        s.sendall(
+            b"POST /tokenize HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        assert s.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(body)
+        assert s.recv(1000).startswith(b"HTTP/1.1 200 OK")
+
+
+def test_head_request_keeps_connection_usable(px: ProxyThread) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", px.port, timeout=5)
+    conn.request("HEAD", "/debug/echo")
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read() == b""
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+# -- streaming -----------------------------------------------------------------------------------
+
+
+def sse_body(port: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> bytes:
+    status, hdrs, data = request(
+        port, "POST", "/v1/chat/completions", json.dumps(payload).encode(), headers
+    )
+    assert status == 200
+    assert hdrs["content-type"].startswith("text/event-stream")
+    return data
+
+
+def test_sse_passthrough_byte_for_byte(px: ProxyThread, fake_port: int) -> None:
+    payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 12}
+    direct = sse_body(fake_port, payload)
+    through = sse_body(px.port, payload)
+    assert through == direct
+    assert through.endswith(b"data: [DONE]\n\n")
+    _, hdrs, _ = request(px.port, "POST", "/v1/chat/completions", json.dumps(payload))
+    assert hdrs["x-accel-buffering"] == "no"
+
+
+def test_sse_is_not_buffered(px: ProxyThread) -> None:
+    """The first event reaches the client long before the stream ends."""
+    body = json.dumps({"stream": True, "max_tokens": 10}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", px.port, timeout=10)
+    start = time.monotonic()
+    conn.request("POST", "/v1/chat/completions", body=body, headers={"X-Fake-Token-Delay": "0.1"})
+    resp = conn.getresponse()
+    first = resp.readline()
+    first_at = time.monotonic() - start
+    rest = resp.read()
+    total = time.monotonic() - start
+    assert first.startswith(b"data: {")
+    assert first_at < 0.5 < total, (first_at, total)
+    assert rest.endswith(b"data: [DONE]\n\n")
+
+
+def test_gzip_web_ui_passes_through_untouched(px: ProxyThread, fake_port: int) -> None:
+    status, hdrs, data = request(px.port, "GET", "/", headers={"Accept-Encoding": "gzip"})
+    assert status == 200
+    assert hdrs["content-encoding"] == "gzip"
+    _, _, direct = request(fake_port, "GET", "/", headers={"Accept-Encoding": "gzip"})
+    assert data == direct
+    assert gzip.decompress(data).startswith(b"<!doctype html>")
+    status, _, _ = request(px.port, "GET", "/")
+    assert status == 415  # llama-server's answer without gzip, passed on as is
+
+
+# -- errors the proxy answers itself ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b'{"messages": [', "invalid_json"),
+        (b'{"model": "\xff"}', "invalid_body"),
+        (b"[1, 2, 3]", "invalid_body"),
+        (b'{"model": ["a"]}', "invalid_model"),
+    ],
+)
+def test_bad_json_bodies_get_400(px: ProxyThread, body: bytes, code: str) -> None:
+    status, hdrs, data = request(px.port, "POST", "/v1/chat/completions", body)
+    assert status == 400
+    assert hdrs["content-type"].startswith("application/json")
+    err = error_of(data)
+    assert err["type"] == "invalid_request_error" and err["code"] == code
+    assert px.provider.models == []  # refused before routing
+
+
+def test_malformed_http_gets_400_and_close(px: ProxyThread) -> None:
+    raw = raw_exchange(px.port, b"GARBAGE\x01 / HTTP/9\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 400")
+    assert b"Connection: close" in raw
+    error_of(raw.partition(b"\r\n\r\n")[2])
+
+
+def test_huge_header_gets_431(fake_port: int) -> None:
+    with running_proxy(fake_port, max_header_bytes=4096) as pt:
+        raw = raw_exchange(pt.port, b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 10000 + b"\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 431")
+        # Also when the header never ends: the proxy does not buffer without bound.
+        with socket.create_connection(("127.0.0.1", pt.port), timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nX-Big: ")
+            with contextlib.suppress(OSError):
+                for _ in range(100):
+                    s.sendall(b"b" * 1000)
+            assert s.recv(100).startswith(b"HTTP/1.1 431")
+
+
+def test_body_over_limit_gets_413_without_reading_it(fake_port: int) -> None:
+    with running_proxy(fake_port, max_body_bytes=1000) as pt:
+        with socket.create_connection(("127.0.0.1", pt.port), timeout=5) as s:
+            # Content-Length alone decides: the body is never sent.
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n"
+            )
+            head = s.recv(1000)
+        assert head.startswith(b"HTTP/1.1 413")
+        chunk = b"%x\r\n%s\r\n" % (600, b"a" * 600)
+        raw = raw_exchange(
+            pt.port,
+            b"POST /tokenize HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 3,
+        )
+        assert raw.startswith(b"HTTP/1.1 413")
+        assert error_of(raw.partition(b"\r\n\r\n")[2])["type"] == "invalid_request_error"
+        assert pt.provider.models == []
+
+
+def test_unreachable_upstream_gets_502(fake_port: int) -> None:
+    with running_proxy(free_port()) as pt:
+        status, _, data = request(pt.port, "POST", "/tokenize", b'{"content": "a"}')
+        assert status == 502
+        assert error_of(data)["type"] == "server_error"
+        assert pt.provider.releases == [0]
+
+
+def test_garbage_from_upstream_gets_502() -> None:
+    with fake_server("--mode", "garbage") as port, running_proxy(port) as pt:
+        status, _, data = request(pt.port, "GET", "/v1/models")
+        assert status == 502
+        error_of(data)
+        assert pt.provider.releases == [0]
+
+
+def test_provider_error_is_answered_with_its_status_and_retry_after(px: ProxyThread) -> None:
+    px.provider.error = ProxyError(
+        503, "still starting", "unavailable_error", "instance_starting", retry_after=5
+    )
+    status, hdrs, data = request(px.port, "GET", "/v1/models")
+    assert status == 503 and hdrs["retry-after"] == "5"
+    assert error_of(data) == {
+        "message": "still starting",
+        "type": "unavailable_error",
+        "code": "instance_starting",
+    }
+    assert px.provider.releases == []  # nothing was acquired, nothing is released
+
+
+def test_slow_acquire_waits_then_forwards(px: ProxyThread) -> None:
+    px.provider.delay = 0.3
+    start = time.monotonic()
+    status, _, _ = request(px.port, "POST", "/tokenize", b'{"content": "a"}')
+    assert status == 200 and time.monotonic() - start >= 0.3
+
+
+# -- API key -------------------------------------------------------------------------------------
+
+
+def test_api_key_required_except_health_and_ui(fake_port: int) -> None:
+    with running_proxy(fake_port, api_key="s3cret") as pt:
+        status, hdrs, data = request(pt.port, "POST", "/tokenize", b'{"content": "a"}')
+        assert status == 401 and hdrs["www-authenticate"] == "Bearer"
+        assert error_of(data)["type"] == "authentication_error"
+        status, _, _ = request(
+            pt.port, "POST", "/tokenize", b"{}", {"Authorization": "Bearer wrong"}
+        )
+        assert status == 401
+        for headers in ({"Authorization": "Bearer s3cret"}, {"X-Api-Key": "s3cret"}):
+            assert request(pt.port, "POST", "/tokenize", b"{}", headers)[0] == 200
+        assert request(pt.port, "GET", "/health")[0] == 200
+        assert request(pt.port, "GET", "/v1/health")[0] == 200
+        assert request(pt.port, "GET", "/", headers={"Accept-Encoding": "gzip"})[0] == 200
+        assert request(pt.port, "GET", "/slots")[0] == 401
+        assert pt.provider.models.count(None) >= 3
+
+
+def test_api_key_compared_in_constant_time(fake_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[bytes, bytes]] = []
+    real = proxy_mod.hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(proxy_mod.hmac, "compare_digest", spy)
+    with running_proxy(fake_port, api_key="k") as pt:
+        assert (
+            request(pt.port, "GET", "/v1/models", headers={"Authorization": "Bearer k"})[0] == 200
+        )
+    assert (b"k", b"k") in calls
+
+
+def test_private_upstream_key_replaces_client_key() -> None:
+    env = {"LLAMA_ARG_API_KEY": "private", "PATH": "/usr/bin:/bin"}
+    with fake_server(env=env) as port, running_proxy(port, b"Bearer private", api_key="pub") as pt:
+        got = echo(pt.port, "GET", headers={"Authorization": "Bearer pub"})
+        auth = [v for k, v in got["headers"] if k.lower() == "authorization"]
+        assert auth == ["Bearer private"]
+        assert request(pt.port, "GET", "/v1/models", headers={"X-Api-Key": "pub"})[0] == 200
+        # The web UI is public: it reaches llama-server without the private key, and
+        # llama-server itself agrees that it is public.
+        assert request(pt.port, "GET", "/", headers={"Accept-Encoding": "gzip"})[0] == 200
+        # Without the proxy, nobody gets in with the public key.
+        assert request(port, "GET", "/v1/models", headers={"Authorization": "Bearer pub"})[0] == 401
+
+
+# -- failures of the upstream -------------------------------------------------------------------
+
+
+def test_retry_once_on_stale_pooled_connection() -> None:
+    with fake_server("--mode", "drop-reused") as port, running_proxy(port) as pt:
+        for _ in range(3):
+            status, _, _ = request(pt.port, "POST", "/tokenize", b'{"content": "a"}')
+            assert status == 200
+        _, _, stats = request(port, "GET", "/debug/stats")
+        assert json.loads(stats)["dropped_reused"] >= 2
+        assert pt.provider.releases == [200, 200, 200]
+
+
+def test_upstream_death_mid_stream_ends_with_sse_error_event(px: ProxyThread) -> None:
+    body = json.dumps({"stream": True, "max_tokens": 10}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", px.port, timeout=5)
+    conn.request("POST", "/v1/chat/completions", body=body, headers={"X-Fake-Drop-After": "2"})
+    resp = conn.getresponse()
+    data = resp.read()  # a complete chunked body: the stream was ended properly
+    events = [e for e in data.split(b"\n\n") if e]
+    assert len(events) == 3
+    last = json.loads(events[-1].removeprefix(b"data: "))
+    assert last["error"]["type"] == "server_error"
+    assert b"[DONE]" not in data
+    # The client connection stays usable.
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 200
+    conn.close()
+    assert px.provider.releases[0] == 0
+
+
+def test_upstream_death_mid_body_closes_client_connection(px: ProxyThread) -> None:
+    raw = raw_exchange(
+        px.port,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Fake-Drop-After: 0\r\n"
+        b"Content-Length: 2\r\n\r\n{}",
+    )
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert len(body) < 1000  # cut short: the client sees an incomplete body and a close
+
+
+def test_upstream_process_crash_mid_stream() -> None:
+    with fake_server("--mode", "crash-mid-stream") as port, running_proxy(port) as pt:
+        data = sse_body(pt.port, {"stream": True, "max_tokens": 10})
+        assert b'"error"' in data.split(b"\n\n")[-2]
+        status, _, _ = request(pt.port, "GET", "/health")
+        assert status == 502  # the server is gone; nothing hangs
+
+
+def test_client_disconnect_closes_upstream(px: ProxyThread, fake_port: int) -> None:
+    def stats() -> dict[str, int]:
+        return json.loads(request(fake_port, "GET", "/debug/stats")[2])  # type: ignore[no-any-return]
+
+    before = stats()["streams_cancelled"]
+    body = json.dumps({"stream": True, "max_tokens": 200}).encode()
+    s = socket.create_connection(("127.0.0.1", px.port), timeout=5)
+    s.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Fake-Token-Delay: 0.05\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    s.close()
+    deadline = time.monotonic() + 5
+    while stats()["streams_cancelled"] == before:
+        assert time.monotonic() < deadline, "llama-server kept generating for a gone client"
+        time.sleep(0.05)
+    assert px.call(lambda: px.proxy.stats.in_flight) == 0
+    assert px.provider.releases[-1] == 200
+
+
+def test_slow_client_does_not_block_others(px: ProxyThread) -> None:
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect(("127.0.0.1", px.port))
+    slow.sendall(b"GET /debug/big?n=200000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.5)
+    start = time.monotonic()
+    for _ in range(20):
+        assert request(px.port, "POST", "/tokenize", b'{"content": "a"}')[0] == 200
+    assert time.monotonic() - start < 3.0
+
+    def buffered() -> int:
+        return max(c.transport.get_write_buffer_size() for c in px.proxy._clients)
+
+    # Backpressure: the proxy holds about its high-water mark, not the 200 MB body.
+    assert px.call(buffered) < 2 * 1024 * 1024
+    slow.close()
+
+
+def test_generation_change_drops_pooled_connections(px: ProxyThread) -> None:
+    assert request(px.port, "GET", "/health")[0] == 200
+    old = px.provider.upstream
+    px.provider.upstream = Upstream(old.name, old.host, old.port, old.auth, old.generation + 1)
+    assert request(px.port, "GET", "/health")[0] == 200
+    assert px.call(lambda: px.proxy.stats.upstream_idle) == 1
+
+
+def test_bind_error_is_clear(px: ProxyThread) -> None:
+    other = Proxy(ProxyConfig(port=px.port), px.provider)
+    with pytest.raises(ProxyBindError, match="already in use"):
+        px.run(other.start())
+
+
+def test_stats_count_requests(px: ProxyThread) -> None:
+    for _ in range(3):
+        request(px.port, "GET", "/health")
+    stats = px.call(lambda: px.proxy.stats)
+    assert stats.requests == 3 and stats.in_flight == 0
+
+
+# -- the real llama-server --------------------------------------------------------------------
+
+
+@pytest.mark.real
+def test_real_llama_server_through_proxy(server_bin: Path, default_model: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(server_bin), "-m", str(default_model), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={"LLAMA_ARG_API_KEY": "private-key", "PATH": "/usr/bin:/bin"},
+    )
+    try:
+        wait_health(port, timeout=120)
+        with running_proxy(port, b"Bearer private-key", api_key="user-key") as pt:
+            auth = {"Authorization": "Bearer user-key"}
+            status, _, data = request(
+                pt.port, "POST", "/tokenize", b'{"content": "Hello world"}', auth
+            )
+            assert status == 200 and json.loads(data)["tokens"]
+            chat = {
+                "messages": [
+                    {"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": "What is the capital of France?"},
+                ],
+                "temperature": 0,
+                "max_tokens": 32,
+            }
+            status, _, data = request(
+                pt.port, "POST", "/v1/chat/completions", json.dumps(chat), auth, timeout=120
+            )
+            assert status == 200, data
+            assert "Paris" in json.loads(data)["choices"][0]["message"]["content"]
+            status, hdrs, data = request(
+                pt.port,
+                "POST",
+                "/v1/chat/completions",
+                json.dumps({**chat, "stream": True}),
+                auth,
+                timeout=120,
+            )
+            assert status == 200 and hdrs["x-accel-buffering"] == "no"
+            events = [e for e in data.split(b"\n\n") if e.startswith(b"data: ")]
+            assert events[-1] == b"data: [DONE]"
+            text = "".join(
+                (json.loads(e[6:])["choices"] or [{}])[0].get("delta", {}).get("content") or ""
+                for e in events[:-1]
+            )
+            assert "Paris" in text
+            status, hdrs, data = request(pt.port, "GET", "/", headers={"Accept-Encoding": "gzip"})
+            if status == 404:
+                pytest.skip("this llama-server build has no web UI assets")
+            assert status == 200 and hdrs["content-encoding"] == "gzip"
+            assert b"<html" in gzip.decompress(data).lower()
+            status, _, data = request(pt.port, "POST", "/v1/chat/completions", b"{bad", auth)
+            assert status == 400
+            assert request(pt.port, "GET", "/v1/models")[0] == 401
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
