@@ -45,6 +45,9 @@ def server_bin() -> Path:
     """The real llama-server that `llamactl which` names."""
     from llamactl.build import find_server_binary
 
+    override = os.environ.get("LLAMACTL_TEST_SERVER_BIN")  # a developer's own build
+    if override:
+        return Path(override)
     os.environ.setdefault("LLAMACTL_CACHE_DIR", str(REAL_CACHE))
     try:
         path = find_server_binary()
