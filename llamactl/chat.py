@@ -30,6 +30,10 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 READ_TIMEOUT_S = 600.0
 #: A 7B model from a cold disk can take a minute or two to load before /health says ok.
 START_DEADLINE_S = 300.0
+#: Sent when --system is not given. Small instruct models answer far worse with the chat
+#: template's own default (SmolLM2-135M: "What is the capital of France?" gets no "Paris"
+#: without it); llama-cli's conversation mode used the same default.
+DEFAULT_SYSTEM = "You are a helpful assistant."
 PROMPT = ">>> "
 CONTINUATION = "... "
 FENCE = '"""'
@@ -731,24 +735,55 @@ class _MarkdownTail:
             yield Segment.line()
 
 
+@contextlib.contextmanager
+def _echo_off(fd: int | None) -> Iterator[None]:
+    """Keys typed while a reply streams would be echoed into Live's region and garble it;
+    with echo off they wait, unseen, for the next prompt. Ctrl-C still works (ISIG stays)."""
+    try:
+        import termios
+    except ImportError:  # pragma: no cover - not on Windows
+        termios = None  # type: ignore[assignment]
+    if fd is None or termios is None:
+        yield
+        return
+    try:
+        saved = termios.tcgetattr(fd)
+    except termios.error:
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO
+    # TCSANOW, not TCSAFLUSH: flushing would drop what the person already typed.
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
 class RichOutput:
     """A terminal: replies rendered as Markdown while they stream, a dim stats line."""
 
     #: Often enough to look live, rarely enough that re-rendering Markdown costs nothing.
     REFRESH_PER_SECOND = 10
 
-    def __init__(self, console: Console, *, show_stats: bool = True) -> None:
-        self.console, self.show_stats = console, show_stats
+    def __init__(
+        self, console: Console, *, show_stats: bool = True, input_fd: int | None = None
+    ) -> None:
+        self.console, self.show_stats, self.input_fd = console, show_stats, input_fd
 
     def reply(self, stream: ReplyStream) -> Reply:
         from rich.live import Live
 
         view = _MarkdownTail()
-        with Live(
-            view,
-            console=self.console,
-            refresh_per_second=self.REFRESH_PER_SECOND,
-            vertical_overflow="visible",
+        with (
+            _echo_off(self.input_fd),
+            Live(
+                view,
+                console=self.console,
+                refresh_per_second=self.REFRESH_PER_SECOND,
+                vertical_overflow="visible",
+            ),
         ):
             try:
                 for piece in stream:
@@ -1116,6 +1151,11 @@ def session_server(model: str, say: TextIO) -> Iterator[str]:
 # --- the command ----------------------------------------------------------------------------
 
 
+def system_prompt(spec: ChatSpec) -> str | None:
+    """--system, else the default; `--system ""` sends none."""
+    return DEFAULT_SYSTEM if spec.system is None else (spec.system or None)
+
+
 def _one_shot_question(spec: ChatSpec, term: Terminal) -> str:
     # -p never reads stdin: a script's inherited stdin may be a pipe that never closes.
     question = spec.prompt if spec.prompt is not None else term.stdin.read()
@@ -1134,7 +1174,7 @@ def one_shot(
     client: ChatClient, spec: ChatSpec, settings: Settings, term: Terminal, question: str
 ) -> None:
     """Answer one question on stdout: plain when piped, Markdown on a terminal, or --json."""
-    conversation = Conversation(system=spec.system, turns=[Message("user", question)])
+    conversation = Conversation(system=system_prompt(spec), turns=[Message("user", question)])
     messages = conversation.messages()
     if spec.json_output or not spec.stream:
         body = client.complete(messages, settings)
@@ -1160,8 +1200,8 @@ def one_shot(
 def interactive(client: ChatClient, spec: ChatSpec, settings: Settings, term: Terminal) -> None:
     """The terminal chat."""
     console = _console(term)
-    output = RichOutput(console)
-    session = ChatSession(client, output, settings, Conversation(system=spec.system))
+    output = RichOutput(console, input_fd=term.stdin.fileno())
+    session = ChatSession(client, output, settings, Conversation(system=system_prompt(spec)))
     model = settings.model or "the server's model"
     console.print(
         f"chatting with {model} at {client.url} · /help for commands · Ctrl-D or /bye to leave",

@@ -607,7 +607,8 @@ def test_one_shot_reads_the_question_from_piped_stdin(api: respx.MockRouter) -> 
     assert result.exit_code == 0
     assert result.stdout == "Paris.\n"
     assert sent(route)["messages"] == [
-        {"role": "user", "content": "What is the capital of France?"}
+        {"role": "system", "content": chat.DEFAULT_SYSTEM},
+        {"role": "user", "content": "What is the capital of France?"},
     ]
     assert sent(route)["max_tokens"] == 32
 
@@ -620,10 +621,11 @@ def test_json_prints_the_whole_response(api: respx.MockRouter) -> None:
     assert sent(route)["stream"] is False
 
 
-def test_no_stream_prints_the_text(api: respx.MockRouter) -> None:
-    api.post(COMPLETIONS).respond(200, json=completion("Paris."))
-    result = invoke("--no-stream", "-p", "q")
+def test_no_stream_prints_the_text_and_empty_system_sends_none(api: respx.MockRouter) -> None:
+    route = api.post(COMPLETIONS).respond(200, json=completion("Paris."))
+    result = invoke("--no-stream", "--system", "", "-p", "q")
     assert (result.exit_code, result.stdout) == (0, "Paris.\n")
+    assert sent(route)["messages"] == [{"role": "user", "content": "q"}]
 
 
 def test_api_key_from_env(api: respx.MockRouter, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -825,8 +827,11 @@ def test_interactive_chat_through_a_pseudo_terminal(
         term.send("slow\r")
         assert fake_server.streaming.wait(10), term.output[-1000:]
         term.expect(r"tick\d")
+        term.send("typed-ahead")  # echo is off while a reply streams: it must not garble it
+        term.expect(r"tick\d")
         term.send("\x03")  # Ctrl-C during the reply
         term.expect(r"\[interrupted\]")
+        assert "typed-ahead" not in term.output
         term.expect(r">>> ")
         # Closing the response is what makes llama-server stop generating.
         assert fake_server.cancelled.wait(5)
@@ -846,6 +851,7 @@ def test_interactive_chat_through_a_pseudo_terminal(
     ]
     # The interrupted reply stays in the conversation, so roles keep alternating.
     assert [m["role"] for m in fake_server.requests[-1]["messages"]] == [
+        "system",
         "user",
         "assistant",
         "user",

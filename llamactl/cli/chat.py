@@ -19,7 +19,10 @@ from llamactl.chat import ChatSpec, Terminal, run
     help="Start a server with this model for the session, stopped at the end.",
 )
 @click.option("--model", help="The model name sent to the server [default: its first].")
-@click.option("--system", help="The system prompt.")
+@click.option(
+    "--system",
+    help='The system prompt [default: "You are a helpful assistant."]; "" sends none.',
+)
 @click.option("--temperature", type=float, help="Sampling temperature (0: deterministic).")
 @click.option("--top-p", type=float, help="Nucleus sampling probability mass.")
 @click.option("--max-tokens", type=int, help="Most tokens to generate per reply.")
