@@ -209,11 +209,18 @@ def resolve_binary(spec: ServeSpec, console: Any) -> tuple[Path, str | None]:
             raise UsageError(f"--server-bin {binary} is not an executable file")
         return binary, None
     try:
-        return build.find_server_binary(backend=spec.backend), build.backend_of(spec.backend)
+        binary = build.find_server_binary(backend=spec.backend)
     except BuildError:
         console.print("[bold]No llama.cpp build for this machine yet: building it first.[/]")
-        manifest = build.build_for_serve(backend=spec.backend, console=console)
-        return manifest.server_binary, manifest.backend
+        outcome = build.build_llama(
+            build.BuildSpec(backend=spec.backend or "auto"),
+            console=lambda: console,
+            progress=lambda: build.rich_progress(console),
+        )
+        assert outcome.manifest is not None
+        return outcome.manifest.server_binary, outcome.manifest.backend
+    backend = next((m.backend for m in build.find_builds() if m.server_binary == binary), None)
+    return binary, backend
 
 
 def resolve_model_args(spec: ServeSpec, console: Any) -> tuple[tuple[str, ...], str]:
