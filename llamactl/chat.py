@@ -269,7 +269,7 @@ def error_from_body(status: int | None, body: Any, *, url: str, model: str | Non
         size = f" ({n_prompt} tokens, context size {n_ctx})" if n_prompt and n_ctx else ""
         return ServerError(
             f"the conversation no longer fits in the model's context{size}",
-            hint="/clear starts over (or send less); serve with a larger --ctx-size for more",
+            hint="send less (in a chat, /clear starts over), or serve with a larger --ctx-size",
         )
     if status in (401, 403) or kind == "authentication_error":
         return ServerError(
@@ -617,7 +617,7 @@ COMMANDS: dict[str, str] = {
     "/retry": "ask for the last reply again",
     "/save FILE": "save the conversation as JSON",
     "/load FILE": "load a conversation saved with /save",
-    "/set temperature|top_p|max_tokens VALUE": "change a sampling setting (no VALUE: unset)",
+    "/set NAME VALUE": "set temperature, top_p or max_tokens (no VALUE: server default)",
     "/bye": "leave (Ctrl-D does too)",
 }
 _SETTABLE: dict[str, Callable[[str], float | int]] = {
@@ -1216,6 +1216,8 @@ def interactive(client: ChatClient, spec: ChatSpec, settings: Settings, term: Te
 def run(spec: ChatSpec, term: Terminal, *, env: Mapping[str, str] | None = None) -> None:
     """Run `llamactl chat`: pick or start the server, then chat or answer once."""
     env = os.environ if env is None else env
+    if spec.url and spec.model_file:
+        raise UsageError("--url and -m contradict: -m starts a server of its own")
     if spec.url:
         api_base(spec.url)  # a malformed --url is a usage error before anything starts
     for name in ("temperature", "top_p", "max_tokens"):

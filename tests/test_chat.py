@@ -667,6 +667,7 @@ def test_empty_question_and_bad_options_are_usage_errors() -> None:
     assert invoke("-p", "q", "--top-p", "3").exit_code == UsageError.exit_code
     result = CliRunner().invoke(cli, ["chat", "--url", "nohttp", "-p", "q"])
     assert result.exit_code == UsageError.exit_code
+    assert invoke("-m", "x.gguf", "-p", "q").exit_code == UsageError.exit_code
 
 
 # --- a tiny OpenAI-like server for the pseudo-terminal test ----------------------------------
