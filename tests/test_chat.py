@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -866,10 +867,18 @@ def test_interactive_chat_through_a_pseudo_terminal(
 # --- the real llama-server ------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RealServer:
+    """A running llama-server and its log."""
+
+    url: str
+    log: Path
+
+
 @pytest.fixture(scope="module")
-def real_url(
+def real(
     server_bin: Path, default_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
+) -> Iterator[RealServer]:
     """The real llama-server with the default model on a free port."""
     port = closed_port()
     log_path = tmp_path_factory.mktemp("chat-real") / "llama-server.log"
@@ -879,7 +888,7 @@ def real_url(
     url = f"http://127.0.0.1:{port}"
     try:
         chat.wait_healthy(url, popen, log_path, deadline_s=120)
-        yield url
+        yield RealServer(url, log_path)
     finally:
         proc.stop_group(popen.pid, popen=popen)
 
@@ -897,26 +906,26 @@ def _llamactl(*args: str, input: str | None = None) -> subprocess.CompletedProce
 
 
 @pytest.mark.real
-def test_real_one_shot_answers_paris(real_url: str) -> None:
+def test_real_one_shot_answers_paris(real: RealServer) -> None:
     q = "What is the capital of France?"
-    result = _llamactl("--url", real_url, "--temperature", "0", "--max-tokens", "32", "-p", q)
+    result = _llamactl("--url", real.url, "--temperature", "0", "--max-tokens", "32", "-p", q)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert ESC not in result.stdout
 
 
 @pytest.mark.real
-def test_real_piped_stdin_answers_paris(real_url: str) -> None:
+def test_real_piped_stdin_answers_paris(real: RealServer) -> None:
     q = "What is the capital of France?\n"
-    result = _llamactl("--url", real_url, "--temperature", "0", "--max-tokens", "32", input=q)
+    result = _llamactl("--url", real.url, "--temperature", "0", "--max-tokens", "32", input=q)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert ESC not in result.stdout + result.stderr
 
 
 @pytest.mark.real
-def test_real_stream_reports_timings(real_url: str) -> None:
-    client = ChatClient(real_url)
+def test_real_stream_reports_timings(real: RealServer) -> None:
+    client = ChatClient(real.url)
     stream = client.stream([Message("user", "Say hi.")], Settings(max_tokens=8, temperature=0))
     assert "".join(stream)
     reply = stream.result()
@@ -925,19 +934,42 @@ def test_real_stream_reports_timings(real_url: str) -> None:
 
 
 @pytest.mark.real
-def test_real_context_overflow_is_one_clear_line(real_url: str) -> None:
-    result = _llamactl("--url", real_url, "--max-tokens", "4", "-p", "hello " * 3000)
+def test_real_context_overflow_is_one_clear_line(real: RealServer) -> None:
+    result = _llamactl("--url", real.url, "--max-tokens", "4", "-p", "hello " * 3000)
     assert result.returncode == ServerError.exit_code
     assert "no longer fits in the model's context" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 @pytest.mark.real
-def test_real_json_is_the_servers_response(real_url: str) -> None:
-    result = _llamactl("--url", real_url, "--max-tokens", "4", "--json", "-p", "hi")
+def test_real_json_is_the_servers_response(real: RealServer) -> None:
+    result = _llamactl("--url", real.url, "--max-tokens", "4", "--json", "-p", "hi")
     assert result.returncode == 0, result.stderr
     body = json.loads(result.stdout)
     assert body["object"] == "chat.completion" and "timings" in body
+
+
+@pytest.mark.real
+def test_real_ctrl_c_in_a_chat_cancels_the_generation(real: RealServer) -> None:
+    env = {**os.environ, "TERM": "xterm-256color"}
+    argv = [sys.executable, "-m", "llamactl", "chat", "--url", real.url, "--max-tokens", "1500"]
+    term = Pty(argv, env)
+    try:
+        term.expect(r">>> ", timeout=30)
+        term.send("Write a very long story about a robot who learns to paint.\r")
+        term.expect(r"[A-Za-z]{4}", timeout=60)  # the reply has started
+        term.send("\x03")
+        term.expect(r"\[interrupted\]")
+        # llama-server notices the closed connection and cancels the task.
+        deadline = time.monotonic() + 10
+        while "cancel task" not in real.log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, real.log.read_text()[-2000:]
+            time.sleep(0.1)
+        term.expect(r">>> ")
+        term.send("/bye\r")
+        assert term.wait() == 0
+    finally:
+        term.kill()
 
 
 if __name__ == "__main__":  # `python tests/test_chat.py fake-server PORT`: a stand-in serve
