@@ -1158,7 +1158,11 @@ def system_prompt(spec: ChatSpec) -> str | None:
 
 def _one_shot_question(spec: ChatSpec, term: Terminal) -> str:
     # -p never reads stdin: a script's inherited stdin may be a pipe that never closes.
-    question = spec.prompt if spec.prompt is not None else term.stdin.read()
+    if spec.prompt is not None:
+        question = spec.prompt
+    else:
+        # sys.stdin is None when the shell closed it (`<&-`): that is an empty question.
+        question = term.stdin.read() if term.stdin is not None else ""
     if not question.strip():
         raise UsageError("nothing to ask: pass -p TEXT or pipe a question on stdin")
     return question.strip()
