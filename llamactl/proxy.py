@@ -111,7 +111,8 @@ class ProxyConfig:
 
     host: str = "127.0.0.1"
     port: int = 8080
-    #: When set, every request but /health and the web UI's files needs this key.
+    #: When set, every request but /health and the web UI's files needs this key; several keys
+    #: may be given comma-separated, as llama-server's --api-key takes them.
     api_key: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024
     max_header_bytes: int = 64 * 1024
@@ -1165,7 +1166,10 @@ class Proxy:
     def __init__(self, config: ProxyConfig, provider: UpstreamProvider) -> None:
         self.config = config
         self.provider = provider
-        self._key = config.api_key.encode() if config.api_key else None
+        keys = tuple(k.strip().encode() for k in (config.api_key or "").split(",") if k.strip())
+        self._keys = keys
+        #: Set when a key is required (the first key; the check compares with every one).
+        self._key = keys[0] if keys else None
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[_ClientConn] = set()
         self._idle: dict[tuple[str, str, int], list[_UpstreamConn]] = {}
@@ -1180,14 +1184,15 @@ class Proxy:
     def _check_key(self, authz: bytes | None, xkey: bytes | None) -> bool:
         """Constant-time check of the key, read as llama-server reads it: `Authorization`
         (with or without "Bearer "), or `X-Api-Key` when Authorization is absent."""
-        key = self._key
-        assert key is not None
         value = authz or xkey
         if value is None:
             return False
         if value[:7] == b"Bearer ":
             value = value[7:]
-        return hmac.compare_digest(value, key)
+        ok = False
+        for key in self._keys:  # every key, whichever matches: no early exit to time
+            ok |= hmac.compare_digest(value, key)
+        return ok
 
     async def start(self) -> None:
         """Listen; ProxyBindError when the address is taken or cannot be used."""

@@ -555,6 +555,14 @@ def test_api_key_compared_in_constant_time(fake_port: int, monkeypatch: pytest.M
     assert (b"k", b"k") in calls
 
 
+def test_several_api_keys_comma_separated_as_llama_server(fake_port: int) -> None:
+    with running_proxy(fake_port, api_key="one,two") as pt:
+        for key in ("one", "two"):
+            headers = {"Authorization": f"Bearer {key}"}
+            assert request(pt.port, "GET", "/v1/models", headers=headers)[0] == 200
+        assert request(pt.port, "GET", "/v1/models", headers={"X-Api-Key": "one,two"})[0] == 401
+
+
 def test_private_upstream_key_replaces_client_key() -> None:
     env = {"LLAMA_ARG_API_KEY": "private", "PATH": "/usr/bin:/bin"}
     with fake_server(env=env) as port, running_proxy(port, b"Bearer private", api_key="pub") as pt:
@@ -665,6 +673,45 @@ def test_generation_change_drops_pooled_connections(px: ProxyThread) -> None:
     px.provider.upstream = Upstream(old.name, old.host, old.port, old.auth, old.generation + 1)
     assert request(px.port, "GET", "/health")[0] == 200
     assert px.call(lambda: px.proxy.stats.upstream_idle) == 1
+
+
+def test_silent_upstream_times_out_with_504(fake_port: int) -> None:
+    with running_proxy(fake_port, upstream_timeout=1.0) as pt:
+        start = time.monotonic()
+        status, _, data = request(pt.port, "GET", "/v1/models", headers={"X-Fake-Hang": "1"})
+        assert status == 504 and 0.9 < time.monotonic() - start < 4
+        error_of(data)
+        assert pt.provider.releases == [0]
+
+
+def test_slow_request_head_gets_408_and_others_are_served(fake_port: int) -> None:
+    with running_proxy(fake_port, request_timeout=1.0) as pt:
+        with socket.create_connection(("127.0.0.1", pt.port), timeout=5) as slow:
+            slow.sendall(b"GET /health HTTP/1.1\r\nHo")
+            for _ in range(3):  # one byte now and then never completes the head
+                time.sleep(0.4)
+                slow.sendall(b"s")
+                assert request(pt.port, "GET", "/health")[0] == 200
+            time.sleep(1.5)
+            answer = slow.recv(1000)
+        assert answer.startswith(b"HTTP/1.1 408")
+
+
+def test_expect_continue_with_bad_key_is_refused_at_once(fake_port: int) -> None:
+    with running_proxy(fake_port, api_key="k") as pt:
+        with socket.create_connection(("127.0.0.1", pt.port), timeout=5) as s:
+            s.sendall(
+                b"POST /tokenize HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                b"Content-Length: 10\r\n\r\n"
+            )
+            head = s.recv(1000)
+        assert head.startswith(b"HTTP/1.1 401") and b"Connection: close" in head
+
+
+def test_unknown_path_gets_llama_server_answer(px: ProxyThread) -> None:
+    status, _, data = request(px.port, "GET", "/no/such/path")
+    assert status == 404
+    assert json.loads(data)["error"]["type"] == "not_found_error"
 
 
 def test_bind_error_is_clear(px: ProxyThread) -> None:

@@ -18,8 +18,9 @@ Modes:
   crash-on-start    print a llama-server-like load error on stderr and exit 1 while loading.
   crash-mid-stream  healthy; a streamed completion exits the process (code 1) after
                     --crash-after events.
-  hang              healthy for --load-time, then never answers anything again (accepts
-                    connections, reads, stays silent), /health included.
+  hang              loads for --load-time, is healthy for --hang-after seconds (default 1),
+                    then never answers anything again (accepts connections, reads, stays
+                    silent), /health included.
   garbage           /health answers 200; every other request gets bytes that are not HTTP,
                     then the connection closes.
   fail-requests     /health answers 200; every other request gets a 500 JSON error (a server
@@ -35,7 +36,8 @@ POST /tokenize, POST /detokenize, GET /v1/models and /models, GET /props, GET /s
 Test-only: ANY /debug/echo (the request as JSON), GET /debug/stats (counters), GET
 /debug/big?n=BYTES (a body of n bytes). Per-request header X-Fake-Drop-After: N makes a stream
 (or a plain answer) end by a connection reset after N events (or after the head);
-X-Fake-Token-Delay: S overrides --token-delay.
+X-Fake-Token-Delay: S overrides --token-delay; X-Fake-Hang: 1 makes the server read the request
+and never answer it.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class Settings:
     token_delay: float = 0.005
     keep_alive_timeout: float = 5.0
     crash_after: int = 3
+    hang_after: float = 1.0
     unknown: list[str] = field(default_factory=list)
 
 
@@ -95,6 +98,7 @@ def parse_args(argv: list[str]) -> Settings:
             "-a": "alias", "--alias": "alias", "--api-key": "api_key", "--mode": "mode",
             "--load-time": "load_time", "--token-delay": "token_delay",
             "--keep-alive-timeout": "keep_alive_timeout", "--crash-after": "crash_after",
+            "--hang-after": "hang_after",
         }  # fmt: skip
         if name in takes:
             if eq:
@@ -142,6 +146,9 @@ class FakeServer:
     def loading(self) -> bool:
         return time.monotonic() - self.started < self.s.load_time
 
+    def hung(self) -> bool:
+        return time.monotonic() - self.started >= self.s.load_time + self.s.hang_after
+
     async def handle_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
@@ -158,7 +165,7 @@ class FakeServer:
                 except asyncio.LimitOverrunError:
                     writer.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n\r\n")
                     return
-                if self.s.mode == "hang" and not self.loading():
+                if self.s.mode == "hang" and self.hung():
                     await asyncio.sleep(3600)
                     return
                 if self.s.mode == "drop-reused" and served > 0:
@@ -174,6 +181,9 @@ class FakeServer:
                         headers.append((k.strip(), v.strip()))
                 hmap = {k.lower(): v for k, v in headers}
                 body = await self.read_body(reader, hmap)
+                if hmap.get("x-fake-hang"):
+                    await asyncio.sleep(3600)
+                    return
                 served += 1
                 self.stats["requests"] += 1
                 keep = await self.route(writer, method, target, version, headers, hmap, body)

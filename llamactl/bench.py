@@ -1,0 +1,486 @@
+"""The proxy benchmark: llamactl against llama-server direct and llama-server's router mode, in
+one run, on the same model: POST /tokenize throughput and latency (wrk, 4 connections), streamed
+tokens/s with 8 concurrent streamed chat completions, and time from start to the first
+successful request, with ratios against direct and router (`llamactl bench`,
+scripts/bench_proxy.py; figures in docs/performance.md).
+
+Targets: `direct` (llama-server -m MODEL), `router` (llama-server --models-dir DIR, DIR holding a
+symlink to MODEL), `llamactl` (`llamactl serve` in front of llama-server: supervisor and proxy),
+and `proxy` (the proxy alone, in front of a llama-server through a static provider: what the
+proxy costs without the supervisor). Needs wrk (Debian: apt-get install wrk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+TARGETS = ("direct", "router", "llamactl", "proxy")
+PROMPT = "Write a short story about a llama who learns to code."
+
+
+@dataclass
+class Result:
+    """One target's figures in one run."""
+
+    target: str
+    ready_s: float = 0.0
+    tokenize_rps: float = 0.0
+    tokenize_mean_ms: float = 0.0
+    tokenize_p50_ms: float = 0.0
+    tokenize_p99_ms: float = 0.0
+    stream_tokens_per_s: float = 0.0
+    stream_tokens: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def post(port: int, path: str, body: dict, timeout: float = 2.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(
+            "POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"}
+        )
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the process group, then SIGKILL after a grace period."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def wait_first_success(
+    port: int, model: Callable[[], str | None], proc: subprocess.Popen[bytes], t0: float
+) -> float:
+    """Seconds from t0 until POST /tokenize first answers 200 (polled every 5 ms)."""
+    deadline = t0 + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} while starting")
+        try:
+            name = model()
+            body = {"content": "hello"} if name is None else {"model": name, "content": "hello"}
+            status, _ = post(port, "/tokenize", body, timeout=30)
+            if status == 200:
+                return time.monotonic() - t0
+        except (OSError, http.client.HTTPException, LookupError, ValueError):
+            pass
+        time.sleep(0.005)
+    raise TimeoutError("no successful request within 180 s")
+
+
+def router_model_name(port: int) -> str:
+    status, data = get(port, "/v1/models")
+    if status != 200:
+        raise LookupError("router not up")
+    return str(json.loads(data)["data"][0]["id"])
+
+
+def run_wrk(port: int, model: str | None, duration: float, connections: int, tmp: Path) -> dict:
+    body = {"content": "Hello, world! The quick brown fox jumps over the lazy dog."}
+    if model is not None:
+        body["model"] = model
+    script = tmp / "tokenize.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(json.dumps(body))}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration:g}s",
+            "--latency",
+            "-s",
+            str(script),
+            f"http://127.0.0.1:{port}/tokenize",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+    def ms(text: str) -> float:
+        value, unit = re.match(r"([\d.]+)(\w+)", text).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    mean = ms(re.search(r"Latency\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p50 = ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return {
+        "rps": rps,
+        "mean": mean,
+        "p50": p50,
+        "p99": p99,
+        "non2xx": int(bad.group(1)) if bad else 0,
+    }
+
+
+def run_streams(port: int, model: str | None, streams: int, max_tokens: int) -> tuple[int, float]:
+    """Total streamed tokens and seconds for `streams` concurrent streamed chat completions."""
+    counts = [0] * streams
+    errors: list[str] = []
+    body: dict = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "stream": True,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    if model is not None:
+        body["model"] = model
+    payload = json.dumps(body)
+    barrier = threading.Barrier(streams + 1)
+
+    def one(i: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        barrier.wait()
+        try:
+            conn.request(
+                "POST",
+                "/v1/chat/completions",
+                body=payload,
+                headers={"Content-Type": "application/json"},
+            )
+            resp = conn.getresponse()
+            if resp.status != 200:
+                errors.append(f"status {resp.status}: {resp.read()[:200]!r}")
+                return
+            for line in resp:
+                if line.startswith(b"data: {"):
+                    choices = json.loads(line[6:]).get("choices") or [{}]
+                    if choices[0].get("delta", {}).get("content"):
+                        counts[i] += 1
+        except (OSError, http.client.HTTPException) as exc:
+            errors.append(repr(exc))
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.monotonic()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} streams failed: {errors[0]}")
+    return sum(counts), elapsed
+
+
+def start_target(
+    target: str, spec: BenchSpec, tmp: Path
+) -> tuple[list[subprocess.Popen[bytes]], int, Callable[[], str | None]]:
+    """Start a target; return its processes, its port and how to name the model."""
+    port = free_port()
+    log = tmp / f"{target}.log"
+    server = str(spec.server_bin)
+    model = str(spec.model)
+    if target == "direct":
+        proc = spawn([server, "-m", model, "--host", "127.0.0.1", "--port", str(port)], log)
+        return [proc], port, lambda: None
+    if target == "router":
+        models_dir = tmp / "models"
+        models_dir.mkdir(exist_ok=True)
+        link = models_dir / Path(model).name
+        if not link.exists():
+            link.symlink_to(Path(model).resolve())
+        proc = spawn(
+            [server, "--models-dir", str(models_dir), "--host", "127.0.0.1", "--port", str(port)],
+            log,
+        )
+        return [proc], port, lambda: router_model_name(port)
+    if target == "llamactl":
+        proc = spawn(
+            [
+                sys.executable,
+                "-m",
+                "llamactl",
+                "serve",
+                "--server-bin",
+                server,
+                "-m",
+                model,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            log,
+        )
+        return [proc], port, lambda: None
+    if target == "proxy":
+        proc = spawn(
+            [
+                sys.executable,
+                "-m",
+                "llamactl.bench",
+                "_static-proxy",
+                server,
+                model,
+                str(port),
+                str(free_port()),
+            ],
+            log,
+        )
+        return [proc], port, lambda: None
+    raise ValueError(target)
+
+
+def measure(target: str, spec: BenchSpec, tmp: Path) -> Result:
+    result = Result(target)
+    t0 = time.monotonic()
+    procs, port, model_name = start_target(target, spec, tmp)
+    try:
+        result.ready_s = wait_first_success(port, model_name, procs[0], t0)
+        name = model_name()
+        for _ in range(50):  # warm the connections and caches
+            post(port, "/tokenize", {"content": "warm up", **({"model": name} if name else {})})
+        wrk = run_wrk(port, name, spec.duration, spec.connections, tmp)
+        if wrk["non2xx"]:
+            result.errors.append(f"{wrk['non2xx']} non-2xx answers to /tokenize")
+        result.tokenize_rps = wrk["rps"]
+        result.tokenize_mean_ms = wrk["mean"]
+        result.tokenize_p50_ms = wrk["p50"]
+        result.tokenize_p99_ms = wrk["p99"]
+        tokens, elapsed = run_streams(port, name, spec.streams, spec.max_tokens)
+        result.stream_tokens = tokens
+        result.stream_tokens_per_s = tokens / elapsed
+    except Exception as exc:
+        result.errors.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        for proc in procs:
+            stop(proc)
+    return result
+
+
+# -- the proxy alone, behind a static provider (a hidden sub-command) ----------------------------
+
+
+def static_proxy(server: str, model: str, port: int, upstream_port: int) -> int:
+    """Start llama-server and the proxy in front of it; serve until SIGTERM."""
+    from llamactl.proxy import Proxy, ProxyConfig, Upstream
+    from llamactl.proxy import run as run_loop
+
+    class Static:
+        def __init__(self) -> None:
+            self.upstream = Upstream("bench", "127.0.0.1", upstream_port, None, 1)
+            self.ready = asyncio.Event()
+
+        async def acquire(self, model: str | None) -> Upstream:
+            if not self.ready.is_set():
+                await self.ready.wait()
+            return self.upstream
+
+        def release(self, upstream: Upstream, outcome: int) -> None:
+            pass
+
+    async def health_ok() -> bool:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", upstream_port)
+        except OSError:
+            return False
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = await reader.read()
+        writer.close()
+        return data.startswith(b"HTTP/1.1 200")
+
+    async def main() -> None:
+        proc = await asyncio.create_subprocess_exec(
+            server, "-m", model, "--host", "127.0.0.1", "--port", str(upstream_port)
+        )
+        provider = Static()
+        proxy = Proxy(ProxyConfig(port=port), provider)
+        await proxy.start()
+        while not await health_ok():
+            await asyncio.sleep(0.005)
+        provider.ready.set()
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stopped.set)
+        await stopped.wait()
+        await proxy.close(grace=0)
+        proc.terminate()
+        await proc.wait()
+
+    run_loop(main())
+    return 0
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def median_result(target: str, results: list[Result]) -> Result:
+    ok = [r for r in results if not r.errors] or results
+    med = Result(target)
+    for name in (
+        "ready_s",
+        "tokenize_rps",
+        "tokenize_mean_ms",
+        "tokenize_p50_ms",
+        "tokenize_p99_ms",
+        "stream_tokens_per_s",
+    ):
+        setattr(med, name, statistics.median(getattr(r, name) for r in ok))
+    med.stream_tokens = ok[0].stream_tokens
+    med.errors = [e for r in results for e in r.errors]
+    return med
+
+
+def report(med: dict[str, Result], runs: int) -> str:
+    lines = [
+        f"medians of {runs} run(s); /tokenize: wrk -t1 -c4; streams: concurrent streamed chats",
+        "",
+        f"{'target':<9} {'ready s':>8} {'req/s':>9} {'mean ms':>8} {'p50 ms':>7} {'p99 ms':>7}"
+        f" {'tok/s':>7}  vs direct (req/s, tok/s, ready)   vs router (req/s)",
+    ]
+    direct = med.get("direct")
+    router = med.get("router")
+    for target, r in med.items():
+        vs_direct = vs_router = ""
+        if direct and target != "direct" and direct.tokenize_rps:
+            vs_direct = (
+                f"{r.tokenize_rps / direct.tokenize_rps:.2f}x, "
+                f"{r.stream_tokens_per_s / max(direct.stream_tokens_per_s, 1e-9) * 100:.1f}%, "
+                f"{(r.ready_s - direct.ready_s) * 1000:+.0f} ms"
+            )
+        if router and target != "router" and router.tokenize_rps:
+            vs_router = f"{r.tokenize_rps / router.tokenize_rps:.2f}x"
+        lines.append(
+            f"{target:<9} {r.ready_s:8.3f} {r.tokenize_rps:9.0f} {r.tokenize_mean_ms:8.3f}"
+            f" {r.tokenize_p50_ms:7.3f} {r.tokenize_p99_ms:7.2f} {r.stream_tokens_per_s:7.1f}"
+            f"  {vs_direct:<33} {vs_router}"
+        )
+    if direct:
+        for target in ("llamactl", "proxy"):
+            other = med.get(target)
+            if other:
+                added = other.tokenize_p50_ms - direct.tokenize_p50_ms
+                lines.append(f"added median latency ({target}): {added:.3f} ms")
+    for target, r in med.items():
+        for err in r.errors:
+            lines.append(f"error ({target}): {err}")
+    return "\n".join(lines)
+
+
+def default_paths() -> tuple[Path | None, Path | None]:
+    """llamactl's own llama-server build and the default model, when they exist."""
+    server = model = None
+    try:
+        from llamactl.build import find_server_binary
+
+        server = find_server_binary()
+    except Exception:  # no build yet: the caller must name one
+        pass
+    try:
+        from llamactl import paths
+        from llamactl.models import DEFAULT_MODEL
+
+        candidate = paths.cache_dir() / "models" / DEFAULT_MODEL.filename
+        model = candidate if candidate.is_file() else None
+    except Exception:  # no default model yet: the caller must name one
+        pass
+    return server, model
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """What to measure and how long."""
+
+    server_bin: Path
+    model: Path
+    targets: tuple[str, ...] = TARGETS
+    runs: int = 1
+    duration: float = 6.0
+    connections: int = 4
+    streams: int = 8
+    max_tokens: int = 64
+
+
+def run(spec: BenchSpec, progress: Callable[[str], None] = print) -> dict[str, list[Result]]:
+    """Measure every target `spec.runs` times, in turn; each run's results as they come."""
+    if shutil.which("wrk") is None:
+        from llamactl.errors import UsageError
+
+        raise UsageError("the benchmark needs wrk", hint="apt-get install wrk")
+    results: dict[str, list[Result]] = {t: [] for t in spec.targets}
+    with tempfile.TemporaryDirectory(prefix="llamactl-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        for run_no in range(spec.runs):
+            for target in spec.targets:
+                r = measure(target, spec, tmp)
+                results[target].append(r)
+                progress(
+                    f"run {run_no + 1} {target}: ready {r.ready_s:.3f} s, "
+                    f"{r.tokenize_rps:.0f} req/s (p50 {r.tokenize_p50_ms:.3f} ms), "
+                    f"{r.stream_tokens_per_s:.1f} tok/s {'; '.join(r.errors)}"
+                )
+    return results
+
+
+def medians(results: dict[str, list[Result]]) -> dict[str, Result]:
+    """The median of each figure per target."""
+    return {t: median_result(t, rs) for t, rs in results.items()}
+
+
+def to_json(results: dict[str, list[Result]]) -> str:
+    return json.dumps({t: [asdict(r) for r in rs] for t, rs in results.items()}, indent=2)
+
+
+if __name__ == "__main__":
+    # `python -m llamactl.bench _static-proxy SERVER MODEL PORT UPSTREAM_PORT` (the proxy target)
+    if sys.argv[1:2] == ["_static-proxy"]:
+        sys.exit(static_proxy(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])))
+    sys.exit("usage: llamactl bench, or scripts/bench_proxy.py")
