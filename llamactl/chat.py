@@ -8,9 +8,11 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1137,15 +1139,37 @@ def session_server(model: str, say: TextIO) -> Iterator[str]:
     argv = [sys.executable, "-m", "llamactl", "serve", "-m", model, "--port", str(port)]
     say.write(f"starting a server for this chat: {model} at {url} (log: {log_path})\n")
     say.flush()
-    with open(log_path, "ab") as log:
-        popen = proc.spawn(argv, stdout=log, stderr=subprocess.STDOUT)
+    with _exit_on_term():
+        with open(log_path, "ab") as log:
+            popen = proc.spawn(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_healthy(url, popen, log_path)
+            yield url
+        finally:
+            say.write("stopping the server started for this chat\n")
+            say.flush()
+            proc.stop_group(popen.pid, popen=popen)
+
+
+@contextlib.contextmanager
+def _exit_on_term() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into SystemExit while a session server runs, so that `finally`
+    stops it gracefully: the parent-death SIGKILL alone would leave what serve itself started
+    (a first build's compilers, for one) running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signals = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    saved = {sig: signal.signal(sig, _exit) for sig in signals}
     try:
-        wait_healthy(url, popen, log_path)
-        yield url
+        yield
     finally:
-        say.write("stopping the server started for this chat\n")
-        say.flush()
-        proc.stop_group(popen.pid, popen=popen)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 # --- the command ----------------------------------------------------------------------------

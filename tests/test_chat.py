@@ -569,6 +569,35 @@ def test_session_server_starts_waits_healthy_and_stops(monkeypatch: pytest.Monke
     assert not proc.pid_alive(pid)
 
 
+def test_sigterm_stops_the_session_server_gracefully() -> None:
+    script = f"""
+import sys, time
+from llamactl import chat, proc
+real = proc.spawn
+def spawn(argv, **kw):
+    port = argv[argv.index("--port") + 1]
+    return real([sys.executable, {__file__!r}, "fake-server", port], **kw)
+proc.spawn = spawn
+with chat.session_server("m.gguf", sys.stderr) as url:
+    print(url, flush=True)
+    time.sleep(60)
+"""
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        url = child.stdout.readline().strip()
+        pid = int(httpx.get(f"{url}/pid").text)
+        child.terminate()
+        _, err = child.communicate(timeout=15)
+    finally:
+        child.kill()
+    assert child.returncode == 128 + signal.SIGTERM
+    assert "stopping the server started for this chat" in err
+    assert not proc.pid_alive(pid)
+
+
 def test_session_server_that_dies_quotes_its_log(monkeypatch: pytest.MonkeyPatch) -> None:
     real_spawn = proc.spawn
 
