@@ -564,7 +564,7 @@ def test_several_api_keys_comma_separated_as_llama_server(fake_port: int) -> Non
 
 
 def test_private_upstream_key_replaces_client_key() -> None:
-    env = {"LLAMA_ARG_API_KEY": "private", "PATH": "/usr/bin:/bin"}
+    env = {"LLAMA_API_KEY": "private", "PATH": "/usr/bin:/bin"}
     with fake_server(env=env) as port, running_proxy(port, b"Bearer private", api_key="pub") as pt:
         got = echo(pt.port, "GET", headers={"Authorization": "Bearer pub"})
         auth = [v for k, v in got["headers"] if k.lower() == "authorization"]
@@ -737,7 +737,8 @@ def test_real_llama_server_through_proxy(server_bin: Path, default_model: Path) 
         [str(server_bin), "-m", str(default_model), "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env={"LLAMA_ARG_API_KEY": "private-key", "PATH": "/usr/bin:/bin"},
+        # llama-server reads its key from LLAMA_API_KEY (common/arg.cpp), as serve passes it.
+        env={"LLAMA_API_KEY": "private-key", "PATH": "/usr/bin:/bin"},
     )
     try:
         wait_health(port, timeout=120)
@@ -784,6 +785,8 @@ def test_real_llama_server_through_proxy(server_bin: Path, default_model: Path) 
             status, _, data = request(pt.port, "POST", "/v1/chat/completions", b"{bad", auth)
             assert status == 400
             assert request(pt.port, "GET", "/v1/models")[0] == 401
+        # llama-server itself holds the private key: the user's key does not open it.
+        assert request(port, "GET", "/v1/models", headers=auth)[0] == 401
     finally:
         proc.terminate()
         try:

@@ -4,12 +4,14 @@ that matter.
 
     python3 tests/fakes/fake_llama_server.py --port N [--mode MODE] [llama-server flags...]
 
-Flags as llama-server reads them: -m/--model, --host, --port, -a/--alias, --api-key (also the
-env var LLAMA_ARG_API_KEY, and LLAMA_ARG_HOST / LLAMA_ARG_PORT / LLAMA_ARG_MODEL); unknown
-flags are ignored, so any llama-server command line starts it. Fake-only flags: --mode,
---load-time S (how long /health says 503, default 0.2), --token-delay S (between streamed
-tokens, default 0.005), --keep-alive-timeout S (idle keep-alive connections are closed after
-it, like httplib's 5 s), --crash-after N (events before crash-mid-stream exits, default 3).
+Flags as llama-server reads them: -m/--model, --host, --port, -a/--alias, --api-key (keys
+comma-separated; also the env var LLAMA_API_KEY, which is what llama-server reads, or
+LLAMA_ARG_API_KEY), --api-key-file (LLAMA_ARG_API_KEY_FILE), and LLAMA_ARG_HOST /
+LLAMA_ARG_PORT / LLAMA_ARG_MODEL; unknown flags are ignored, so any llama-server command line
+starts it. Fake-only flags: --mode, --load-time S (how long /health says 503, default 0.2),
+--token-delay S (between streamed tokens, default 0.005), --keep-alive-timeout S (idle
+keep-alive connections are closed after it, like httplib's 5 s), --crash-after N (events
+before crash-mid-stream exits, default 3), --hang-after S (see hang).
 FAKE_LLAMA_MODE in the environment sets --mode when the flag is absent.
 
 Modes:
@@ -69,6 +71,7 @@ class Settings:
     model: str = "model.gguf"
     alias: str | None = None
     api_key: str | None = None
+    api_key_file: str | None = None
     mode: str = "normal"
     load_time: float = 0.2
     token_delay: float = 0.005
@@ -86,7 +89,8 @@ def parse_args(argv: list[str]) -> Settings:
     s.port = int(env.get("LLAMA_ARG_PORT", s.port))
     s.model = env.get("LLAMA_ARG_MODEL", s.model)
     s.alias = env.get("LLAMA_ARG_ALIAS")
-    s.api_key = env.get("LLAMA_ARG_API_KEY") or None
+    s.api_key = env.get("LLAMA_API_KEY") or env.get("LLAMA_ARG_API_KEY") or None
+    s.api_key_file = env.get("LLAMA_ARG_API_KEY_FILE") or None
     s.mode = env.get("FAKE_LLAMA_MODE", s.mode)
     load_time_given = False
     i = 0
@@ -96,6 +100,7 @@ def parse_args(argv: list[str]) -> Settings:
         takes = {
             "-m": "model", "--model": "model", "--host": "host", "--port": "port",
             "-a": "alias", "--alias": "alias", "--api-key": "api_key", "--mode": "mode",
+            "--api-key-file": "api_key_file",
             "--load-time": "load_time", "--token-delay": "token_delay",
             "--keep-alive-timeout": "keep_alive_timeout", "--crash-after": "crash_after",
             "--hang-after": "hang_after",
@@ -118,6 +123,10 @@ def parse_args(argv: list[str]) -> Settings:
         else:
             s.unknown.append(arg)
         i += 1
+    if s.api_key_file:
+        with open(s.api_key_file) as f:
+            keys = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        s.api_key = ",".join(filter(None, [s.api_key, *keys]))
     if s.mode == "slow-start" and not load_time_given:
         s.load_time = 3.0
     return s
@@ -247,7 +256,7 @@ class FakeServer:
         given = hmap.get("authorization") or hmap.get("x-api-key") or ""
         if given.startswith("Bearer "):
             given = given[7:]
-        return given == self.s.api_key
+        return given in self.s.api_key.split(",")
 
     async def route(
         self,
