@@ -385,7 +385,7 @@ class ReplyStream:
             raise error_from_body(
                 response.status_code, _body(response), url=self._url, model=self._model
             )
-        if "text/event-stream" not in response.headers.get("content-type", "event-stream"):
+        if "text/event-stream" not in response.headers.get("content-type", "text/event-stream"):
             # A server that ignores "stream": true answers with one JSON document.
             response.read()
             reply = _reply_from_body(_body(response), url=self._url, model=self._model)
