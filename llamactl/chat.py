@@ -1014,8 +1014,11 @@ def run_interactive(session: ChatSession, read_line: Callable[[str], str]) -> No
         except KeyboardInterrupt:
             session.output.info("\n(Ctrl-D or /bye leaves)")
             continue
-        if not session.handle(text):
-            return
+        try:
+            if not session.handle(text):
+                return
+        except KeyboardInterrupt:  # during a slash command's request (replies handle their own)
+            session.output.info("[interrupted]")
 
 
 # --- which server ---------------------------------------------------------------------------
