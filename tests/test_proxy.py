@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llamactl import proxy as proxy_mod
 from llamactl.proxy import (
@@ -725,6 +727,63 @@ def test_stats_count_requests(px: ProxyThread) -> None:
         request(px.port, "GET", "/health")
     stats = px.call(lambda: px.proxy.stats)
     assert stats.requests == 3 and stats.in_flight == 0
+
+
+# -- fuzzing (issue 6: bad input) --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fuzz_proxy(fake_port: int) -> Iterator[ProxyThread]:
+    with running_proxy(fake_port, max_header_bytes=8192, max_body_bytes=4096) as pt:
+        yield pt
+
+
+_METHODS = st.sampled_from([b"GET", b"POST", b"PUT", b"HEAD", b"OPTIONS", b"G\x00T", b""])
+_TARGETS = st.sampled_from([b"/health", b"/tokenize", b"/v1/chat/completions", b"*", b"/%zz", b""])
+_HEADER = st.tuples(
+    st.sampled_from([b"Content-Length", b"Transfer-Encoding", b"Host", b"Expect", b"X-A", b""]),
+    st.binary(max_size=20),
+)
+
+
+@given(
+    method=_METHODS,
+    target=_TARGETS,
+    version=st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2", b"XX"]),
+    headers=st.lists(_HEADER, max_size=5),
+    body=st.binary(max_size=300),
+)
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_fuzzed_requests_get_http_answers_and_never_hurt_the_proxy(
+    fuzz_proxy: ProxyThread,
+    method: bytes,
+    target: bytes,
+    version: bytes,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+) -> None:
+    head = b"%s %s %s\r\n" % (method, target, version)
+    head += b"".join(b"%s: %s\r\n" % (k, v) for k, v in headers)
+    with socket.create_connection(("127.0.0.1", fuzz_proxy.port), timeout=5) as s:
+        s.sendall(head + b"\r\n" + body)
+        s.shutdown(socket.SHUT_WR)  # a client that has said everything it will say
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                got += chunk
+    if got:
+        assert got.startswith(b"HTTP/1.1 "), got[:100]
+    assert request(fuzz_proxy.port, "GET", "/health")[0] == 200
+    # Nothing left behind: no request in flight, no client connection kept.
+    deadline = time.monotonic() + 2
+    while True:
+        stats = fuzz_proxy.call(lambda: fuzz_proxy.proxy.stats)
+        if (stats.in_flight, stats.connections) == (0, 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert stats.in_flight == 0 and stats.connections == 0, stats
 
 
 # -- the real llama-server --------------------------------------------------------------------
