@@ -761,19 +761,29 @@ def error_lines(log_text: str, limit: int = 12) -> list[str]:
     """The first lines of a build log that say what went wrong."""
     out: list[str] = []
     seen: set[str] = set()
-    for raw in log_text.splitlines():
+    lines = log_text.splitlines()
+    for i, raw in enumerate(lines):
         line = raw.rstrip()
         if not line or not _ERROR_LINE.search(line):
             continue
         if _NOT_ERROR.search(line) and not re.search(r"error:|FAILED:|fatal", line):
             continue
-        if line in seen:
-            continue
-        seen.add(line)
-        out.append(line if len(line) <= 400 else line[:397] + "...")
+        picked = [line]
+        if line.startswith("CMake Error"):
+            # CMake puts the message itself on the indented lines that follow.
+            for follow in lines[i + 1 : i + 8]:
+                if follow.strip() and not follow.startswith(" "):
+                    break
+                if follow.strip():
+                    picked.append(follow.rstrip())
+        for item in picked:
+            if item in seen:
+                continue
+            seen.add(item)
+            out.append(item if len(item) <= 400 else item[:397] + "...")
         if len(out) >= limit:
             break
-    return out
+    return out[:limit]
 
 
 def failure_hint(log_text: str) -> str | None:
@@ -1087,6 +1097,7 @@ def build_llama(
         existing = load_manifest(the_plan.build_dir)
         if existing is not None and existing.server_binary.is_file():
             return BuildOutcome(the_plan, "up-to-date", existing)
+    preflight(the_plan)
     from llamactl.source import ensure_source
 
     tree = ensure_source(spec.source, console=console() if console else None)
@@ -1099,6 +1110,15 @@ def build_llama(
         with progress() as on_step:
             manifest = run_build(the_plan, on_step=on_step)
     return BuildOutcome(the_plan, "built", manifest)
+
+
+def preflight(the_plan: BuildPlan) -> None:
+    """Refuse a plan that is sure to fail, before fetching or compiling anything."""
+    if the_plan.problems:
+        first = the_plan.problems[0]
+        extra = "".join(f"\n  also: {p.message}" for p in the_plan.problems[1:])
+        message = f"cannot build {the_plan.backend}: {first.message}{extra}"
+        raise BuildError(message, hint=first.hint)
 
 
 class BuildInterrupted(BuildError):
@@ -1127,6 +1147,7 @@ def _reset_stale_cache(build_dir: Path, source: Path, generator: str | None) -> 
 
 
 Spawn = Callable[..., "subprocess.Popen[bytes]"]
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 def _stream(
@@ -1147,7 +1168,8 @@ def _stream(
     try:
         assert child.stdout is not None
         for raw in child.stdout:
-            line = raw.decode(errors="replace")
+            # Compilers colour their diagnostics even into a pipe (ccache asks them to).
+            line = _ANSI.sub("", raw.decode(errors="replace"))
             log.write(line)
             on_line(line)
         return child.wait()
@@ -1181,12 +1203,7 @@ def run_build(
 
     spawn = spawn or proc.spawn
     runner = runner or proc.run
-    if the_plan.problems:
-        first = the_plan.problems[0]
-        extra = "".join(f"\n  also: {p.message}" for p in the_plan.problems[1:])
-        raise BuildError(
-            f"cannot build {the_plan.backend}: {first.message}{extra}", hint=first.hint
-        )
+    preflight(the_plan)
     if not (the_plan.source / "CMakeLists.txt").is_file():
         raise BuildError(
             f"no llama.cpp source at {the_plan.source}", hint="run `llamactl source fetch`"

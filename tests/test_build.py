@@ -452,6 +452,25 @@ def test_error_lines_pick_the_relevant_lines() -> None:
     ]
 
 
+def test_error_lines_keep_cmake_messages() -> None:
+    log = (
+        "-- Configuring done\n"
+        "CMake Error at ggml/src/ggml-cuda/CMakeLists.txt:178 (target_link_libraries):\n"
+        '  Target "ggml-cuda" links to:\n'
+        "\n"
+        "    CUDA::cublas\n"
+        "\n"
+        "  but the target was not found.  Possible reasons include:\n"
+        "-- Generating done\n"
+    )
+    assert b.error_lines(log) == [
+        "CMake Error at ggml/src/ggml-cuda/CMakeLists.txt:178 (target_link_libraries):",
+        '  Target "ggml-cuda" links to:',
+        "    CUDA::cublas",
+        "  but the target was not found.  Possible reasons include:",
+    ]
+
+
 def test_included_backends_and_devices() -> None:
     configure = "-- Including CPU backend\n-- Using RPC backend\n-- Including RPC backend\n"
     assert b.included_backends(configure) == ("CPU", "RPC")
@@ -723,6 +742,7 @@ def test_reset_stale_cache_from_another_clone(tmp_path: Path) -> None:
 @pytest.fixture
 def fake_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """This machine kind as data: no GPU, nvcc 13.0, Ninja, npm; the pinned source."""
+    monkeypatch.delenv("LLAMACTL_SOURCE", raising=False)
     monkeypatch.setattr(b, "_detect", lambda: det(threads=2, avail_mib=22_000))
     monkeypatch.setattr(
         b,
@@ -880,7 +900,35 @@ def test_stream_writes_everything_to_the_log() -> None:
         env={},
         log=log,
         on_line=seen.append,
-        spawn=lambda argv, **kw: FakeChild(["cmake version 3.25.1\n"], 0),
+        spawn=lambda argv, **kw: FakeChild(["\x1b[01;31m\x1b[Kerror:\x1b[m\x1b[K x\n"], 0),
     )
-    assert rc == 0 and seen == ["cmake version 3.25.1\n"]
-    assert log.getvalue() == "$ cmake --version\ncmake version 3.25.1\n"
+    assert rc == 0 and seen == ["error: x\n"]
+    assert log.getvalue() == "$ cmake --version\nerror: x\n"
+
+
+def test_ctrl_c_stops_the_whole_build_process_group() -> None:
+    from llamactl import proc
+
+    log = io.StringIO()
+    pids: list[int] = []
+
+    def interrupt(line: str) -> None:
+        pids.append(int(line))
+        raise KeyboardInterrupt
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        # The shell's child `sleep` stands for a compiler that Ninja started.
+        b._stream(
+            ["sh", "-c", "sleep 30 & echo $!; wait"],
+            env=dict(os.environ),
+            log=log,
+            on_line=interrupt,
+            spawn=proc.spawn,
+        )
+    assert time.monotonic() - started < 10
+    deadline = time.monotonic() + 5
+    while proc.pid_alive(pids[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not proc.pid_alive(pids[0])
+    assert "interrupted" in log.getvalue()

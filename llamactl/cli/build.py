@@ -173,6 +173,7 @@ def _render_dry_run(outcome: BuildOutcome) -> None:
 
 
 def _render_list() -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -183,19 +184,22 @@ def _render_list() -> None:
     if not builds:
         console.print("no builds yet: run `llamactl build`")
         return
-    table = Table(title="llama.cpp builds (newest first)")
-    for col in ("build", "backend", "commit", "built", "took", "ui", "rpc", "llama-server"):
-        table.add_column(col, overflow="fold")
+    from llamactl import paths
+
+    table = Table(
+        title=f"builds in {paths.builds_dir()}, newest first", box=box.SIMPLE_HEAD, pad_edge=False
+    )
+    table.add_column("build", no_wrap=True)
+    for col in ("backend", "built", "took", "ui", "rpc"):
+        table.add_column(col, no_wrap=True)
     for m in builds:
         table.add_row(
             m.path.name,
             m.backend,
-            m.commit[:12],
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created)),
+            time.strftime("%m-%d %H:%M", time.localtime(m.created)),
             _duration(m.duration_s),
             "yes" if m.ui else "no",
             "yes" if m.rpc else "no",
-            str(m.server_binary),
         )
     console.print(table)
 
