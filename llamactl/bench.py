@@ -46,6 +46,13 @@ class Result:
     tokenize_p99_ms: float = 0.0
     stream_tokens_per_s: float = 0.0
     stream_tokens: int = 0
+    #: Medians of the per-run ratios to direct (each run measures direct next to the target,
+    #: which cancels most of the drift of a shared, noisy machine).
+    tokenize_vs_direct: float = 0.0
+    stream_vs_direct: float = 0.0
+    #: Proxy alone: tokens/s of streams through the proxy over streams straight to the same
+    #: llama-server, run side by side in the same batches (no drift between the two).
+    paired_stream_ratio: float = 0.0
     errors: list[str] = field(default_factory=list)
 
 
@@ -220,17 +227,66 @@ def run_streams(port: int, model: str | None, streams: int, max_tokens: int) -> 
     return sum(counts), elapsed
 
 
+def paired_streams(direct_port: int, proxy_port: int, rounds: int, max_tokens: int) -> float:
+    """Streams straight to llama-server and through the proxy at the same time, two of each
+    per round (llama-server's default 4 slots: one batch), alternated: the ratio of their mean
+    tokens/s. Load on the machine hits both sides alike."""
+    body = json.dumps(
+        {
+            "messages": [{"role": "user", "content": PROMPT}],
+            "stream": True,
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "temperature": 0,
+        }
+    )
+    rates: dict[int, list[float]] = {direct_port: [], proxy_port: []}
+    errors: list[str] = []
+
+    def one(port: int, barrier: threading.Barrier) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        tokens = 0
+        try:
+            barrier.wait()
+            start = time.monotonic()
+            conn.request("POST", "/v1/chat/completions", body=body)
+            resp = conn.getresponse()
+            for line in resp:
+                if line.startswith(b"data: {") and b'"content"' in line:
+                    tokens += 1
+            rates[port].append(tokens / (time.monotonic() - start))
+        except (OSError, http.client.HTTPException) as exc:
+            errors.append(repr(exc))
+        finally:
+            conn.close()
+
+    for round_no in range(rounds):
+        order = [direct_port, proxy_port] * 2
+        if round_no % 2:
+            order.reverse()
+        barrier = threading.Barrier(len(order))
+        threads = [threading.Thread(target=one, args=(p, barrier)) for p in order]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} paired streams failed: {errors[0]}")
+    return statistics.mean(rates[proxy_port]) / statistics.mean(rates[direct_port])
+
+
 def start_target(
     target: str, spec: BenchSpec, tmp: Path
-) -> tuple[list[subprocess.Popen[bytes]], int, Callable[[], str | None]]:
-    """Start a target; return its processes, its port and how to name the model."""
+) -> tuple[list[subprocess.Popen[bytes]], int, Callable[[], str | None], int | None]:
+    """Start a target; return its processes, its port, how to name the model and, for the
+    proxy alone, the port of the llama-server behind it."""
     port = free_port()
     log = tmp / f"{target}.log"
     server = str(spec.server_bin)
     model = str(spec.model)
     if target == "direct":
         proc = spawn([server, "-m", model, "--host", "127.0.0.1", "--port", str(port)], log)
-        return [proc], port, lambda: None
+        return [proc], port, lambda: None, None
     if target == "router":
         models_dir = tmp / "models"
         models_dir.mkdir(exist_ok=True)
@@ -241,7 +297,7 @@ def start_target(
             [server, "--models-dir", str(models_dir), "--host", "127.0.0.1", "--port", str(port)],
             log,
         )
-        return [proc], port, lambda: router_model_name(port)
+        return [proc], port, lambda: router_model_name(port), None
     if target == "llamactl":
         proc = spawn(
             [
@@ -260,8 +316,9 @@ def start_target(
             ],
             log,
         )
-        return [proc], port, lambda: None
+        return [proc], port, lambda: None, None
     if target == "proxy":
+        upstream_port = free_port()
         proc = spawn(
             [
                 sys.executable,
@@ -271,18 +328,18 @@ def start_target(
                 server,
                 model,
                 str(port),
-                str(free_port()),
+                str(upstream_port),
             ],
             log,
         )
-        return [proc], port, lambda: None
+        return [proc], port, lambda: None, upstream_port
     raise ValueError(target)
 
 
 def measure(target: str, spec: BenchSpec, tmp: Path) -> Result:
     result = Result(target)
     t0 = time.monotonic()
-    procs, port, model_name = start_target(target, spec, tmp)
+    procs, port, model_name, upstream_port = start_target(target, spec, tmp)
     try:
         result.ready_s = wait_first_success(port, model_name, procs[0], t0)
         name = model_name()
@@ -298,6 +355,10 @@ def measure(target: str, spec: BenchSpec, tmp: Path) -> Result:
         tokens, elapsed = run_streams(port, name, spec.streams, spec.max_tokens)
         result.stream_tokens = tokens
         result.stream_tokens_per_s = tokens / elapsed
+        if upstream_port is not None:
+            result.paired_stream_ratio = paired_streams(
+                upstream_port, port, spec.paired_rounds, spec.max_tokens
+            )
     except Exception as exc:
         result.errors.append(f"{type(exc).__name__}: {exc}")
     finally:
@@ -311,6 +372,11 @@ def measure(target: str, spec: BenchSpec, tmp: Path) -> Result:
 
 def static_proxy(server: str, model: str, port: int, upstream_port: int) -> int:
     """Start llama-server and the proxy in front of it; serve until SIGTERM."""
+    # llama-server first: its load overlaps the proxy's imports, as it would in a serve that
+    # starts the model before anything else.
+    proc = subprocess.Popen(
+        [server, "-m", model, "--host", "127.0.0.1", "--port", str(upstream_port)]
+    )
     from llamactl.proxy import Proxy, ProxyConfig, Upstream
     from llamactl.proxy import run as run_loop
 
@@ -338,9 +404,6 @@ def static_proxy(server: str, model: str, port: int, upstream_port: int) -> int:
         return data.startswith(b"HTTP/1.1 200")
 
     async def main() -> None:
-        proc = await asyncio.create_subprocess_exec(
-            server, "-m", model, "--host", "127.0.0.1", "--port", str(upstream_port)
-        )
         provider = Static()
         proxy = Proxy(ProxyConfig(port=port), provider)
         await proxy.start()
@@ -352,10 +415,12 @@ def static_proxy(server: str, model: str, port: int, upstream_port: int) -> int:
         loop.add_signal_handler(signal.SIGTERM, stopped.set)
         await stopped.wait()
         await proxy.close(grace=0)
-        proc.terminate()
-        await proc.wait()
 
-    run_loop(main())
+    try:
+        run_loop(main())
+    finally:
+        proc.terminate()
+        proc.wait()
     return 0
 
 
@@ -372,6 +437,7 @@ def median_result(target: str, results: list[Result]) -> Result:
         "tokenize_p50_ms",
         "tokenize_p99_ms",
         "stream_tokens_per_s",
+        "paired_stream_ratio",
     ):
         setattr(med, name, statistics.median(getattr(r, name) for r in ok))
     med.stream_tokens = ok[0].stream_tokens
@@ -381,7 +447,8 @@ def median_result(target: str, results: list[Result]) -> Result:
 
 def report(med: dict[str, Result], runs: int) -> str:
     lines = [
-        f"medians of {runs} run(s); /tokenize: wrk -t1 -c4; streams: concurrent streamed chats",
+        f"medians of {runs} run(s); /tokenize: wrk -t1 -c4; streams: concurrent streamed chats;"
+        " ratios to direct: medians of per-run ratios",
         "",
         f"{'target':<9} {'ready s':>8} {'req/s':>9} {'mean ms':>8} {'p50 ms':>7} {'p99 ms':>7}"
         f" {'tok/s':>7}  vs direct (req/s, tok/s, ready)   vs router (req/s)",
@@ -391,9 +458,12 @@ def report(med: dict[str, Result], runs: int) -> str:
     for target, r in med.items():
         vs_direct = vs_router = ""
         if direct and target != "direct" and direct.tokenize_rps:
+            req_ratio = r.tokenize_vs_direct or r.tokenize_rps / direct.tokenize_rps
+            tok_ratio = r.stream_vs_direct or r.stream_tokens_per_s / max(
+                direct.stream_tokens_per_s, 1e-9
+            )
             vs_direct = (
-                f"{r.tokenize_rps / direct.tokenize_rps:.2f}x, "
-                f"{r.stream_tokens_per_s / max(direct.stream_tokens_per_s, 1e-9) * 100:.1f}%, "
+                f"{req_ratio:.2f}x, {tok_ratio * 100:.1f}%, "
                 f"{(r.ready_s - direct.ready_s) * 1000:+.0f} ms"
             )
         if router and target != "router" and router.tokenize_rps:
@@ -409,6 +479,12 @@ def report(med: dict[str, Result], runs: int) -> str:
             if other:
                 added = other.tokenize_p50_ms - direct.tokenize_p50_ms
                 lines.append(f"added median latency ({target}): {added:.3f} ms")
+    alone = med.get("proxy")
+    if alone and alone.paired_stream_ratio:
+        lines.append(
+            "streamed tokens/s through the proxy vs straight to the same llama-server, side by"
+            f" side: {alone.paired_stream_ratio * 100:.1f}%"
+        )
     for target, r in med.items():
         for err in r.errors:
             lines.append(f"error ({target}): {err}")
@@ -447,6 +523,7 @@ class BenchSpec:
     connections: int = 4
     streams: int = 8
     max_tokens: int = 64
+    paired_rounds: int = 4
 
 
 def run(spec: BenchSpec, progress: Callable[[str], None] = print) -> dict[str, list[Result]]:
@@ -459,7 +536,10 @@ def run(spec: BenchSpec, progress: Callable[[str], None] = print) -> dict[str, l
     with tempfile.TemporaryDirectory(prefix="llamactl-bench-") as tmpdir:
         tmp = Path(tmpdir)
         for run_no in range(spec.runs):
-            for target in spec.targets:
+            # Each run starts with another target, so that a machine that drifts during a
+            # run does not always favour the same one.
+            shift = run_no % len(spec.targets)
+            for target in spec.targets[shift:] + spec.targets[:shift]:
                 r = measure(target, spec, tmp)
                 results[target].append(r)
                 progress(
@@ -471,8 +551,24 @@ def run(spec: BenchSpec, progress: Callable[[str], None] = print) -> dict[str, l
 
 
 def medians(results: dict[str, list[Result]]) -> dict[str, Result]:
-    """The median of each figure per target."""
-    return {t: median_result(t, rs) for t, rs in results.items()}
+    """The median of each figure per target, and of its per-run ratios to direct."""
+    med = {t: median_result(t, rs) for t, rs in results.items()}
+    direct = results.get("direct")
+    if direct:
+        for target, rs in results.items():
+            pairs = [
+                (r, d)
+                for r, d in zip(rs, direct, strict=False)
+                if not r.errors and not d.errors and d.tokenize_rps and d.stream_tokens_per_s
+            ]
+            if pairs:
+                med[target].tokenize_vs_direct = statistics.median(
+                    r.tokenize_rps / d.tokenize_rps for r, d in pairs
+                )
+                med[target].stream_vs_direct = statistics.median(
+                    r.stream_tokens_per_s / d.stream_tokens_per_s for r, d in pairs
+                )
+    return med
 
 
 def to_json(results: dict[str, list[Result]]) -> str:
