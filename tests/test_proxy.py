@@ -513,6 +513,26 @@ def test_provider_error_is_answered_with_its_status_and_retry_after(px: ProxyThr
     assert px.provider.releases == []  # nothing was acquired, nothing is released
 
 
+@pytest.mark.skipif(not hasattr(asyncio, "timeout"), reason="asyncio.timeout is Python 3.11+")
+def test_acquire_that_needs_a_current_task_works(fake_port: int) -> None:
+    """An acquire using asyncio.timeout (which needs a current task) still works."""
+
+    class TimeoutProvider(StaticProvider):
+        async def acquire(self, model: str | None) -> Upstream:
+            async with asyncio.timeout(5):  # type: ignore[attr-defined,unused-ignore]
+                return await super().acquire(model)
+
+    provider = TimeoutProvider(Upstream("fake", "127.0.0.1", fake_port, None, 1))
+    pt = ProxyThread(ProxyConfig(port=0), provider)
+    try:
+        assert request(pt.port, "POST", "/tokenize", b'{"content": "a"}')[0] == 200
+        provider.delay = 0.1
+        assert request(pt.port, "POST", "/tokenize", b'{"content": "a"}')[0] == 200
+        assert provider.releases == [200, 200]
+    finally:
+        pt.close()
+
+
 def test_slow_acquire_waits_then_forwards(px: ProxyThread) -> None:
     px.provider.delay = 0.3
     start = time.monotonic()
