@@ -168,6 +168,7 @@ _REQ_SPECIAL = frozenset(
 _RESP_SPECIAL = frozenset(
     {
         b"connection",
+        b"x-accel-buffering",  # llama-server sends it on SSE too: written once, by us
         b"keep-alive",
         b"proxy-connection",
         b"proxy-authenticate",

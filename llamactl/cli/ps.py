@@ -6,13 +6,17 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from llamactl.errors import UsageError
 
+if TYPE_CHECKING:
+    from llamactl.records import ServeRecord
 
-def _pick(record_id: str | None):  # type: ignore[no-untyped-def]
+
+def _pick(record_id: str | None) -> ServeRecord:
     from llamactl import records
 
     live = records.live_records()
