@@ -281,8 +281,13 @@ class Supervisor:
         deadline = self._clock() + self.policy.queue_timeout
         while True:
             if inst.state is State.READY and inst.upstream is not None:
-                inst.in_flight += 1
-                return inst.upstream
+                process = inst.process
+                if process is None or process.returncode is None:
+                    inst.in_flight += 1
+                    return inst.upstream
+                # Died a moment ago and the watcher has not seen it yet: wait for the restart
+                # instead of sending this request to a dead port.
+                inst.set_state(State.BACKOFF, "llama-server exited")
             if inst.state is State.FAILED or (self._stopping and inst.state is State.STOPPED):
                 raise ProxyError(
                     503,
