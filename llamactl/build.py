@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from llamactl import __version__, paths
 from llamactl.errors import BuildError, LlamactlError, SourceError
+from llamactl.hardware import CUDA_MAX_GCC
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -59,18 +60,6 @@ JOB_MEMORY_MIB: dict[str, int] = {
 #: about 1.3.272); Debian 12's headers (239) fail after a long build with "'LayerSettingEXT'
 #: is not a member of 'vk'" (RESOURCES.md), so refuse before starting.
 MIN_VULKAN_HEADER = 272
-
-#: Newest gcc major each nvcc accepts (CUDA's host_config.h); newer ones stop the build with
-#: "unsupported GNU version".
-_NVCC_MAX_GCC: tuple[tuple[tuple[int, int], int], ...] = (
-    ((13, 0), 15),
-    ((12, 8), 14),
-    ((12, 4), 13),
-    ((12, 0), 12),
-    ((11, 4), 11),
-    ((11, 1), 10),
-    ((11, 0), 9),
-)
 
 #: Environment variables that change what CMake compiles, so they belong in the cache key.
 KEY_ENV_VARS: tuple[str, ...] = (
@@ -330,7 +319,7 @@ def nvcc_max_gcc(nvcc_version: str | None) -> int | None:
     v = _version_tuple(nvcc_version)
     if v is None:
         return None
-    for since, gcc in _NVCC_MAX_GCC:
+    for since, gcc in CUDA_MAX_GCC:
         if v >= since:
             return gcc
     return None

@@ -1064,14 +1064,16 @@ _HINT_ONEAPI = (
 _HINT_MUSA = "install the MUSA SDK (mcc) from Moore Threads"
 _HINT_XCODE = "install the Xcode Command Line Tools: `xcode-select --install`"
 
-# The newest gcc each CUDA release accepts as host compiler (NVIDIA's installation guides).
-_CUDA_MAX_GCC: tuple[tuple[tuple[int, int], int], ...] = (
+#: The newest gcc major each CUDA release accepts as host compiler (CUDA's host_config.h);
+#: newer ones stop the build with "unsupported GNU version". build.py uses it too.
+CUDA_MAX_GCC: tuple[tuple[tuple[int, int], int], ...] = (
     ((13, 0), 15),
     ((12, 8), 14),
     ((12, 4), 13),
     ((12, 0), 12),
     ((11, 4), 11),
     ((11, 1), 10),
+    ((11, 0), 9),
 )
 
 
@@ -1138,7 +1140,7 @@ def _host_compiler_hint(d: Detection) -> str | None:
     if not nvcc or not cxx.startswith("gcc "):
         return None
     gcc_major = _vtuple(cxx)[0] if _vtuple(cxx) else 0
-    for since, max_gcc in _CUDA_MAX_GCC:
+    for since, max_gcc in CUDA_MAX_GCC:
         if nvcc[:2] >= since:
             if gcc_major > max_gcc:
                 return (
