@@ -1,5 +1,5 @@
 """`python -m llamactl` runs the CLI (used to start a serve in the background)."""
 
-from llamactl.cli import main
+from llamactl.entry import main
 
 main()

@@ -299,11 +299,12 @@ def start_target(
         )
         return [proc], port, lambda: router_model_name(port), None
     if target == "llamactl":
+        # The console command, as a user starts it (python -m adds runpy's few milliseconds).
+        command = Path(sys.executable).parent / "llamactl"
+        launcher = [str(command)] if command.is_file() else [sys.executable, "-m", "llamactl"]
         proc = spawn(
             [
-                sys.executable,
-                "-m",
-                "llamactl",
+                *launcher,
                 "serve",
                 "--server-bin",
                 server,
@@ -495,7 +496,7 @@ def default_paths() -> tuple[Path | None, Path | None]:
     """llamactl's own llama-server build and the default model, when they exist."""
     server = model = None
     try:
-        from llamactl.build import find_server_binary
+        from llamactl.builds import find_server_binary
 
         server = find_server_binary()
     except Exception:  # no build yet: the caller must name one
@@ -524,6 +525,7 @@ class BenchSpec:
     streams: int = 8
     max_tokens: int = 64
     paired_rounds: int = 4
+    ready_rounds: int = 10  # alternating starts of direct and llamactl for time to ready
 
 
 def run(spec: BenchSpec, progress: Callable[[str], None] = print) -> dict[str, list[Result]]:
@@ -548,6 +550,43 @@ def run(spec: BenchSpec, progress: Callable[[str], None] = print) -> dict[str, l
                     f"{r.stream_tokens_per_s:.1f} tok/s {'; '.join(r.errors)}"
                 )
     return results
+
+
+def run_ready(spec: BenchSpec, progress: Callable[[str], None] = print) -> dict[str, list[float]]:
+    """Time to the first successful request, `spec.ready_rounds` starts of direct and of
+    llamactl, alternating which goes first: one start per target per run is too few for a
+    figure of a few hundred milliseconds on a noisy machine."""
+    ready: dict[str, list[float]] = {"direct": [], "llamactl": []}
+    with tempfile.TemporaryDirectory(prefix="llamactl-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        for round_no in range(spec.ready_rounds):
+            order = ("direct", "llamactl") if round_no % 2 == 0 else ("llamactl", "direct")
+            for target in order:
+                t0 = time.monotonic()
+                procs, port, model_name, _ = start_target(target, spec, tmp)
+                try:
+                    ready[target].append(wait_first_success(port, model_name, procs[0], t0))
+                finally:
+                    for proc in procs:
+                        stop(proc)
+            progress(
+                f"ready round {round_no + 1}: direct {ready['direct'][-1]:.3f} s, "
+                f"llamactl {ready['llamactl'][-1]:.3f} s"
+            )
+    return ready
+
+
+def report_ready(ready: dict[str, list[float]]) -> str:
+    direct, ours = ready["direct"], ready["llamactl"]
+    if not direct or not ours:
+        return ""
+    diffs = [(b - a) * 1000 for a, b in zip(direct, ours, strict=False)]
+    return (
+        f"time to ready, {len(direct)} alternating starts each: direct median "
+        f"{statistics.median(direct):.3f} s, llamactl median {statistics.median(ours):.3f} s; "
+        f"llamactl - direct per round: median {statistics.median(diffs):+.0f} ms "
+        f"(min {min(diffs):+.0f}, max {max(diffs):+.0f})"
+    )
 
 
 def medians(results: dict[str, list[Result]]) -> dict[str, Result]:

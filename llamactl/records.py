@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,16 +69,35 @@ class ServeRecord:
 
 
 def new_id() -> str:
-    return secrets.token_hex(4)
+    return os.urandom(4).hex()  # what secrets.token_hex does, without its ~8 ms import
 
 
 def process_start_time(pid: int) -> float | None:
+    """When a process started (seconds since the epoch), to tell it from a later process with
+    the same pid; None when there is no such process."""
+    try:  # Linux: what psutil computes, without its ~15 ms import on serve's start-up path
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        return _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return None
+    except (OSError, ValueError, IndexError):
+        pass
     import psutil
 
     try:
         return float(psutil.Process(pid).create_time())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
+
+
+def _boot_time() -> float:
+    with open("/proc/stat", "rb") as fh:
+        for line in fh:
+            if line.startswith(b"btime"):
+                return float(line.split()[1])
+    raise ValueError("no btime in /proc/stat")
 
 
 def _path(record_id: str) -> Path:

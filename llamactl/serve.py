@@ -3,17 +3,24 @@ and run the proxy in front of it until Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import os
 import re
 import signal
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llamactl import paths
 from llamactl.errors import UsageError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from llamactl.server import ServerProcess
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -198,9 +205,25 @@ def _ngl_requested(passthrough: tuple[str, ...]) -> bool:
     return any(a.split("=")[0] in ("-ngl", "--gpu-layers", "--n-gpu-layers") for a in passthrough)
 
 
-def resolve_binary(spec: ServeSpec, console: Any) -> tuple[Path, str | None]:
+def _say(line: str) -> None:
+    """A progress line on stderr (plain: rich is not imported on serve's fast path)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+@functools.cache
+def _console() -> Console:
+    # rich costs ~25 ms to import: not before llama-server is spawned, unless a download or
+    # a build needs a progress bar.
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def resolve_binary(
+    spec: ServeSpec, console: Callable[[], Any] = _console
+) -> tuple[Path, str | None]:
     """The llama-server to run and its backend: --server-bin, else a build, built if needed."""
-    from llamactl import build
+    from llamactl import builds
     from llamactl.errors import BuildError
 
     if spec.server_bin is not None:
@@ -209,54 +232,126 @@ def resolve_binary(spec: ServeSpec, console: Any) -> tuple[Path, str | None]:
             raise UsageError(f"--server-bin {binary} is not an executable file")
         return binary, None
     try:
-        binary = build.find_server_binary(backend=spec.backend)
+        binary = builds.find_server_binary(backend=spec.backend)
     except BuildError:
-        console.print("[bold]No llama.cpp build for this machine yet: building it first.[/]")
+        from llamactl import build
+
+        out = console()
+        out.print("[bold]No llama.cpp build for this machine yet: building it first.[/]")
         outcome = build.build_llama(
             build.BuildSpec(backend=spec.backend or "auto"),
-            console=lambda: console,
-            progress=lambda: build.rich_progress(console),
+            console=lambda: out,
+            progress=lambda: build.rich_progress(out),
         )
         assert outcome.manifest is not None
         return outcome.manifest.server_binary, outcome.manifest.backend
-    backend = next((m.backend for m in build.find_builds() if m.server_binary == binary), None)
+    backend = next((m.backend for m in builds.find_builds() if m.server_binary == binary), None)
     return binary, backend
 
 
-def resolve_model_args(spec: ServeSpec, console: Any) -> tuple[tuple[str, ...], str]:
+def resolve_model_args(
+    spec: ServeSpec, console: Callable[[], Any] = _console
+) -> tuple[tuple[str, ...], str]:
     """The llama-server flags with the model resolved to a path, and a label for it."""
-    from llamactl import models
-
     if spec.model is not None:
-        path = models.resolve_model(spec.model)
+        path = Path(spec.model).expanduser()
+        if not path.is_file():  # a name, or a bad path: the models module explains
+            from llamactl import models
+
+            path = models.resolve_model(spec.model)
         return ("-m", str(path), *spec.passthrough), path.name
     if spec.has_model_source:
         return spec.passthrough, "from llama-server flags"
-    path = models.ensure_default_model(console=console)
+    from llamactl import default_model
+
+    if default_model.default_model_present():
+        path = default_model.default_model_path()
+    else:
+        from llamactl import models
+
+        path = models.ensure_default_model(console=console())
     return ("-m", str(path), *spec.passthrough), path.name
 
 
-def serve(spec: ServeSpec) -> int:
-    """Run serve in the foreground until stopped; the process exit code."""
-    from rich.console import Console
+def main(argv: list[str]) -> int:
+    """`llamactl serve ARGS` without click (see llamactl.entry): the exit code."""
+    import logging
 
-    console = Console(stderr=True, highlight=False)
+    from llamactl.errors import LlamactlError
+
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    try:
+        return serve(parse_serve_args(argv))
+    except LlamactlError as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def serve(spec: ServeSpec) -> int:
+    """Run serve in the foreground until stopped; the process exit code.
+
+    The order is for time to ready: resolve the model and binary, bind the port, spawn
+    llama-server, and only then import asyncio, the proxy and rich, while the model loads."""
+    from llamactl import listen, records, server
+
     if spec.show_help:
         print(help_text())
         return 0
-    if spec.host not in ("127.0.0.1", "localhost", "::1") and not spec.api_keys:
-        console.print(
-            f"[yellow]warning:[/] listening on {spec.host} without --api-key: anyone who can "
-            "reach this address can use the model"
-        )
-    args, model_label = resolve_model_args(spec, console)
-    binary, backend = resolve_binary(spec, console)
-    if backend == "cpu" and _ngl_requested(spec.passthrough):
-        console.print("note: this llama.cpp build is CPU-only: -ngl has no effect")
+    args, model_label = resolve_model_args(spec)
+    binary, backend = resolve_binary(spec)
+    sockets = listen.bind(spec.host, spec.port)  # a taken port fails before any model loads
+    record_id = records.new_id()
+    log_dir = paths.logs_dir()
+    log_problem = None
     try:
-        return _run(_serve_async(spec, args, binary, backend, model_label, console))
+        paths.ensure_private_dir(log_dir)
+    except OSError as exc:
+        log_problem = f"cannot create the log directory {log_dir}: {exc.strerror or exc}"
+    process = server.ServerProcess(
+        server.private_spec(binary, args, log_dir / f"{record_id}-default.log")
+    )
+    process.spawn()
+    try:
+        if spec.host not in ("127.0.0.1", "localhost", "::1") and not spec.api_keys:
+            _say(
+                f"warning: listening on {spec.host} without --api-key: anyone who "
+                "can reach this address can use the model"
+            )
+        if log_problem:
+            _say(f"warning: {log_problem}; llama-server's output is kept in memory only")
+        if backend == "cpu" and _ngl_requested(spec.passthrough):
+            _say("note: this llama.cpp build is CPU-only: -ngl has no effect")
+        _say(f"loading {model_label} with {binary} ...")
+        port = int(sockets[0].getsockname()[1])  # the real one when --port 0 was asked for
+        started = _Started(record_id, sockets, port, process, backend, model_label, binary)
+        return _run(_serve_async(spec, started))
     except KeyboardInterrupt:
         return 130
+    finally:
+        for sock in sockets:
+            sock.close()
+        if process.returncode is None:  # the loop never adopted it, or failed to stop it
+            from llamactl import proc
+
+            assert process.popen is not None
+            proc.stop_group(process.popen.pid, grace=5.0, popen=process.popen)
+
+
+@dataclass
+class _Started:
+    """What serve prepared before the event loop: the ids, the bound sockets, llama-server."""
+
+    record_id: str
+    sockets: list[Any]
+    port: int
+    process: ServerProcess
+    backend: str | None
+    model_label: str
+    binary: Path
 
 
 def _run(coro: Any) -> int:
@@ -265,17 +360,14 @@ def _run(coro: Any) -> int:
 
         return int(uvloop.run(coro))
     except ImportError:
+        import asyncio
+
         return int(asyncio.run(coro))
 
 
-async def _serve_async(
-    spec: ServeSpec,
-    args: tuple[str, ...],
-    binary: Path,
-    backend: str | None,
-    model_label: str,
-    console: Any,
-) -> int:
+async def _serve_async(spec: ServeSpec, started: _Started) -> int:
+    import asyncio
+
     from llamactl import records
     from llamactl.proxy import Proxy, ProxyConfig
     from llamactl.supervisor import InstanceConfig, Policy, Supervisor
@@ -291,18 +383,18 @@ async def _serve_async(
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, on_signal, signum)
 
+    process = started.process
     record = records.ServeRecord(
-        id=records.new_id(),
+        id=started.record_id,
         pid=os.getpid(),
         pid_started=records.process_start_time(os.getpid()) or time.time(),
         host=spec.host,
-        port=spec.port,
+        port=started.port,
         started_at=time.time(),
-        backend=backend,
-        server_bin=str(binary),
+        backend=started.backend,
+        server_bin=str(started.binary),
         auth=bool(spec.api_keys),
     )
-    log_dir = paths.ensure_private_dir(paths.logs_dir())
 
     def write_record(sup: Supervisor) -> None:
         record.instances = [
@@ -334,39 +426,42 @@ async def _serve_async(
         ),
         supervisor,
     )
-    await proxy.start()  # bind first: a taken port fails before any model loads
     inst = supervisor.add(
         InstanceConfig(
             name="default",
-            binary=binary,
-            args=args,
-            log_path=log_dir / f"{record.id}-default.log",
-            model_label=model_label,
-        )
+            binary=started.binary,
+            args=process.spec.args,
+            log_path=process.spec.log_path,
+            model_label=started.model_label,
+        ),
+        process=process,
     )
-    console.print(f"loading {model_label} with {binary} ...")
-    t0 = time.monotonic()
     start = asyncio.ensure_future(supervisor.start(inst.name))
     waiter = asyncio.ensure_future(stop.wait())
     try:
+        await proxy.start(started.sockets)
         await asyncio.wait({start, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if not start.done():
             start.cancel()
             await asyncio.gather(start, return_exceptions=True)
             return _signal_exit(received)
         start.result()  # raises ServerStartError with the diagnosis
-        detail = [model_label, f"backend {backend or 'unknown'}"]
+        detail = [started.model_label, f"backend {started.backend or 'unknown'}"]
         if inst.process is not None:
             layers = _layers_offloaded(inst.process.tail(400))
             if layers:
                 detail.append(layers)
-        console.print(f"ready in {time.monotonic() - t0:.1f} s: " + ", ".join(detail))
+        elapsed = time.monotonic() - process.started_at
+        _say(f"ready in {elapsed:.2f} s: " + ", ".join(detail))
         # stdout, flushed: scripts wait for this line.
-        print(f"listening at http://{_display_host(spec.host)}:{spec.port}", flush=True)
+        print(f"listening at http://{_display_host(spec.host)}:{started.port}", flush=True)
         await waiter
         return _signal_exit(received)
     finally:
         waiter.cancel()
+        if not start.done():
+            start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
         await proxy.close()
         await supervisor.close()
         records.remove(record.id)

@@ -1,8 +1,12 @@
-"""One llama-server process: its argument list, launch, log capture, readiness, and stop."""
+"""One llama-server process: its argument list, launch, log capture, readiness, and stop.
+
+Importing this module does not import asyncio: `llamactl serve` spawns llama-server before it
+pays for asyncio, the proxy and rich, so that their import overlaps the model's load (time to
+ready, docs/performance.md). The methods that need the event loop import it themselves."""
 
 from __future__ import annotations
 
-import asyncio
+import base64
 import collections
 import contextlib
 import logging
@@ -14,9 +18,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llamactl import proc
 from llamactl.errors import ServerStartError
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,18 @@ class ServerSpec:
     api_key: str | None = None  # the private key, given through the environment
     env: Mapping[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
+
+
+def private_spec(binary: Path, args: Sequence[str], log_path: Path) -> ServerSpec:
+    """A spec on a fresh loopback port, with a fresh private key."""
+    return ServerSpec(
+        binary=binary,
+        args=tuple(args),
+        port=free_port(),
+        log_path=log_path,
+        # secrets.token_urlsafe(24), without the ~8 ms import of secrets (hmac, random)
+        api_key=base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("="),
+    )
 
 
 def build_argv(spec: ServerSpec) -> list[str]:
@@ -135,6 +155,44 @@ def relevant_lines(lines: Sequence[str], limit: int = 8) -> list[str]:
     return (picked or list(lines))[-limit:]
 
 
+def poll_interval(elapsed: float) -> float:
+    """How long to wait before the next /health poll of a starting server.
+
+    A small model is ready in about 0.4 s: every 5 ms early on puts the ready moment within
+    5 ms of the truth (a refused connect or a 503 costs ~0.1 ms); big models, then gentler."""
+    if elapsed < 3.0:
+        return 0.005
+    if elapsed < 10.0:
+        return 0.05
+    return 0.25
+
+
+async def http_status(host: str, port: int, path: str, *, timeout: float = 3.0) -> int | None:
+    """GET `path` on a fresh connection: the status code, or None when nothing answers.
+
+    A dozen lines instead of an HTTP client: health checks run before, and without, httpx."""
+    import asyncio
+
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port), timeout=timeout
+        )
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
+        )
+        line = await asyncio.wait_for(reader.readline(), timeout=timeout)
+    except (OSError, asyncio.TimeoutError, ValueError):
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
+    parts = line.split()
+    if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
 class ServerProcess:
     """A running llama-server: spawned from an argument list in its own process group, its
     output copied to a log file and a ring buffer, its health polled, stopped for sure."""
@@ -147,7 +205,7 @@ class ServerProcess:
         self.last_line_at = 0.0
         self.started_at = 0.0
         self._reader: asyncio.Task[None] | None = None
-        self._exited = asyncio.Event()
+        self._exited: asyncio.Event | None = None
 
     @property
     def pid(self) -> int | None:
@@ -161,9 +219,21 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://{self.spec.host}:{self.spec.port}"
 
+    @property
+    def attached(self) -> bool:
+        return self._reader is not None
+
     def start(self) -> None:
-        """Spawn llama-server (call from the main thread: see proc.spawn)."""
-        self.spec.log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Spawn llama-server and follow its output (in the event loop's thread)."""
+        if self.popen is None:
+            self.spawn()
+        self.attach()
+
+    def spawn(self) -> None:
+        """Spawn llama-server; no event loop needed (call from the main thread: see
+        proc.spawn). Its output waits in the pipe until `attach`."""
+        with contextlib.suppress(OSError):  # an unwritable log directory is reported by _pump
+            self.spec.log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.popen = proc.spawn(
             build_argv(self.spec),
             env=build_env(self.spec),
@@ -172,11 +242,21 @@ class ServerProcess:
         )
         self.started_at = time.monotonic()
         self.last_line_at = self.started_at
+
+    def attach(self) -> None:
+        """Start copying the output of a spawned llama-server (in the running loop)."""
+        import asyncio
+
+        assert self.popen is not None and self._reader is None
+        self._exited = asyncio.Event()
         self._reader = asyncio.get_running_loop().create_task(self._pump())
 
     async def _pump(self) -> None:
         """Copy the child's output to its log file and the ring buffer, line by line."""
+        import asyncio
+
         assert self.popen is not None and self.popen.stdout is not None
+        assert self._exited is not None
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=1 << 20)
         transport, _ = await loop.connect_read_pipe(
@@ -213,6 +293,9 @@ class ServerProcess:
 
     async def wait_exit(self) -> int | None:
         """Wait until the process has exited; its exit code."""
+        import asyncio
+
+        assert self._exited is not None, "attach() first"
         await self._exited.wait()
         assert self.popen is not None
         for _ in range(200):  # output closed: the exit status follows within moments
@@ -225,37 +308,31 @@ class ServerProcess:
     def tail(self, n: int = 20) -> list[str]:
         return list(self.ring)[-n:]
 
-    async def health(self, client: object, timeout: float = 3.0) -> int | None:
+    async def health(self, timeout: float = 3.0) -> int | None:
         """GET /health: its status code, or None when it does not answer."""
-        import httpx
-
-        assert isinstance(client, httpx.AsyncClient)
-        try:
-            resp = await client.get(f"{self.url}/health", timeout=timeout)
-        except httpx.HTTPError:
-            return None
-        return resp.status_code
+        return await http_status(self.spec.host, self.spec.port, "/health", timeout=timeout)
 
     async def wait_ready(
         self,
-        client: object,
         *,
         stall_timeout: float = 120.0,
         max_timeout: float = 3600.0,
-        interval: float = 0.05,
     ) -> float:
         """Poll /health until 200; fail at once if the process exits.
 
         A big model takes minutes to load: the deadline moves on while the log shows progress,
         and only `stall_timeout` seconds without a new log line (or `max_timeout` in all) fail.
         Returns the seconds it took."""
-        assert self.popen is not None
+        import asyncio
+
+        assert self.popen is not None and self._exited is not None
         while True:
             code = self.returncode
             if code is not None:
-                await asyncio.wait_for(self._exited.wait(), timeout=5.0)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._exited.wait(), timeout=5.0)
                 raise self.start_error(f"llama-server exited with code {code} while starting")
-            status = await self.health(client, timeout=2.0)
+            status = await self.health(timeout=2.0)
             if status == 200:
                 return time.monotonic() - self.started_at
             now = time.monotonic()
@@ -265,8 +342,7 @@ class ServerProcess:
                 )
             if now - self.started_at > max_timeout:
                 raise self.start_error(f"llama-server was not ready after {max_timeout:g} s")
-            # Short at first (a small model is ready in ~0.5 s), then gentler.
-            await asyncio.sleep(interval if now - self.started_at < 5 else 0.25)
+            await asyncio.sleep(poll_interval(now - self.started_at))
 
     def start_error(self, what: str) -> ServerStartError:
         lines = self.tail(60)
@@ -279,6 +355,8 @@ class ServerProcess:
 
     async def stop(self, grace: float = 5.0) -> int | None:
         """SIGTERM to the group, up to `grace` seconds, then SIGKILL; gone already is fine."""
+        import asyncio
+
         if self.popen is None:
             return None
         loop = asyncio.get_running_loop()

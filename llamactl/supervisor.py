@@ -11,7 +11,6 @@ import collections
 import contextlib
 import enum
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from llamactl.errors import ServerStartError
 from llamactl.proxy import ProxyError, Upstream
-from llamactl.server import ServerProcess, ServerSpec, free_port
+from llamactl.server import ServerProcess, private_spec
 
 log = logging.getLogger(__name__)
 
@@ -107,20 +106,18 @@ class Supervisor:
         on_change: Callable[[Supervisor], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        import httpx
-
         self.policy = policy or Policy()
         self.instances: dict[str, Instance] = {}
         self._on_change = on_change
         self._clock = clock
         self._stopping = False
-        # llamactl's own calls (health, probes) go through httpx; the proxy does not.
-        self._client = httpx.AsyncClient(timeout=self.policy.health_timeout, trust_env=False)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def add(self, config: InstanceConfig) -> Instance:
-        inst = Instance(config=config)
+    def add(self, config: InstanceConfig, process: ServerProcess | None = None) -> Instance:
+        """A new instance; `process`, when given, is its llama-server already spawned (serve
+        spawns it before the event loop exists, to save start-up time), adopted by `start`."""
+        inst = Instance(config=config, process=process)
         self.instances[config.name] = inst
         return inst
 
@@ -145,23 +142,21 @@ class Supervisor:
             await self._stop_process(inst, "llamactl is stopping")
             inst.set_state(State.STOPPED, "llamactl is stopping")
         self._notify()
-        await self._client.aclose()
 
     async def _start_once(self, inst: Instance) -> None:
         """Spawn llama-server on a fresh private port and wait until it is healthy."""
         cfg = inst.config
-        key = secrets.token_urlsafe(24)
-        spec = ServerSpec(
-            binary=cfg.binary, args=cfg.args, port=free_port(), log_path=cfg.log_path, api_key=key
-        )
-        process = ServerProcess(spec)
-        inst.process = process
+        process = inst.process
+        if process is None or process.attached:  # not a fresh pre-spawned one: a new process
+            process = ServerProcess(private_spec(cfg.binary, cfg.args, cfg.log_path))
+            inst.process = process
+        spec = process.spec
+        key = spec.api_key
         inst.set_state(State.STARTING, "spawning llama-server")
         self._notify()
         process.start()
         try:
             await process.wait_ready(
-                self._client,
                 stall_timeout=self.policy.stall_timeout,
                 max_timeout=self.policy.max_start,
             )
@@ -248,7 +243,7 @@ class Supervisor:
                     return f"llama-server exited unexpectedly (code {exited.result()})"
                 if broken in done:
                     return "llama-server answers /health but fails every request"
-                status = await process.health(self._client, timeout=self.policy.health_timeout)
+                status = await process.health(timeout=self.policy.health_timeout)
                 if status is None and process.returncode is None:
                     misses += 1
                     if misses >= self.policy.hung_after:
@@ -330,12 +325,13 @@ class Supervisor:
         import httpx
 
         try:
-            resp = await self._client.post(
-                f"http://{upstream.host}:{upstream.port}/completion",
-                json={"prompt": "a", "n_predict": 1},
-                headers={"Authorization": upstream.auth.decode()} if upstream.auth else None,
-                timeout=60.0,
-            )
+            async with httpx.AsyncClient(trust_env=False) as client:
+                resp = await client.post(
+                    f"http://{upstream.host}:{upstream.port}/completion",
+                    json={"prompt": "a", "n_predict": 1},
+                    headers={"Authorization": upstream.auth.decode()} if upstream.auth else None,
+                    timeout=60.0,
+                )
             ok = resp.status_code == 200
         except httpx.HTTPError:
             ok = False

@@ -28,6 +28,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--ready-rounds", type=int, default=10,
+                        help="starts of direct and llamactl, for time to ready")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write every run's figures here")
     args = parser.parse_args(argv)
     spec = bench.BenchSpec(
@@ -39,10 +41,16 @@ def main(argv: list[str]) -> int:
         connections=args.connections,
         streams=args.streams,
         max_tokens=args.max_tokens,
+        ready_rounds=args.ready_rounds,
     )
     results = bench.run(spec, progress=lambda line: print(line, flush=True))
+    ready = {}
+    if spec.ready_rounds > 0 and {"direct", "llamactl"} <= set(spec.targets):
+        ready = bench.run_ready(spec, progress=lambda line: print(line, flush=True))
     print()
     print(bench.report(bench.medians(results), spec.runs))
+    if ready:
+        print(bench.report_ready(ready))
     if args.json:
         args.json.write_text(bench.to_json(results))
     return 0

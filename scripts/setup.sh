@@ -24,12 +24,18 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   python3 -m venv .venv
 fi
-stamp=.venv/.llamactl-installed$extras
+stamp=.venv/.llamactl-installed-v2$extras
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing llamactl$extras into .venv"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".$extras"
+  # compat mode: a plain path entry in site-packages instead of an import hook, which costs
+  # every llamactl command ~15 ms of start-up (docs/performance.md, time to ready).
+  .venv/bin/python -m pip install -q --disable-pip-version-check \
+    --config-settings editable_mode=compat -e ".$extras"
   touch "$stamp"
 fi
+# Byte-code for our own modules even where PYTHONDONTWRITEBYTECODE is set: compiling them on
+# every start would cost serve ~50 ms. Only stale files are rewritten.
+.venv/bin/python -m compileall -q llamactl
 
 .venv/bin/llamactl source fetch
 .venv/bin/llamactl build

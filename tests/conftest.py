@@ -43,7 +43,7 @@ def _missing(what: str) -> None:
 @pytest.fixture(scope="session")
 def server_bin() -> Path:
     """The real llama-server that `llamactl which` names."""
-    from llamactl.build import find_server_binary
+    from llamactl.builds import find_server_binary
 
     override = os.environ.get("LLAMACTL_TEST_SERVER_BIN")  # a developer's own build
     if override:

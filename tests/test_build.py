@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from llamactl import build as b
+from llamactl import builds
 from llamactl.errors import BuildError
 from llamactl.hardware import GPU, Decision, Detection, Tool
 from llamactl.source import SourceTree
@@ -484,11 +485,11 @@ def test_included_backends_and_devices() -> None:
 
 def manifest_for(
     build_dir: Path, *, commit: str = COMMIT, backend: str = "cpu", created: float | None = None
-) -> b.Manifest:
+) -> builds.Manifest:
     (build_dir / "bin").mkdir(parents=True, exist_ok=True)
     for name in b.TARGETS:
         (build_dir / "bin" / name).write_text("#!/bin/sh\n")
-    return b.Manifest(
+    return builds.Manifest(
         key=build_dir.name,
         commit=commit,
         backend=backend,
@@ -510,10 +511,10 @@ def manifest_for(
 def test_manifest_round_trip(tmp_path: Path) -> None:
     m = manifest_for(tmp_path / "k1")
     b.write_manifest(m)
-    data = json.loads((tmp_path / "k1" / b.MANIFEST_NAME).read_text())
+    data = json.loads((tmp_path / "k1" / builds.MANIFEST_NAME).read_text())
     assert data["commit"] == COMMIT and data["binaries"]["llama-server"] == "bin/llama-server"
     assert "created_iso" in data and data["llamactl_version"] == "0.1.0"
-    again = b.load_manifest(tmp_path / "k1")
+    again = builds.load_manifest(tmp_path / "k1")
     assert again == m
     assert again is not None and again.server_binary == tmp_path / "k1" / "bin" / "llama-server"
     assert not list((tmp_path / "k1").glob(".*.tmp"))
@@ -524,9 +525,9 @@ def test_find_builds_ignores_incomplete_and_sorts_newest_first(tmp_path: Path) -
     b.write_manifest(manifest_for(tmp_path / "new", created=200.0))
     (tmp_path / "half-done" / "bin").mkdir(parents=True)  # no manifest: not a build
     (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / b.MANIFEST_NAME).write_text("{not json")
-    assert [m.path.name for m in b.find_builds(tmp_path)] == ["new", "old"]
-    assert b.find_builds(tmp_path / "absent") == []
+    (tmp_path / "broken" / builds.MANIFEST_NAME).write_text("{not json")
+    assert [m.path.name for m in builds.find_builds(tmp_path)] == ["new", "old"]
+    assert builds.find_builds(tmp_path / "absent") == []
 
 
 @pytest.fixture
@@ -539,17 +540,17 @@ def builds_root(llamactl_home: Path) -> Path:
 
 
 def test_find_server_binary_choices(builds_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(b, "_current_commit", lambda: COMMIT)
+    monkeypatch.setattr(builds, "current_commit", lambda: COMMIT)
     with pytest.raises(BuildError) as err:
-        b.find_server_binary()
+        builds.find_server_binary()
     assert "llamactl build" in (err.value.hint or "")
 
     b.write_manifest(manifest_for(builds_root / "other-commit", commit="f" * 40, created=900.0))
     with pytest.raises(BuildError):
-        b.find_server_binary()
+        builds.find_server_binary()
 
     b.write_manifest(manifest_for(builds_root / "cpu-old", created=100.0))
-    assert b.find_server_binary() == builds_root / "cpu-old" / "bin" / "llama-server"
+    assert builds.find_server_binary() == builds_root / "cpu-old" / "bin" / "llama-server"
 
     b.write_manifest(manifest_for(builds_root / "cuda-new", backend="cuda", created=300.0))
     b.write_manifest(manifest_for(builds_root / "cpu-mid", created=200.0))
@@ -559,14 +560,14 @@ def test_find_server_binary_choices(builds_root: Path, monkeypatch: pytest.Monke
 
     # The build a plain `llamactl build` would make here wins over newer ones...
     monkeypatch.setattr(b, "resolve_plan", lambda spec, **kw: FakePlan())
-    assert b.find_server_binary() == builds_root / "cpu-old" / "bin" / "llama-server"
+    assert builds.find_server_binary() == builds_root / "cpu-old" / "bin" / "llama-server"
     # ...and without one, the newest complete build of this commit.
     FakePlan.key = "nothing-matches"
-    assert b.find_server_binary() == builds_root / "cuda-new" / "bin" / "llama-server"
-    assert b.find_server_binary("cpu") == builds_root / "cpu-mid" / "bin" / "llama-server"
+    assert builds.find_server_binary() == builds_root / "cuda-new" / "bin" / "llama-server"
+    assert builds.find_server_binary("cpu") == builds_root / "cpu-mid" / "bin" / "llama-server"
     # A manifest whose binary was deleted does not count.
     (builds_root / "cuda-new" / "bin" / "llama-server").unlink()
-    assert b.find_server_binary() == builds_root / "cpu-mid" / "bin" / "llama-server"
+    assert builds.find_server_binary() == builds_root / "cpu-mid" / "bin" / "llama-server"
 
 
 # --------------------------------------------------------------------------- run_build (fakes)
@@ -658,7 +659,7 @@ def test_run_build_streams_progress_logs_and_writes_the_manifest(tmp_path: Path)
     assert (steps[-1].done, steps[-1].total) == (3, 3)
     assert m.server_version.startswith("version: 1")
     assert m.backends_included == ("CPU", "RPC")
-    assert b.load_manifest(p.build_dir) == m
+    assert builds.load_manifest(p.build_dir) == m
     log = p.log_path.read_text()
     assert "$ cmake -S" in log and "[3/3] Linking CXX executable bin/llama-bench" in log
 
@@ -678,7 +679,7 @@ def test_run_build_failure_quotes_errors_and_hints(tmp_path: Path) -> None:
     assert "Killed signal terminated program cc1plus" in text
     assert str(p.log_path) in text
     assert "-j 1" in text
-    assert b.load_manifest(p.build_dir) is None  # a failed build is never complete
+    assert builds.load_manifest(p.build_dir) is None  # a failed build is never complete
 
 
 def test_run_build_refuses_a_gpu_request_that_ends_cpu_only(tmp_path: Path) -> None:
@@ -690,7 +691,7 @@ def test_run_build_refuses_a_gpu_request_that_ends_cpu_only(tmp_path: Path) -> N
     with pytest.raises(BuildError) as err:
         b.run_build(p, spawn=FakeSpawn(), runner=fake_runner)
     assert "did not include the Vulkan backend" in err.value.message
-    assert b.load_manifest(p.build_dir) is None
+    assert builds.load_manifest(p.build_dir) is None
 
 
 def test_run_build_records_a_gpu_backend_and_warns_without_device(tmp_path: Path) -> None:
@@ -844,7 +845,7 @@ def test_cli_rejects_stray_arguments(fake_machine: None) -> None:
 
 
 def test_cli_which_and_list(builds_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(b, "_current_commit", lambda: COMMIT)
+    monkeypatch.setattr(builds, "current_commit", lambda: COMMIT)
     runner = CliRunner()
     missing = runner.invoke(b_cli().which, [])
     assert missing.exit_code == 4 and "llamactl build" in missing.output
@@ -881,7 +882,7 @@ def test_real_cpu_build_then_noop(real_cache: Path) -> None:
         [str(server), "--version"], capture_output=True, text=True, timeout=60, check=False
     )
     assert version.returncode == 0 and "version" in (version.stdout + version.stderr)
-    manifest = b.load_manifest(server.parent.parent)
+    manifest = builds.load_manifest(server.parent.parent)
     assert manifest is not None and "CPU" in manifest.backends_included
 
     started = time.monotonic()

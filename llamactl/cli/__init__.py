@@ -10,6 +10,42 @@ import sys
 import click
 
 from llamactl import __version__
+from llamactl.errors import LlamactlError
+
+
+class ReportedError(click.ClickException):
+    """A LlamactlError as click reports it: `Error: ...` and the error's exit code."""
+
+    def __init__(self, error: LlamactlError) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.exit_code = error.exit_code  # type: ignore[misc]  # click reads the instance's
+
+    def format_message(self) -> str:
+        return self.error.format_message()
+
+
+class Command(click.Command):
+    """Every llamactl command: its LlamactlErrors are reported by click, once, no traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except LlamactlError as exc:
+            raise ReportedError(exc) from exc
+
+
+class Group(click.Group):
+    """A llamactl command group; its subcommands are `Command`s."""
+
+    command_class = Command
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except LlamactlError as exc:
+            raise ReportedError(exc) from exc
+
 
 # name -> (module, attribute, one-line help shown by `llamactl --help` without importing it)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -37,7 +73,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(Group):
     """A group whose commands are imported on first use."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import click
 
+from llamactl.cli import Command
 from llamactl.errors import UsageError
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--server-bin", type=click.Path(dir_okay=False, path_type=Path),
               help="llama-server to measure (default: llamactl's build).")  # fmt: skip
 @click.option("-m", "--model", type=click.Path(dir_okay=False, path_type=Path),
@@ -20,6 +21,8 @@ from llamactl.errors import UsageError
 @click.option("--duration", default=6.0, show_default=True, help="Seconds of wrk per target.")
 @click.option("--streams", default=8, show_default=True, help="Concurrent streamed chats.")
 @click.option("--max-tokens", default=64, show_default=True, help="Tokens per streamed chat.")
+@click.option("--ready-rounds", default=10, show_default=True,
+              help="Alternating starts of direct and llamactl, for time to ready.")  # fmt: skip
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write every run's figures to this file.")  # fmt: skip
 def bench(
@@ -30,6 +33,7 @@ def bench(
     duration: float,
     streams: int,
     max_tokens: int,
+    ready_rounds: int,
     json_path: Path | None,
 ) -> None:
     """Measure /tokenize req/s and latency (wrk, 4 connections), streamed tokens/s and time to
@@ -59,8 +63,14 @@ def bench(
         duration=duration,
         streams=streams,
         max_tokens=max_tokens,
+        ready_rounds=ready_rounds,
     )
     results = core.run(spec, progress=lambda line: click.echo(line, err=True))
+    ready: dict[str, list[float]] = {}
+    if ready_rounds > 0 and {"direct", "llamactl"} <= set(names):
+        ready = core.run_ready(spec, progress=lambda line: click.echo(line, err=True))
     click.echo(core.report(core.medians(results), runs))
+    if ready:
+        click.echo(core.report_ready(ready))
     if json_path is not None:
         json_path.write_text(core.to_json(results))

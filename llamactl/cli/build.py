@@ -9,12 +9,14 @@ from typing import TYPE_CHECKING
 import click
 
 from llamactl.build import BACKEND_CHOICES, BuildSpec, parse_list
+from llamactl.cli import Command
 from llamactl.errors import UsageError
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from llamactl.build import BuildOutcome, Manifest
+    from llamactl.build import BuildOutcome
+    from llamactl.builds import Manifest
 
 
 def _duration(seconds: float) -> str:
@@ -28,7 +30,7 @@ def _stderr_console() -> Console:
     return Console(stderr=True, highlight=False)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--backend",
     type=click.Choice(BACKEND_CHOICES),
@@ -177,7 +179,7 @@ def _render_list() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from llamactl.build import find_builds
+    from llamactl.builds import find_builds
 
     builds: list[Manifest] = find_builds()
     console = Console()
@@ -204,7 +206,7 @@ def _render_list() -> None:
     console.print(table)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--backend",
     type=click.Choice([b for b in BACKEND_CHOICES if b != "auto"]),
@@ -213,6 +215,6 @@ def _render_list() -> None:
 )
 def which(backend: str | None) -> None:
     """Print the llama-server that serve will use."""
-    from llamactl.build import find_server_binary
+    from llamactl.builds import find_server_binary
 
     click.echo(str(find_server_binary(backend)))

@@ -7,9 +7,10 @@ import sys
 import click
 
 from llamactl.chat import ChatSpec, Terminal, run
+from llamactl.cli import Command
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("-p", "--prompt", help="Answer this one question and exit (else: stdin if piped).")
 @click.option("--url", help="Any OpenAI-compatible server [default: the running serve].")
 @click.option(

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from llamactl.cli import Command
 from llamactl.hardware import BACKENDS, Decision, Detection
 
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ def render(console: Console, detection: Detection, decision: Decision) -> None:
     console.print(f"[dim]probed in {d.elapsed_ms:.0f} ms[/dim]")
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--json", "as_json", is_flag=True, help="Print detection and decision as JSON.")
 @click.option(
     "--backend",

