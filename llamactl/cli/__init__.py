@@ -35,16 +35,11 @@ class Command(click.Command):
             raise ReportedError(exc) from exc
 
 
-class Group(click.Group):
-    """A llamactl command group; its subcommands are `Command`s."""
+class Group(Command, click.Group):
+    """A llamactl command group (Command's invoke wraps click.Group's); its subcommands are
+    `Command`s."""
 
     command_class = Command
-
-    def invoke(self, ctx: click.Context) -> object:
-        try:
-            return super().invoke(ctx)
-        except LlamactlError as exc:
-            raise ReportedError(exc) from exc
 
 
 # name -> (module, attribute, one-line help shown by `llamactl --help` without importing it)

@@ -16,32 +16,41 @@ out of date. The guides: [build.md](build.md), [doctor.md](doctor.md), [models.m
 """
 
 
-def _help(command: click.Command, name: str, parent: click.Context) -> str:
-    ctx = click.Context(
-        command, info_name=name, parent=parent, terminal_width=WIDTH, max_content_width=WIDTH
+def _context(command: click.Command, name: str, parent: click.Context | None) -> click.Context:
+    # As the real CLI runs: the root's -h/--help reaches every command through its parent.
+    return click.Context(
+        command,
+        info_name=name,
+        parent=parent,
+        terminal_width=WIDTH,
+        max_content_width=WIDTH,
+        help_option_names=["-h", "--help"],
     )
-    return command.get_help(ctx)
+
+
+def _block(text: str) -> str:
+    return "```\n" + text.rstrip() + "\n```\n"
 
 
 def render() -> str:
     """The whole of docs/cli.md."""
     from llamactl.serve import help_text
 
-    root = click.Context(cli, info_name="llamactl", terminal_width=WIDTH, max_content_width=WIDTH)
-    parts = [HEADER, "## llamactl\n", "```\n" + cli.get_help(root) + "\n```\n"]
+    root = _context(cli, "llamactl", None)
+    parts = [HEADER, "## llamactl\n", _block(cli.get_help(root))]
     for name in sorted(COMMANDS):
         command = cli.get_command(root, name)
         assert command is not None
         parts.append(f"## llamactl {name}\n")
         if name == "serve":  # serve parses its own (llama-server's) command line
-            parts.append("```\n" + help_text().rstrip() + "\n```\n")
+            parts.append(_block(help_text()))
             continue
-        parts.append("```\n" + _help(command, name, root) + "\n```\n")
+        ctx = _context(command, name, root)
+        parts.append(_block(command.get_help(ctx)))
         if isinstance(command, click.Group):
-            group_ctx = click.Context(command, info_name=name, parent=root)
-            for sub in command.list_commands(group_ctx):
-                subcommand = command.get_command(group_ctx, sub)
+            for sub in command.list_commands(ctx):
+                subcommand = command.get_command(ctx, sub)
                 assert subcommand is not None
                 parts.append(f"### llamactl {name} {sub}\n")
-                parts.append("```\n" + _help(subcommand, sub, group_ctx) + "\n```\n")
+                parts.append(_block(subcommand.get_help(_context(subcommand, sub, ctx))))
     return "\n".join(parts)
