@@ -325,6 +325,11 @@ def plan(
         "-DLLAMA_BUILD_TESTS=OFF",
         "-DLLAMA_BUILD_EXAMPLES=OFF",
     ]
+    if source.origin != "custom" and len(source.commit) >= 7:
+        # llama.cpp asks git for its version, and in a tree without .git (the PyPI sdist) git
+        # answers for the enclosing repository: llamactl's own commit. Name the pinned commit;
+        # the build number (a commit count) is not known without the history.
+        args += [f"-DLLAMA_BUILD_COMMIT={source.commit[:7]}", "-DLLAMA_BUILD_NUMBER=0"]
     if spec.rpc:
         args.append("-DGGML_RPC=ON")
 

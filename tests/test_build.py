@@ -122,6 +122,8 @@ def test_cpu_plan_is_exactly_the_documented_command() -> None:
         "-DCMAKE_BUILD_TYPE=Release",
         "-DLLAMA_BUILD_TESTS=OFF",
         "-DLLAMA_BUILD_EXAMPLES=OFF",
+        f"-DLLAMA_BUILD_COMMIT={COMMIT[:7]}",
+        "-DLLAMA_BUILD_NUMBER=0",
         "-DGGML_RPC=ON",
         "-DLLAMA_BUILD_UI=ON",
         "-DLLAMA_USE_PREBUILT_UI=OFF",
@@ -139,6 +141,17 @@ def test_cpu_plan_is_exactly_the_documented_command() -> None:
     )
     assert p.backend == "cpu" and p.env == () and not p.problems
     assert p.key.startswith("0c1e57098bba-cpu-")
+
+
+def test_version_names_the_pinned_commit_but_a_checkout_keeps_its_own() -> None:
+    # Without this, llama.cpp's git query answers for the repository around vendor/: llamactl's.
+    pinned = make_plan()
+    assert f"-DLLAMA_BUILD_COMMIT={COMMIT[:7]}" in pinned.cmake_args
+    custom = SourceTree(path=Path("/src/llama.cpp"), commit=COMMIT, origin="custom", pinned=False)
+    assert not any("LLAMA_BUILD_COMMIT" in a for a in make_plan(source=custom).cmake_args)
+    # A user's own value, after `--`, comes last and wins.
+    mine = make_plan(b.BuildSpec(extra_cmake_args=("-DLLAMA_BUILD_COMMIT=mine",)))
+    assert mine.cmake_args[-1] == "-DLLAMA_BUILD_COMMIT=mine"
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda", "hip", "vulkan", "metal", "sycl", "musa"])
