@@ -10,13 +10,14 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llamactl import __version__, paths
+from llamactl import __version__, locks, paths
 from llamactl.builds import (
     MANIFEST_NAME,
     Manifest,
@@ -973,14 +974,38 @@ def build_llama(
     the_plan = resolve_plan(spec, fetch=False, detection=detection)
     if spec.dry_run:
         return BuildOutcome(the_plan, "dry-run")
-    if spec.clean:
-        if the_plan.build_dir.exists():
-            shutil.rmtree(the_plan.build_dir)
-    else:
+    if not spec.clean:
         existing = load_manifest(the_plan.build_dir)
         if existing is not None and existing.server_binary.is_file():
             return BuildOutcome(the_plan, "up-to-date", existing)
     preflight(the_plan)
+
+    def waiting() -> None:
+        message = f"waiting for another llamactl building {the_plan.key} ..."
+        if console is not None:
+            console().print(message)
+        else:
+            print(message, file=sys.stderr)
+
+    # Two builds of one configuration at once would share (and wreck) one build directory.
+    with locks.held(the_plan.build_dir.with_name(f".{the_plan.key}.lock"), on_wait=waiting):
+        if spec.clean:
+            if the_plan.build_dir.exists():
+                shutil.rmtree(the_plan.build_dir)
+        else:
+            existing = load_manifest(the_plan.build_dir)  # the other one may have built it
+            if existing is not None and existing.server_binary.is_file():
+                return BuildOutcome(the_plan, "up-to-date", existing)
+        return _build_locked(spec, the_plan, detection, console, progress)
+
+
+def _build_locked(
+    spec: BuildSpec,
+    the_plan: BuildPlan,
+    detection: Detection,
+    console: Callable[[], Console] | None,
+    progress: ProgressFactory | None,
+) -> BuildOutcome:
     from llamactl.source import ensure_source
 
     tree = ensure_source(spec.source, console=console() if console else None)

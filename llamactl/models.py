@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
-from llamactl import __version__, paths
+from llamactl import __version__, locks, paths
 from llamactl.default_model import (
     DEFAULT_MODEL,
     DefaultModel,
@@ -351,45 +351,16 @@ def file_lock(
     target: Path, *, timeout: float | None = None, console: Console | None = None
 ) -> Iterator[None]:
     """Hold the lock for one target file, so two pulls of it never write the same bytes."""
-    # An flock on a side file, not the file's existence: a crashed pull leaves no stale lock,
-    # since the kernel drops it with the process.
-    lock_dir = paths.downloads_dir()
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_dir / f"{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        told = False
-        while not _try_lock(fd):
-            if deadline is not None and time.monotonic() >= deadline:
-                raise ModelError(
-                    f"another llamactl is pulling {target.name}",
-                    hint="wait for it to finish, then run the same command again",
-                )
-            if not told:
-                _say(console, f"waiting for another llamactl pulling {target.name}…")
-                told = True
-            time.sleep(0.1)
+    with locks.held(
+        paths.downloads_dir() / f"{target.name}.lock",
+        timeout=timeout,
+        on_wait=lambda: _say(console, f"waiting for another llamactl pulling {target.name}…"),
+        on_timeout=lambda: ModelError(
+            f"another llamactl is pulling {target.name}",
+            hint="wait for it to finish, then run the same command again",
+        ),
+    ):
         yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
-def _try_lock(fd: int) -> bool:
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        import msvcrt
-
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
-            return True
-        except OSError:
-            return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
 
 
 def _say(console: Console | None, message: str) -> None:

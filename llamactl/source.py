@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamactl import paths
+from llamactl import locks, paths
 from llamactl.errors import SourceError
 
 PIN_FILE = "llama.cpp.pin.json"
@@ -211,18 +210,6 @@ def source_status(explicit: Path | None = None) -> SourceStatus:
     )
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """An exclusive lock, so that two fetches at once do not unpack over each other."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -325,7 +312,7 @@ def fetch(
     """Fetch the pinned tree into vendor/llama.cpp; idempotent, safe to interrupt."""
     pin = pin or load_pin()
     tree = default_tree_path()
-    with _locked(tree.parent / ".fetch.lock"):
+    with locks.held(tree.parent / ".fetch.lock"):
         if not force:
             marker = _read_marker(tree)
             if marker and marker.get("commit") == pin.commit and (tree / SENTINEL).is_file():

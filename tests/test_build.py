@@ -8,6 +8,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -802,6 +803,37 @@ def test_clean_removes_the_build_dir_first(
     )
     outcome = b.build_llama(spec)
     assert outcome.state == "built" and seen == [False]
+
+
+def test_two_builds_of_one_configuration_run_one_after_the_other(
+    fake_machine: None, builds_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = b.BuildSpec(backend="cpu")
+    the_plan = b.resolve_plan(spec, fetch=False)
+    monkeypatch.setattr("llamactl.source.ensure_source", lambda *a, **kw: the_plan_source(the_plan))
+    inside: list[int] = []
+    overlap: list[bool] = []
+    entered = threading.Event()
+
+    def slow_build(p: b.BuildPlan, **kw: Any) -> builds.Manifest:
+        inside.append(1)
+        overlap.append(len(inside) > 1)
+        entered.set()
+        time.sleep(0.5)
+        manifest = manifest_for(p.build_dir)
+        b.write_manifest(manifest)
+        inside.pop()
+        return manifest
+
+    monkeypatch.setattr(b, "run_build", slow_build)
+    outcomes: list[b.BuildOutcome] = []
+    first = threading.Thread(target=lambda: outcomes.append(b.build_llama(spec)))
+    first.start()
+    assert entered.wait(10)
+    second = b.build_llama(spec)  # waits for the first, then finds its manifest
+    first.join(10)
+    assert [o.state for o in outcomes] == ["built"] and second.state == "up-to-date"
+    assert overlap == [False]
 
 
 def the_plan_source(p: b.BuildPlan) -> SourceTree:
