@@ -1074,19 +1074,46 @@ def _stream(
     log.flush()
     child = spawn(list(argv), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        assert child.stdout is not None
-        for raw in child.stdout:
-            # Compilers colour their diagnostics even into a pipe (ccache asks them to).
-            line = _ANSI.sub("", raw.decode(errors="replace"))
-            log.write(line)
-            on_line(line)
-        return child.wait()
-    except KeyboardInterrupt:
+        with _terminate_raises():
+            assert child.stdout is not None
+            for raw in child.stdout:
+                # Compilers colour their diagnostics even into a pipe (ccache asks them to).
+                line = _ANSI.sub("", raw.decode(errors="replace"))
+                log.write(line)
+                on_line(line)
+            return child.wait()
+    except BaseException as exc:
+        # Ctrl-C, SIGTERM (a `serve` that is stopped while it builds) or any error: CMake,
+        # Ninja and the compilers go too; the parent-death signal alone would reach CMake only.
         proc.stop_group(child.pid, grace=5.0, popen=child)
-        log.write("\n[llamactl] interrupted by the user\n")
+        why = "by the user" if isinstance(exc, KeyboardInterrupt) else f"({exc!r})"
+        log.write(f"\n[llamactl] interrupted {why}\n")
         raise
     finally:
         log.flush()
+
+
+@contextlib.contextmanager
+def _terminate_raises() -> Iterator[None]:
+    """While a build runs in the main thread, SIGTERM and SIGHUP raise SystemExit (128 + signal)
+    instead of ending Python at once, so that the build's process group is stopped first."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, raise_exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: set outside Python, nothing to restore
+                signal.signal(sig, handler)
 
 
 def _fail(message: str, the_plan: BuildPlan, log_text: str, hint: str | None = None) -> BuildError:

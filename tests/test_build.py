@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -978,3 +979,39 @@ def test_ctrl_c_stops_the_whole_build_process_group() -> None:
         time.sleep(0.05)
     assert not proc.pid_alive(pids[0])
     assert "interrupted" in log.getvalue()
+
+
+_BUILD_SCRIPT = """
+import os, sys
+from llamactl import build, proc
+build._stream(
+    ["sh", "-c", "sleep 300 & echo started; wait"],
+    env=dict(os.environ), log=open(os.devnull, "w"),
+    on_line=lambda line: (print(line, end="", flush=True)), spawn=proc.spawn,
+)
+"""
+
+
+def test_sigterm_during_a_build_stops_the_whole_build(tmp_path: Path) -> None:
+    # A `serve` stopped while it builds must not leave Ninja and compilers running: the
+    # parent-death signal alone reaches only CMake, not its children.
+    import psutil
+
+    script = tmp_path / "build.py"
+    script.write_text(_BUILD_SCRIPT)
+    child = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "started\n"
+        sleepers = [
+            p for p in psutil.Process(child.pid).children(recursive=True) if p.name() == "sleep"
+        ]
+        assert sleepers
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=30) == 128 + signal.SIGTERM
+        _gone, alive = psutil.wait_procs(sleepers, timeout=10)
+        assert not alive, "the build's grandchild outlived a SIGTERM of llamactl"
+    finally:
+        if child.poll() is None:
+            child.kill()
