@@ -78,6 +78,12 @@ def vendor_dir() -> Path:
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create a directory readable by its owner only (logs and state hold prompts and keys)."""
+    """Create a directory readable by its owner only (logs and state hold prompts and keys).
+
+    mkdir -p gives missing parents the umask's mode (0777 under umask 000): the state
+    directory above logs/ and run/ is made private first."""
+    state = state_dir()
+    if state in path.parents:
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
