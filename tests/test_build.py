@@ -1004,9 +1004,14 @@ def test_sigterm_during_a_build_stops_the_whole_build(tmp_path: Path) -> None:
     )
     try:
         assert child.stdout is not None and child.stdout.readline() == "started\n"
-        sleepers = [
-            p for p in psutil.Process(child.pid).children(recursive=True) if p.name() == "sleep"
-        ]
+        sleepers: list[psutil.Process] = []
+        for _ in range(200):  # the forked shell may not have exec'd sleep yet
+            sleepers = [
+                p for p in psutil.Process(child.pid).children(recursive=True) if p.name() == "sleep"
+            ]
+            if sleepers:
+                break
+            time.sleep(0.05)
         assert sleepers
         child.send_signal(signal.SIGTERM)
         assert child.wait(timeout=30) == 128 + signal.SIGTERM
