@@ -397,22 +397,26 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
     )
 
     def write_record(sup: Supervisor) -> None:
-        record.instances = [
-            records.InstanceRecord(
-                name=inst.name,
-                state=inst.state.value,
-                pid=inst.process.pid if inst.process else None,
-                port=inst.upstream.port if inst.upstream else None,
-                model=inst.config.model_label,
-                restarts=inst.restarts,
-                started_at=time.time() - (time.monotonic() - inst.process.started_at)
-                if inst.process
-                else None,
-                log_path=str(inst.config.log_path),
-                last_error=(inst.last_error or "").splitlines()[0] if inst.last_error else None,
+        record.instances = []
+        for inst in sup.instances.values():
+            # A llama-server that has exited (a failed instance's last try) has no pid: ps
+            # would show a dead one, or another program that got the pid since.
+            alive = inst.process if inst.process and inst.process.returncode is None else None
+            record.instances.append(
+                records.InstanceRecord(
+                    name=inst.name,
+                    state=inst.state.value,
+                    pid=alive.pid if alive else None,
+                    port=inst.upstream.port if inst.upstream else None,
+                    model=inst.config.model_label,
+                    restarts=inst.restarts,
+                    started_at=time.time() - (time.monotonic() - alive.started_at)
+                    if alive
+                    else None,
+                    log_path=str(inst.config.log_path),
+                    last_error=(inst.last_error or "").splitlines()[0] if inst.last_error else None,
+                )
             )
-            for inst in sup.instances.values()
-        ]
         records.write(record)
 
     policy = Policy(queue_timeout=spec.queue_timeout, stall_timeout=spec.start_timeout)

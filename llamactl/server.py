@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -104,14 +105,17 @@ def build_env(spec: ServerSpec, base: Mapping[str, str] | None = None) -> dict[s
     return env
 
 
+#: The diagnosis of a llama-server that could not listen on its port: the supervisor starts it
+#: again at once on another port (free_port's answer can be taken before llama-server binds it).
+PORT_IN_USE = "its port is already in use"
+
 # What the last log lines of a llama-server that died while starting most often mean.
 _DIAGNOSES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(pattern, re.IGNORECASE), text)
     for pattern, text in (
-        (
-            r"couldn't bind|address already in use|failed to bind|bind\(\) failed",
-            "its port is already in use",
-        ),
+        # server-http.cpp: "couldn't bind HTTP server socket, hostname: H, port: P", exit 1,
+        # before the model loads.
+        (r"couldn't bind|address already in use|failed to bind|bind\(\) failed", PORT_IN_USE),
         (
             r"invalid argument|unknown argument|error while handling argument|"
             r"unrecognized option|invalid value",
@@ -144,6 +148,29 @@ def diagnose(lines: Sequence[str]) -> str | None:
         if pattern.search(text):
             return reason
     return None
+
+
+# What a llama-server killed by a signal most often means: it logs nothing first.
+_SIGNAL_DIAGNOSES = {
+    # llama.cpp maps the model file (mmap): pages past a truncated file's new end fault.
+    signal.SIGBUS: "the model file was truncated or rewritten while in use",
+    # Nothing in llama-server sends SIGKILL: another program did, or the kernel's OOM killer.
+    signal.SIGKILL: "sent by another program or by the kernel's out-of-memory killer, see dmesg",
+    signal.SIGSEGV: "a crash, see its log",
+    signal.SIGABRT: "an abort, see its log",
+}
+
+
+def describe_exit(code: int) -> str:
+    """How a process ended, for people: 'code 1', or 'killed by SIGBUS: what that means'."""
+    if code >= 0:
+        return f"code {code}"
+    try:
+        sig = signal.Signals(-code)
+    except ValueError:
+        return f"killed by signal {-code}"
+    reason = _SIGNAL_DIAGNOSES.get(sig)
+    return f"killed by {sig.name}" + (f": {reason}" if reason else "")
 
 
 _ERRORISH = re.compile(r"error|fail|invalid|unknown|cannot|couldn't|abort|exception", re.I)
@@ -331,8 +358,11 @@ class ServerProcess:
             if code is not None:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._exited.wait(), timeout=5.0)
-                raise self.start_error(f"llama-server exited with code {code} while starting")
-            status = await self.health(timeout=2.0)
+                what = f"llama-server exited with code {code} while starting"
+                if code < 0:
+                    what = f"llama-server exited while starting ({describe_exit(code)})"
+                raise self.start_error(what)
+            status = await self._health_unless_exit(timeout=2.0)
             if status == 200:
                 return time.monotonic() - self.started_at
             now = time.monotonic()
@@ -343,6 +373,28 @@ class ServerProcess:
             if now - self.started_at > max_timeout:
                 raise self.start_error(f"llama-server was not ready after {max_timeout:g} s")
             await asyncio.sleep(poll_interval(now - self.started_at))
+
+    async def _health_unless_exit(self, timeout: float) -> int | None:
+        """GET /health, given up as soon as the process exits: a port taken by another program
+        that accepts but never answers must not hold up the exit's diagnosis."""
+        import asyncio
+
+        assert self._exited is not None
+        if self._exited.is_set():
+            return await self.health(timeout=timeout)
+        probe = asyncio.ensure_future(self.health(timeout=timeout))
+        exited = asyncio.ensure_future(self._exited.wait())
+        try:
+            await asyncio.wait({probe, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            if not probe.done():
+                probe.cancel()
+        return probe.result() if probe.done() and not probe.cancelled() else None
+
+    def port_clash(self) -> bool:
+        """True when llama-server exited because its port was taken (see PORT_IN_USE)."""
+        return self.returncode is not None and diagnose(self.tail(60)) == PORT_IN_USE
 
     def start_error(self, what: str) -> ServerStartError:
         lines = self.tail(60)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from llamactl.errors import ServerStartError
 from llamactl.proxy import ProxyError, Upstream
-from llamactl.server import ServerProcess, private_spec
+from llamactl.server import ServerProcess, describe_exit, private_spec
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,15 @@ class Policy:
     hung_after: int = 3  # consecutive unanswered health checks before a kill
     broken_after: int = 5  # consecutive upstream 5xx / transport failures before a probe
     stop_grace: float = 5.0
+    #: A first start that llama-server ends by exiting (a bad flag, a bad model file, no memory)
+    #: fails at once: serve exits with the diagnosis, as a retry cannot help. One ended by a
+    #: signal (a kill from outside, a crash) is retried up to this many times, as after a crash
+    #: of a ready server; not more, as the out-of-memory killer would kill every try.
+    first_start_retries: int = 2
+    #: Starts that fail because the private port was taken meanwhile (free_port's answer is only
+    #: free when asked) are retried at once on another port, this many times, and are not
+    #: counted as crashes.
+    port_retries: int = 5
 
 
 @dataclass
@@ -72,6 +81,7 @@ class Instance:
     restarts: int = 0
     generation: int = 0
     last_error: str | None = None
+    last_exit: int | None = None  # the exit code of the last failed start; None: never exited
     process: ServerProcess | None = None
     upstream: Upstream | None = None
     ready_at: float | None = None
@@ -122,10 +132,31 @@ class Supervisor:
         return inst
 
     async def start(self, name: str) -> Instance:
-        """First start of an instance: a failure is raised at once (no retry), so that serve
-        can exit with the diagnosis; after that, the instance is supervised."""
+        """First start of an instance, then its supervision. A failure is raised (serve exits
+        with the diagnosis) unless llama-server was killed by a signal: that is retried, up to
+        policy.first_start_retries times (see there)."""
         inst = self.instances[name]
-        await self._start_once(inst)
+        tries = 0
+        while True:
+            try:
+                await self._start_once(inst)
+                break
+            except ServerStartError as exc:
+                code = inst.last_exit
+                if code is None or code >= 0 or tries >= self.policy.first_start_retries:
+                    raise
+                tries += 1
+                inst.failures.append(self._clock())
+                delay = self._backoff_delay(inst)
+                log.warning(
+                    "instance %s: %s; starting again in %.2f s",
+                    inst.name,
+                    exc.message.splitlines()[0],
+                    delay,
+                )
+                inst.set_state(State.BACKOFF, f"killed while starting; again in {delay:.2f} s")
+                self._notify()
+                await asyncio.sleep(delay)
         inst.task = asyncio.get_running_loop().create_task(self._supervise(inst))
         return inst
 
@@ -144,29 +175,44 @@ class Supervisor:
         self._notify()
 
     async def _start_once(self, inst: Instance) -> None:
-        """Spawn llama-server on a fresh private port and wait until it is healthy."""
+        """Spawn llama-server on a fresh private port and wait until it is healthy; a port
+        taken meanwhile is no failure: another port, at once (policy.port_retries)."""
         cfg = inst.config
-        process = inst.process
-        if process is None or process.attached:  # not a fresh pre-spawned one: a new process
-            process = ServerProcess(private_spec(cfg.binary, cfg.args, cfg.log_path))
-            inst.process = process
+        clashes = 0
+        while True:
+            process = inst.process
+            if process is None or process.attached:  # not a fresh pre-spawned one: a new one
+                process = ServerProcess(private_spec(cfg.binary, cfg.args, cfg.log_path))
+                inst.process = process
+            inst.set_state(State.STARTING, "spawning llama-server")
+            self._notify()
+            process.start()
+            try:
+                await process.wait_ready(
+                    stall_timeout=self.policy.stall_timeout,
+                    max_timeout=self.policy.max_start,
+                )
+                break
+            except ServerStartError as exc:
+                inst.last_exit = process.returncode  # before our stop can set it
+                if process.port_clash() and clashes < self.policy.port_retries:
+                    clashes += 1
+                    log.warning(
+                        "instance %s: port %d was taken before llama-server could listen on "
+                        "it; starting again on another port",
+                        inst.name,
+                        process.spec.port,
+                    )
+                    await self._stop_process(inst, "its port was taken")
+                    continue
+                inst.last_error = exc.message
+                await self._stop_process(inst, "failed to start")
+                raise
+            except BaseException:
+                await self._stop_process(inst, "start interrupted")
+                raise
         spec = process.spec
         key = spec.api_key
-        inst.set_state(State.STARTING, "spawning llama-server")
-        self._notify()
-        process.start()
-        try:
-            await process.wait_ready(
-                stall_timeout=self.policy.stall_timeout,
-                max_timeout=self.policy.max_start,
-            )
-        except ServerStartError as exc:
-            inst.last_error = exc.message
-            await self._stop_process(inst, "failed to start")
-            raise
-        except BaseException:
-            await self._stop_process(inst, "start interrupted")
-            raise
         inst.generation += 1
         inst.upstream = Upstream(
             name=cfg.name,
@@ -186,9 +232,19 @@ class Supervisor:
         if process is None:
             return
         inst.upstream = None
-        if process.returncode is None:
+        if process.returncode is None or inst.state is State.READY:
+            # Never READY without an upstream: acquire would spin on the set ready event.
             inst.set_state(State.STOPPING, reason)
         await process.stop(grace=self.policy.stop_grace)
+
+    def _recent_failures(self, inst: Instance) -> int:
+        return sum(1 for t in inst.failures if self._clock() - t < self.policy.crash_window)
+
+    def _backoff_delay(self, inst: Instance) -> float:
+        return min(
+            self.policy.backoff_max,
+            self.policy.backoff_initial * 2 ** max(0, self._recent_failures(inst) - 1),
+        )
 
     async def _supervise(self, inst: Instance) -> None:
         """Watch a ready instance; restart it when it exits, hangs or is broken."""
@@ -196,32 +252,47 @@ class Supervisor:
             reason = await self._watch(inst)
             if self._stopping:
                 return
+            down_since = self._clock()
+            # Warnings: serve logs at WARNING, and whoever runs it should see each failure.
+            log.warning("instance %s: %s; restarting it", inst.name, reason)
             inst.last_error = reason
-            inst.failures.append(self._clock())
+            inst.failures.append(down_since)
             await self._stop_process(inst, reason)
             while not self._stopping:
-                recent = [t for t in inst.failures if self._clock() - t < self.policy.crash_window]
-                if len(recent) >= self.policy.crash_limit:
+                recent = self._recent_failures(inst)
+                if recent >= self.policy.crash_limit:
                     inst.set_state(
                         State.FAILED,
-                        f"{len(recent)} failures within {self.policy.crash_window:g} s: {reason}",
+                        f"{recent} failures within {self.policy.crash_window:g} s: {reason}",
+                    )
+                    log.error(
+                        "instance %s: %d failures within %g s; not restarted again "
+                        "(clients get 503): %s",
+                        inst.name,
+                        recent,
+                        self.policy.crash_window,
+                        reason,
                     )
                     self._notify()
                     return
-                delay = min(
-                    self.policy.backoff_max,
-                    self.policy.backoff_initial * 2 ** max(0, len(recent) - 1),
-                )
+                delay = self._backoff_delay(inst)
                 inst.set_state(State.BACKOFF, f"{reason}; restarting in {delay:.2f} s")
                 self._notify()
                 await asyncio.sleep(delay)
                 try:
                     await self._start_once(inst)
                     inst.restarts += 1
+                    log.warning(
+                        "instance %s: ready again after %.2f s (restart %d)",
+                        inst.name,
+                        self._clock() - down_since,
+                        inst.restarts,
+                    )
                     self._notify()
                     break
                 except ServerStartError as exc:
                     reason = exc.message.splitlines()[0]
+                    log.warning("instance %s: restart failed: %s", inst.name, reason)
                     inst.last_error = exc.message
                     inst.failures.append(self._clock())
 
@@ -240,7 +311,9 @@ class Supervisor:
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if exited in done:
-                    return f"llama-server exited unexpectedly (code {exited.result()})"
+                    code = exited.result()
+                    how = "?" if code is None else describe_exit(code)
+                    return f"llama-server exited unexpectedly ({how})"
                 if broken in done:
                     return "llama-server answers /health but fails every request"
                 status = await process.health(timeout=self.policy.health_timeout)
@@ -284,10 +357,12 @@ class Supervisor:
                 # instead of sending this request to a dead port.
                 inst.set_state(State.BACKOFF, "llama-server exited")
             if inst.state is State.FAILED or (self._stopping and inst.state is State.STOPPED):
+                # The first line only: the log lines after it are for the operator (`llamactl
+                # logs`), not for every client.
+                reason = (inst.last_error or "unknown reason").splitlines()[0]
                 raise ProxyError(
                     503,
-                    "the model server failed and was not restarted: "
-                    f"{inst.last_error or 'unknown reason'}",
+                    f"the model server failed and was not restarted: {reason}",
                     "unavailable_error",
                     "instance_failed",
                 )

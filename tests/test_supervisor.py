@@ -200,3 +200,156 @@ def test_requests_wait_for_a_slow_start_then_get_503_with_retry_after(tmp_path: 
         await sup.close()
 
     run(main())
+
+
+# -- faults (issue 6): port clashes, kills while starting, signals named ---------------------
+
+
+def _taking_ports(
+    monkeypatch: pytest.MonkeyPatch, taken: list[int], how_many: int | None = None
+) -> list[int]:
+    """Make the supervisor's private_spec hand out ports in `taken` (ports that another
+    process listens on) for its next `how_many` calls (None: always); the ports it gave out."""
+    import dataclasses
+
+    from llamactl import supervisor
+
+    real = supervisor.private_spec
+    given: list[int] = []
+
+    def clashing(*args: Any, **kwargs: Any) -> Any:
+        spec = real(*args, **kwargs)
+        if how_many is None or len(given) < how_many:
+            spec = dataclasses.replace(spec, port=taken[len(given) % len(taken)])
+        given.append(spec.port)
+        return spec
+
+    monkeypatch.setattr(supervisor, "private_spec", clashing)
+    return given
+
+
+def _listener() -> Any:
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def test_taken_port_is_retried_at_once_on_another_port_and_is_no_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        with _listener() as occupier:
+            taken = occupier.getsockname()[1]
+            sup = Supervisor(FAST)
+            sup.add(config(tmp_path))
+            given = _taking_ports(monkeypatch, [taken], how_many=1)
+            inst = await sup.start("default")
+            assert inst.state is State.READY
+            assert given[0] == taken and inst.process.spec.port != taken  # type: ignore[union-attr]
+            assert not inst.failures and inst.restarts == 0
+            # A restart whose first port is taken: one restart, one failure (the kill) only.
+            given = _taking_ports(monkeypatch, [taken], how_many=1)
+            os.kill(inst.process.pid, signal.SIGKILL)  # type: ignore[union-attr, arg-type]
+            await wait_for_state(sup, State.BACKOFF)
+            await wait_for_state(sup, State.READY)
+            assert given[0] == taken and inst.process.spec.port == given[-1] != taken  # type: ignore[union-attr]
+            assert inst.restarts == 1 and len(inst.failures) == 1
+            assert "port" not in (inst.last_error or "")
+            await sup.close()
+
+    run(main())
+
+
+def test_a_port_taken_every_time_fails_with_the_diagnosis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        with _listener() as occupier:
+            given = _taking_ports(monkeypatch, [occupier.getsockname()[1]])
+            sup = Supervisor(FAST)
+            sup.add(config(tmp_path))
+            with pytest.raises(ServerStartError) as err:
+                await sup.start("default")
+            assert "its port is already in use" in err.value.message
+            assert len(given) == FAST.port_retries + 1
+            await sup.close()
+
+    run(main())
+
+
+def test_kill_during_the_first_load_is_retried(tmp_path: Path) -> None:
+    async def main() -> None:
+        sup = Supervisor(FAST)
+        sup.add(config(tmp_path, "--mode", "slow-start", "--load-time", "1"))
+        start = asyncio.ensure_future(sup.start("default"))
+        inst = sup.instances["default"]
+        await wait_for_state(sup, State.STARTING)
+        while inst.process is None or inst.process.pid is None:
+            await asyncio.sleep(0.01)
+        victim = inst.process
+        await asyncio.sleep(0.3)  # loading: /health says 503
+        assert await victim.health() == 503
+        os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        await start
+        assert inst.state is State.READY and inst.process is not victim
+        assert len(inst.failures) == 1
+        await sup.close()
+
+    run(main())
+
+
+def test_a_first_start_killed_every_time_gives_up_with_the_signal_named(tmp_path: Path) -> None:
+    async def main() -> None:
+        suicidal = InstanceConfig(
+            name="default",
+            binary=Path(sys.executable),
+            args=("-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"),
+            log_path=tmp_path / "default.log",
+        )
+        sup = Supervisor(FAST)
+        sup.add(suicidal)
+        with pytest.raises(ServerStartError) as err:
+            await sup.start("default")
+        assert "killed by SIGKILL" in err.value.message
+        assert "out-of-memory" in err.value.message
+        assert len(sup.instances["default"].failures) == FAST.first_start_retries
+        await sup.close()
+
+    run(main())
+
+
+def test_a_crash_names_the_signal_and_what_it_means(tmp_path: Path) -> None:
+    async def main() -> None:
+        sup = Supervisor(FAST)
+        sup.add(config(tmp_path))
+        inst = await sup.start("default")
+        os.kill(inst.process.pid, signal.SIGBUS)  # type: ignore[union-attr, arg-type]
+        await wait_for_state(sup, State.BACKOFF)
+        assert "killed by SIGBUS" in (inst.last_error or "")
+        assert "model file was truncated" in (inst.last_error or "")
+        await sup.close()
+
+    run(main())
+
+
+def test_failed_instance_answers_one_line_without_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        sup = Supervisor(FAST)
+        sup.add(config(tmp_path))
+        inst = await sup.start("default")
+        monkeypatch.setenv("FAKE_LLAMA_MODE", "crash-on-start")
+        os.kill(inst.process.pid, signal.SIGKILL)  # type: ignore[union-attr, arg-type]
+        await wait_for_state(sup, State.FAILED)
+        assert "last lines of" in (inst.last_error or "")  # kept for ps and the operator
+        with pytest.raises(ProxyError) as err:
+            await sup.acquire(None)
+        assert "\n" not in err.value.message and "last lines" not in err.value.message
+        assert "exited with code 1 while starting" in err.value.message
+        await sup.close()
+
+    run(main())

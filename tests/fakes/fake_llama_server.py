@@ -31,6 +31,9 @@ Modes:
                     connection closed without an answer (a keep-alive connection that the server
                     closed just as the client reused it).
 
+A port that cannot be bound makes it exit 1 at once with llama-server's message ("couldn't bind
+HTTP server socket, hostname: H, port: P"), in every mode but crash-on-start.
+
 Endpoints: GET /health and /v1/health (503 while loading), POST /v1/chat/completions and
 /chat/completions (plain, or SSE with `data: {...}` events and `data: [DONE]`), POST /completion,
 POST /tokenize, POST /detokenize, GET /v1/models and /models, GET /props, GET /slots, GET /
@@ -474,7 +477,17 @@ async def main(argv: list[str]) -> int:
             flush=True,
         )
         return 1
-    srv = await asyncio.start_server(server.handle_connection, s.host, s.port, limit=1 << 20)
+    try:
+        srv = await asyncio.start_server(server.handle_connection, s.host, s.port, limit=1 << 20)
+    except OSError:
+        # What llama-server does (server-http.cpp), before it loads the model.
+        print(
+            f"srv         start: couldn't bind HTTP server socket, hostname: {s.host}, "
+            f"port: {s.port}\nsrv  llama_server: exiting due to HTTP server error",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     port = srv.sockets[0].getsockname()[1]
     print(
         f"main: server is listening on http://{s.host}:{port} - starting the main loop",
