@@ -985,13 +985,24 @@ def test_real_ctrl_c_in_a_chat_cancels_the_generation(real: RealServer) -> None:
     term = Pty(argv, env)
     try:
         term.expect(r">>> ", timeout=30)
+
+        def count(what: str) -> int:  # the log is shared with the module's other tests
+            return real.log.read_text(errors="replace").count(what)
+
+        launched, cancelled = count("processing task"), count("cancel task")
         term.send("Write a very long story about a robot who learns to paint.\r")
-        term.expect(r"[A-Za-z]{4}", timeout=60)  # the reply has started
+        # The reply has started when llama-server says so (the terminal echoes the prompt, so
+        # text on it proves nothing), and a little of it has reached the screen.
+        deadline = time.monotonic() + 60
+        while count("processing task") == launched:
+            assert time.monotonic() < deadline, "the chat's request never reached llama-server"
+            time.sleep(0.05)
+        time.sleep(0.5)
         term.send("\x03")
         term.expect(r"\[interrupted\]")
         # llama-server notices the closed connection and cancels the task.
         deadline = time.monotonic() + 10
-        while "cancel task" not in real.log.read_text(errors="replace"):
+        while count("cancel task") == cancelled:
             assert time.monotonic() < deadline, real.log.read_text()[-2000:]
             time.sleep(0.1)
         term.expect(r">>> ")
