@@ -88,6 +88,7 @@ class Instance:
     failures: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=64))
     consecutive_bad: int = 0
     in_flight: int = 0
+    last_ok: float = 0.0  # time.monotonic() of the last request answered below 500
     ready_event: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     broken: asyncio.Event = field(default_factory=asyncio.Event)
@@ -305,6 +306,7 @@ class Supervisor:
         misses = 0
         try:
             while True:
+                window = time.monotonic()
                 done, _ = await asyncio.wait(
                     {exited, broken},
                     timeout=self.policy.health_interval,
@@ -318,6 +320,11 @@ class Supervisor:
                     return "llama-server answers /health but fails every request"
                 status = await process.health(timeout=self.policy.health_timeout)
                 if status is None and process.returncode is None:
+                    if max(process.last_line_at, inst.last_ok) > window:
+                        # A new log line or a request answered since this check began: busy
+                        # (on a loaded machine /health can wait seconds), not hung.
+                        misses = 0
+                        continue
                     misses += 1
                     if misses >= self.policy.hung_after:
                         process.kill_now()
@@ -388,6 +395,8 @@ class Supervisor:
         inst.in_flight = max(0, inst.in_flight - 1)
         if upstream.generation != inst.generation:
             return
+        if 0 < outcome < 500:
+            inst.last_ok = time.monotonic()
         if outcome == 0 or (outcome >= 500 and outcome != 503):
             inst.consecutive_bad += 1
             if inst.consecutive_bad == self.policy.broken_after:

@@ -353,3 +353,29 @@ def test_failed_instance_answers_one_line_without_the_log(
         await sup.close()
 
     run(main())
+
+
+def test_a_busy_server_that_still_answers_requests_is_not_killed_as_hung(tmp_path: Path) -> None:
+    # Under heavy load /health can miss its timeout while requests still complete: a server
+    # that answers requests (or writes its log) is busy, not hung. Once nothing shows life,
+    # it is killed as before.
+    async def main() -> None:
+        sup = Supervisor(FAST)
+        sup.add(config(tmp_path, "--mode", "busy-health", "--hang-after", "0.2"))
+        inst = await sup.start("default")
+        pid = inst.process.pid  # type: ignore[union-attr]
+        loop = asyncio.get_running_loop()
+        # Long enough for hung_after missed checks twice over (each waits health_timeout).
+        misses = 2 * FAST.hung_after
+        until = loop.time() + misses * (FAST.health_interval + FAST.health_timeout)
+        while loop.time() < until:  # the proxy's side: requests keep being answered
+            upstream = await sup.acquire(None)
+            sup.release(upstream, 200)
+            await asyncio.sleep(0.05)
+        assert inst.state is State.READY and inst.restarts == 0
+        assert inst.process.pid == pid  # type: ignore[union-attr]
+        await wait_for_state(sup, State.BACKOFF)  # no more answers: now it counts as hung
+        assert "stopped answering /health" in (inst.last_error or "")
+        await sup.close()
+
+    run(main())

@@ -27,6 +27,9 @@ Modes:
                     then the connection closes.
   fail-requests     /health answers 200; every other request gets a 500 JSON error (a server
                     that looks alive but is broken).
+  busy-health       like hang, but only /health goes silent after --hang-after; every other
+                    request is served normally (a server too loaded to answer its health
+                    check in time, yet working).
   drop-reused       a request that arrives on a connection that already served one gets the
                     connection closed without an answer (a keep-alive connection that the server
                     closed just as the client reused it).
@@ -195,6 +198,9 @@ class FakeServer:
                 body = await self.read_body(reader, hmap)
                 if hmap.get("x-fake-hang"):
                     await asyncio.sleep(3600)
+                    return
+                if self.s.mode == "busy-health" and self.hung() and target.startswith("/health"):
+                    await asyncio.sleep(3600)  # a starved HTTP thread: other requests go on
                     return
                 served += 1
                 self.stats["requests"] += 1
