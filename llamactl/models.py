@@ -983,16 +983,24 @@ def _known_names(found: list[_Found]) -> str:
     return ", ".join(names) or "none"
 
 
-def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
-    """The file to serve for a path or a model name; fetches the default model if named."""
+def resolve_model(name_or_path: str | os.PathLike[str], *, paths_allowed: bool = True) -> Path:
+    """The file to serve for a path or a model name; fetches the default model if named.
+
+    A path is taken as given: it comes from the user's own command line. With
+    `paths_allowed=False` (for a name that came in a request) only the name of a .gguf found
+    in the model dirs is accepted: anything that could point elsewhere (separators, `..`, a
+    leading dot, NUL) is refused unlooked-at, and nothing is fetched."""
     raw = os.fspath(name_or_path)
-    path = Path(raw).expanduser()
-    if path.exists():
-        if not path.is_file():
-            raise ModelError(f"{path} is not a file")
-        return path
-    if raw.casefold() == DEFAULT_MODEL.name.casefold():
-        return ensure_default_model()
+    if not paths_allowed:
+        _check_name(raw)
+    else:
+        path = Path(raw).expanduser()
+        if path.exists():
+            if not path.is_file():
+                raise ModelError(f"{path} is not a file")
+            return path
+        if raw.casefold() == DEFAULT_MODEL.name.casefold():
+            return ensure_default_model()
     looks_like_path = "/" in raw or "\\" in raw or os.sep in raw or raw.startswith(".")
     if looks_like_path:
         raise ModelError(f"no such model file: {raw}")

@@ -114,10 +114,15 @@ class ProxyConfig:
     max_header_bytes: int = 64 * 1024
     #: Longest silence from llama-server while a request is in flight; 600 s is llama-server's
     #: own default read/write timeout (`--timeout`), so the proxy never gives up before it does.
+    #: Also how long a client may leave its answer unread (no byte taken) before it is dropped.
     upstream_timeout: float = 600.0
     connect_timeout: float = 10.0
     #: A request head must arrive within this, and a body may not stall longer (slow clients).
     request_timeout: float = 30.0
+    #: A body must also arrive at this average rate (bytes/s) after the first request_timeout
+    #: seconds, so that one trickling a byte now and then cannot hold a connection for hours
+    #: (Apache's mod_reqtimeout does the same: body=20,MinRate=500).
+    min_body_rate: int = 1024
     keepalive_timeout: float = 75.0
     #: CORS on the proxy's own error answers (llama-server's answers carry its own headers):
     #: None = no CORS headers, "*" = echo any Origin, "localhost" = echo loopback origins only,
@@ -181,6 +186,18 @@ _STATIC_SUFFIXES = (
 )  # fmt: skip
 _CONNECTION_WORDS = frozenset({b"keep-alive", b"close", b"upgrade", b""})
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+# llama-server's routes that parse their POST body as JSON whatever it is (server.cpp): it
+# answers an empty one with 500, a server error that is the client's; the proxy says 400.
+# (Others take an empty body: POST /slots/0?action=erase, /health.)
+_JSON_ROUTES = frozenset(
+    {
+        b"/completion", b"/completions", b"/v1/completions", b"/chat/completions",
+        b"/v1/chat/completions", b"/infill", b"/embedding", b"/embeddings", b"/v1/embeddings",
+        b"/rerank", b"/reranking", b"/v1/rerank", b"/v1/reranking", b"/tokenize",
+        b"/detokenize", b"/apply-template", b"/v1/messages", b"/v1/messages/count_tokens",
+        b"/v1/responses",
+    }
+)  # fmt: skip
 
 # Response framings towards the client.
 _NONE, _LENGTH, _CHUNKED, _CLOSE = 0, 1, 2, 3
@@ -416,11 +433,16 @@ class _ClientConn(asyncio.Protocol):
         self.head_started = 0.0
         self.closed = False
         self.ignore_input = False
+        self.in_trailer = False
         self.write_paused = False
-        self.write_paused_at = 0.0
         self.read_paused = False
         self.pumping = False
+        #: Last sign of life of the request being received, or the end of the last answer.
         self.stamp = proxy.now
+        #: Bytes waiting for the client at the last sweep, and since when none were taken.
+        self.unsent = 0
+        self.unsent_at = proxy.now
+        self.linger: asyncio.TimerHandle | None = None
 
     # asyncio callbacks
 
@@ -433,8 +455,8 @@ class _ClientConn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.ignore_input:
             return
-        self.stamp = self.proxy.now
-        if self.in_head:
+        # Raw bytes count while llhttp may be buffering a field: in a head or in trailers.
+        if self.in_head or self.in_trailer:
             self.raw_head += len(data)
         try:
             self.parser.feed_data(data)
@@ -446,7 +468,7 @@ class _ClientConn(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fatal(ProxyError(400, f"malformed HTTP request: {exc}", code="bad_request"))
             return
-        if self.in_head and self.raw_head > self.proxy.config.max_header_bytes:
+        if (self.in_head or self.in_trailer) and self.raw_head > self.proxy.config.max_header_bytes:
             self._fatal(ProxyError(431, "request header fields too large"))
             return
         self._pump()
@@ -459,13 +481,18 @@ class _ClientConn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.proxy._clients.discard(self)
+        if self.linger is not None:
+            self.linger.cancel()
+            self.linger = None
         for ex in self.queue:
             self._abandon(ex)
         self.queue.clear()
 
     def pause_writing(self) -> None:
+        # The client reads slower than its answer comes: stop reading llama-server until it
+        # catches up; _pump starts no further request meanwhile (answers the proxy writes
+        # itself included), and pipelining stops reading the client (see on_message_complete).
         self.write_paused = True
-        self.write_paused_at = self.proxy.now
         if self.queue:
             conn = self.queue[0].conn
             if conn is not None and conn.transport is not None:
@@ -474,9 +501,12 @@ class _ClientConn(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.queue:
-            conn = self.queue[0].conn
+            ex = self.queue[0]
+            conn = ex.conn
             if conn is not None and conn.transport is not None:
                 conn.transport.resume_reading()
+            elif not ex.started:
+                self._pump()
 
     # httptools callbacks (called from feed_data)
 
@@ -486,7 +516,7 @@ class _ClientConn(asyncio.Protocol):
         self.queue.append(ex)
         self.in_head = True
         self.raw_head = 0
-        self.head_started = self.proxy.now
+        self.head_started = self.stamp = self.proxy.now
 
     def on_url(self, url: bytes) -> None:
         ex = self.cur
@@ -495,6 +525,11 @@ class _ClientConn(asyncio.Protocol):
         ex.head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            # A trailer field after a chunked body: dropped (RFC 9110 6.5.1 allows it; the body
+            # goes upstream with a Content-Length, where no trailer has a place), its bytes
+            # bounded in data_received.
+            return
         ex = self.cur
         assert ex is not None
         ex.head_size += len(name) + len(value) + 4
@@ -579,7 +614,17 @@ class _ClientConn(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             ex.expect = False
 
+    def on_chunk_header(self) -> None:
+        # Either a chunk of data follows (on_body ends this) or, after the last chunk, trailers.
+        self.in_trailer = True
+        self.raw_head = 0
+
+    def on_chunk_complete(self) -> None:
+        self.in_trailer = False
+
     def on_body(self, data: bytes) -> None:
+        self.in_trailer = False
+        self.stamp = self.proxy.now
         ex = self.cur
         assert ex is not None
         if ex.error is not None:
@@ -638,6 +683,11 @@ class _ClientConn(asyncio.Protocol):
                     if ex.expect and ex.error is None and self.cur is ex and not self.in_head:
                         self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                         ex.expect = False
+                        # The client waited for this to send its body: the body's clock starts.
+                        self.head_started = self.stamp = self.proxy.now
+                    return
+                if self.write_paused:
+                    # The client is not reading its answers: resume_writing goes on.
                     return
                 ex.started = True
                 self.proxy.requests += 1
@@ -662,6 +712,14 @@ class _ClientConn(asyncio.Protocol):
             except ProxyError as err:
                 self._reply_error(ex, err)
                 return
+        elif ex.method == b"POST" and ex.json_body and ex.url.partition(b"?")[0] in _JSON_ROUTES:
+            self._reply_error(
+                ex,
+                ProxyError(
+                    400, "request body is empty: a JSON object is expected", code="invalid_json"
+                ),
+            )
+            return
         elif b"model=" in ex.url:
             model = _query_model(ex.url)
         loop = asyncio.get_running_loop()
@@ -804,6 +862,7 @@ class _ClientConn(asyncio.Protocol):
         ex.finished = True
         self.proxy.in_flight -= 1
         ex.conn = None
+        self.stamp = self.proxy.now  # an idle keep-alive connection is idle from here
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
         if self.closed:
@@ -822,16 +881,17 @@ class _ClientConn(asyncio.Protocol):
         and drop what the client still sends for a moment, then close (a lingering close)."""
         self.ignore_input = True
         self.closed = True
-        self.proxy._clients.discard(self)
         for ex in self.queue:
             self._abandon(ex)
         self.queue.clear()
         transport = self.transport
         if self.read_paused:
             transport.resume_reading()
+        # It stays in proxy._clients until connection_lost: the sweep drops it if its answer
+        # is never read (close() waits for the buffer to drain, for ever if nobody reads).
         if transport.can_write_eof():
             transport.write_eof()
-            asyncio.get_running_loop().call_later(2.0, transport.close)
+            self.linger = asyncio.get_running_loop().call_later(2.0, transport.close)
         else:
             transport.close()
 
@@ -873,28 +933,47 @@ class _ClientConn(asyncio.Protocol):
     def check_timeouts(self, now: float) -> None:
         """Called about once a second: close connections that stalled past their bound."""
         config = self.proxy.config
+        if self._unread_for(now) > config.upstream_timeout:
+            # The client stopped reading its answer altogether.
+            self.transport.abort()
+            return
         if self.closed:
             return
-        if self.in_head and now - self.head_started > config.request_timeout:
-            self._fatal(ProxyError(408, "request head not received in time"))
-            return
+        cur = self.cur
+        if self.in_head:
+            if now - self.head_started > config.request_timeout:
+                self._fatal(ProxyError(408, "request head not received in time"))
+                return
+        elif cur is not None and not cur.expect:
+            # A body on its way: no stall longer than request_timeout, and on average at least
+            # min_body_rate after the first request_timeout seconds.
+            if now - self.stamp > config.request_timeout:
+                self._fatal(ProxyError(408, "request body not received in time"))
+                return
+            allowed = config.request_timeout + cur.body_len / config.min_body_rate
+            if now - self.head_started > allowed:
+                self._fatal(ProxyError(408, "request body arriving too slowly"))
+                return
         if not self.queue:
             if now - self.stamp > config.keepalive_timeout:
                 self.transport.close()
             return
         ex = self.queue[0]
         if not ex.complete:
-            if now - self.stamp > config.request_timeout:
-                self._fatal(ProxyError(408, "request body not received in time"))
-            return
-        if self.write_paused and now - self.write_paused_at > config.upstream_timeout:
-            # The client stopped reading its answer altogether.
-            self.transport.abort()
             return
         conn = ex.conn
         if conn is not None and now - conn.stamp > config.upstream_timeout:
             ex.timed_out = True
             conn.abort_with_failure()
+
+    def _unread_for(self, now: float) -> float:
+        """Seconds that bytes for the client have waited with none taken, 0 when none wait or
+        more may still be added (an answer under way that has not filled the buffer)."""
+        size = self.transport.get_write_buffer_size()
+        if size == 0 or size < self.unsent or (self.queue and not self.write_paused):
+            self.unsent_at = now
+        self.unsent = size
+        return now - self.unsent_at
 
 
 # -- the upstream side -----------------------------------------------------------------------
