@@ -312,6 +312,11 @@ def _sse_error_event(message: str) -> bytes:
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
+#: How long a request whose upstream refuses connections keeps asking for the upstream again
+#: (a dead llama-server the supervisor has not noticed yet), and the pause between tries.
+REQUEUE_S = 5.0
+REQUEUE_PAUSE_S = 0.05
+
 _EAGER_TASKS = sys.version_info >= (3, 12)
 _NEEDS_TASK = object()
 
@@ -369,9 +374,11 @@ class _Exchange:
         "keep_alive",
         "lines",
         "method",
+        "model",
         "origin",
         "payload",
         "released",
+        "requeue_until",
         "started",
         "status",
         "timed_out",
@@ -410,6 +417,8 @@ class _Exchange:
         self.payload: list[bytes] = []
         self.attempts = 0
         self.released = False
+        self.model: str | None = None
+        self.requeue_until = 0.0  # loop time until which a refused connect waits for a restart
         self.status = 0
         self.timed_out = False
         self.acquire_task: asyncio.Task[Upstream] | None = None
@@ -722,6 +731,12 @@ class _ClientConn(asyncio.Protocol):
             return
         elif b"model=" in ex.url:
             model = _query_model(ex.url)
+        ex.model = model
+        self._acquire(ex)
+
+    def _acquire(self, ex: _Exchange) -> None:
+        """Ask the provider for the upstream of ex.model, then send."""
+        model = ex.model
         loop = asyncio.get_running_loop()
         coro = self.proxy.provider.acquire(model)
         if _EAGER_TASKS:
@@ -787,8 +802,9 @@ class _ClientConn(asyncio.Protocol):
             auth,
             length,
         )
+        # The parts stay until the exchange ends: a request refused by a llama-server that has
+        # just died is built again for its successor, whose private key differs (_requeue).
         ex.payload = [head + body] if len(body) < 65536 else [head, body]
-        ex.lines = ex.cred = ex.body = []
         self._send(ex, fresh=False)
 
     def _send(self, ex: _Exchange, fresh: bool) -> None:
@@ -821,6 +837,8 @@ class _ClientConn(asyncio.Protocol):
         if ex.attempts < 2 and not isinstance(exc, asyncio.TimeoutError):
             self._send(ex, fresh=True)
             return
+        if isinstance(exc, ConnectionRefusedError) and self._requeue(ex):
+            return
         upstream = ex.upstream
         assert upstream is not None
         log.warning(
@@ -832,6 +850,27 @@ class _ClientConn(asyncio.Protocol):
         else:
             err = ProxyError(502, f"cannot reach the model server {upstream.name}: {exc}")
         self._reply_error(ex, err)
+
+    def _requeue(self, ex: _Exchange) -> bool:
+        """Nothing listens on the upstream's port: its llama-server has died, and the
+        supervisor may not have noticed yet. No byte of the request was taken, so ask for
+        the upstream again shortly (acquire waits for the restart), for up to REQUEUE_S."""
+        now = asyncio.get_running_loop().time()
+        if ex.requeue_until == 0.0:
+            ex.requeue_until = now + REQUEUE_S
+        elif now >= ex.requeue_until:
+            return False
+        self._release(ex, 0)
+        ex.released = False
+        ex.upstream = None
+        ex.attempts = 0
+        ex.payload = []
+        asyncio.get_running_loop().call_later(REQUEUE_PAUSE_S, self._reacquire, ex)
+        return True
+
+    def _reacquire(self, ex: _Exchange) -> None:
+        if not (self.closed or ex.finished):
+            self._acquire(ex)
 
     def _release(self, ex: _Exchange, outcome: int) -> None:
         if not ex.released and ex.upstream is not None:

@@ -4,6 +4,7 @@ against the real one)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
 import http.client
@@ -483,12 +484,41 @@ def test_body_over_limit_gets_413_without_reading_it(fake_port: int) -> None:
         assert pt.provider.models == []
 
 
-def test_unreachable_upstream_gets_502(fake_port: int) -> None:
+def test_unreachable_upstream_gets_502(fake_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("llamactl.proxy.REQUEUE_S", 0.3)
     with running_proxy(free_port()) as pt:
         status, _, data = request(pt.port, "POST", "/tokenize", b'{"content": "a"}')
         assert status == 502
         assert error_of(data)["type"] == "server_error"
-        assert pt.provider.releases == [0]
+        # Asked again while the window lasted (a dead server's successor may come), then 502.
+        assert len(pt.provider.models) > 1 and set(pt.provider.releases) == {0}
+        assert len(pt.provider.releases) == len(pt.provider.models)
+
+
+def test_a_request_refused_by_a_dead_server_waits_for_its_successor(fake_port: int) -> None:
+    # llama-server has just died and the supervisor has not noticed: its port refuses
+    # connections. The request is sent again, rebuilt with the new upstream's key, to the
+    # restarted one instead of failing with 502 (test_serve_real's kill -9 test hit this).
+    dead = Upstream("fake", "127.0.0.1", free_port(), b"Bearer old", 1)
+    live = Upstream("fake", "127.0.0.1", fake_port, b"Bearer new", 2)
+
+    class Restarting(StaticProvider):
+        async def acquire(self, model: str | None) -> Upstream:
+            self.models.append(model)
+            return dead if len(self.models) < 3 else live
+
+    with running_proxy(fake_port) as pt:
+        pt.provider.__class__ = Restarting
+        body = b'{"model": "m", "x": 1}'
+        headers = {"Content-Type": "application/json"}
+        status, _, data = request(pt.port, "POST", "/debug/echo", body, headers)
+        assert status == 200, data
+        echoed = json.loads(data)
+        assert base64.b64decode(echoed["body_b64"]) == body
+        auth = [v for k, v in echoed["headers"] if k.lower() == "authorization"]
+        assert auth == ["Bearer new"]
+        assert pt.provider.models == ["m", "m", "m"]
+        assert pt.provider.releases[:2] == [0, 0]
 
 
 def test_garbage_from_upstream_gets_502() -> None:
