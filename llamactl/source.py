@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import shutil
 import subprocess
-import tarfile
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -211,6 +207,8 @@ def source_status(explicit: Path | None = None) -> SourceStatus:
 
 
 def sha256_file(path: Path) -> str:
+    import hashlib
+
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -222,6 +220,8 @@ def download(
     url: str, dest: Path, *, sha256: str | None, progress: ProgressFn | None = None
 ) -> Path:
     """Download url to dest through a .part file, verify its sha256, then rename into place."""
+    import hashlib
+
     import httpx
 
     if dest.is_file() and (sha256 is None or sha256_file(dest) == sha256):
@@ -264,6 +264,9 @@ def download(
 
 def _extract_subdir(archive: Path, subdir: str, target: Path) -> int:
     """Unpack only `subdir` of a .tar.gz into target; refuse links and paths that escape it."""
+    import shutil
+    import tarfile
+
     prefix = subdir.rstrip("/") + "/"
     count = 0
     with tarfile.open(archive, "r:gz") as tar:
@@ -297,6 +300,8 @@ def _extract_subdir(archive: Path, subdir: str, target: Path) -> int:
 
 def _install_tree(staging: Path, tree: Path) -> None:
     """Swap the finished staging tree into place; the old tree, if any, is removed after."""
+    import shutil
+
     old = None
     if tree.exists() or tree.is_symlink():
         old = tree.with_name(f".{tree.name}.old-{os.getpid()}")
@@ -341,6 +346,9 @@ def fetch(
 
 
 def _staging_dir(tree: Path) -> Path:
+    import shutil
+    import tempfile
+
     # Next to the target, so the final rename is atomic (same filesystem); a leftover from an
     # interrupted fetch has no marker and is cleaned on the next one.
     for stale in tree.parent.glob(f".{tree.name}.staging-*"):
@@ -360,6 +368,8 @@ def _write_marker(staging: Path, pin: Pin, origin: str, files: int) -> None:
 
 
 def _fetch_pypi(pin: Pin, src: PinSource, tree: Path, console: Any) -> None:
+    import shutil
+
     filename = src.filename or src.url.rsplit("/", 1)[-1]
     archive = paths.downloads_dir() / filename
     label = f"llama.cpp source ({src.package}=={src.version})"
@@ -380,6 +390,8 @@ def _fetch_pypi(pin: Pin, src: PinSource, tree: Path, console: Any) -> None:
 
 
 def _fetch_git(pin: Pin, src: PinSource, tree: Path) -> None:
+    import shutil
+
     from llamactl import proc
 
     staging = _staging_dir(tree)
