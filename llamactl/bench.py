@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from llamactl.server import free_port
 
 TARGETS = ("direct", "router", "llamactl", "proxy")
 PROMPT = "Write a short story about a llama who learns to code."
@@ -54,12 +55,6 @@ class Result:
     #: llama-server, run side by side in the same batches (no drift between the two).
     paired_stream_ratio: float = 0.0
     errors: list[str] = field(default_factory=list)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def post(port: int, path: str, body: dict, timeout: float = 2.0) -> tuple[int, bytes]:

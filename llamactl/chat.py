@@ -9,7 +9,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import httpx
 
 from llamactl import paths, proc
 from llamactl.errors import LlamactlError, ServerError, ServerStartError, UsageError
+from llamactl.server import free_port
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
@@ -1086,13 +1086,6 @@ def plan_server(
         if model is not None:
             return ServerPlan(model=str(model), start=True)
     return ServerPlan(url=DEFAULT_URL)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _log_tail(path: Path, lines: int = 8) -> str:

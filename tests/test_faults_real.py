@@ -32,17 +32,13 @@ import httpx
 import psutil
 import pytest
 
+from llamactl.server import free_port
+
 pytestmark = pytest.mark.real
 
 ASK = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}
 #: Far above any recovery seen here (seconds), so only a hang trips it.
 HANG = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def recovery(fault: str, seconds: float) -> None:

@@ -33,18 +33,13 @@ from llamactl.proxy import (
     is_public,
     model_of,
 )
+from llamactl.server import free_port
 
 FAKE = Path(__file__).parent / "fakes" / "fake_llama_server.py"
 pytestmark = pytest.mark.timeout(60)
 
 
 # -- fixtures: the fake llama-server, a provider, the proxy in a thread --------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_health(port: int, timeout: float = 10.0) -> None:

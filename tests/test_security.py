@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import pytest
 from test_proxy import fake_server, request, running_proxy
 
 from llamactl.proxy import ProxyError, is_public
+from llamactl.server import free_port
 
 FAKE = Path(__file__).parent / "fakes" / "fake_llama_server.py"
 PACKAGE = Path(__file__).resolve().parent.parent / "llamactl"
@@ -37,12 +37,6 @@ real = pytest.mark.real
 
 
 # -- running serve as a user would ----------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -6,7 +6,6 @@ import gzip
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ import httpx
 import psutil
 import pytest
 
+from llamactl.server import free_port
+
 pytestmark = pytest.mark.real
 
 SEED = {
@@ -28,12 +29,6 @@ SEED = {
     "temperature": 0,
     "max_tokens": 32,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
