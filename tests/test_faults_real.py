@@ -365,7 +365,8 @@ def test_crash_loop_after_the_model_is_deleted_fails_clearly(
         assert answered < 15, f"queued requests waited {answered:.1f} s (queue timeout 20)"
         t0 = time.monotonic()
         later = httpx.post(f"{serve.url}/v1/chat/completions", json=ASK, timeout=HANG)
-        assert time.monotonic() - t0 < 2, "a failed instance must answer at once"
+        # At once, not after the queue timeout (20 s); generous for a loaded CI machine.
+        assert time.monotonic() - t0 < 10, "a failed instance must answer at once"
         error = assert_openai_error(later, 503)
         assert error["type"] == "unavailable_error" and error["code"] == "instance_failed"
         assert "failed and was not restarted" in error["message"]
