@@ -22,6 +22,7 @@ from llamactl.builds import (
     MANIFEST_NAME,
     Manifest,
     load_manifest,
+    remember_auto,
 )
 from llamactl.errors import BuildError, SourceError
 
@@ -968,6 +969,20 @@ def build_llama(
     progress: ProgressFactory | None = None,
 ) -> BuildOutcome:
     """`llamactl build`: plan, return at once when that build exists, else fetch and build."""
+    outcome = _build_llama(spec, console=console, progress=progress)
+    if spec.backend == "auto" and outcome.manifest is not None:
+        # serve picks this one among several builds without running the probes again.
+        with contextlib.suppress(OSError):
+            remember_auto(outcome.manifest.commit, outcome.manifest.key)
+    return outcome
+
+
+def _build_llama(
+    spec: BuildSpec,
+    *,
+    console: Callable[[], Console] | None = None,
+    progress: ProgressFactory | None = None,
+) -> BuildOutcome:
     # `console` and `progress` are factories, called only when a build really runs, so that
     # the no-op path imports nothing heavy (rich) and fetches nothing.
     detection = _detect()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -168,7 +169,14 @@ def find_server_binary(backend: str | None = None) -> Path:
             hint=f"run `llamactl build{f' --backend {backend}' if backend else ''}`",
         )
     if len(builds) > 1:
-        # Several configurations: prefer the one a plain `llamactl build` would make here.
+        # Several configurations: prefer the one a plain `llamactl build` made (remembered, so
+        # that serve does not run the hardware probes, nvidia-smi and all, on every start),
+        # else the one it would make here.
+        if backend is None:
+            remembered = _remembered_auto(commit)
+            for m in builds:
+                if m.key == remembered:
+                    return m.server_binary
         from llamactl.build import BuildSpec, resolve_plan
 
         with contextlib.suppress(LlamactlError):
@@ -177,3 +185,22 @@ def find_server_binary(backend: str | None = None) -> Path:
                 if m.key == wanted:
                     return m.server_binary
     return builds[0].server_binary
+
+
+def _auto_path(commit: str) -> Path:
+    return paths.builds_dir() / f".auto-{commit[:12]}"
+
+
+def remember_auto(commit: str, key: str) -> None:
+    """Note the build a plain `llamactl build` (backend auto) chose for this commit."""
+    path = _auto_path(commit)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(key + "\n")
+    os.replace(tmp, path)
+
+
+def _remembered_auto(commit: str) -> str | None:
+    try:
+        return _auto_path(commit).read_text().strip() or None
+    except OSError:
+        return None

@@ -580,9 +580,19 @@ def test_find_server_binary_choices(builds_root: Path, monkeypatch: pytest.Monke
     FakePlan.key = "nothing-matches"
     assert builds.find_server_binary() == builds_root / "cuda-new" / "bin" / "llama-server"
     assert builds.find_server_binary("cpu") == builds_root / "cpu-mid" / "bin" / "llama-server"
-    # A manifest whose binary was deleted does not count.
-    (builds_root / "cuda-new" / "bin" / "llama-server").unlink()
+    # What a plain `llamactl build` chose last is taken without asking the probes again.
+    builds.remember_auto(COMMIT, "cpu-mid")
+
+    def no_probes(spec: Any, **kw: Any) -> Any:
+        raise AssertionError("the remembered choice must spare the hardware probes")
+
+    monkeypatch.setattr(b, "resolve_plan", no_probes)
     assert builds.find_server_binary() == builds_root / "cpu-mid" / "bin" / "llama-server"
+    assert builds.find_server_binary("cuda") == builds_root / "cuda-new" / "bin" / "llama-server"
+    monkeypatch.setattr(b, "resolve_plan", lambda spec, **kw: FakePlan())
+    # A manifest whose binary was deleted does not count.
+    (builds_root / "cpu-mid" / "bin" / "llama-server").unlink()
+    assert builds.find_server_binary() == builds_root / "cuda-new" / "bin" / "llama-server"
 
 
 # --------------------------------------------------------------------------- run_build (fakes)
@@ -788,6 +798,18 @@ def test_build_is_a_noop_when_the_manifest_exists(
     result = CliRunner().invoke(b_cli().build, ["--backend", "cpu"])
     assert result.exit_code == 0, result.output
     assert result.output.strip() == f"up to date: {the_plan.build_dir}"
+
+
+def test_a_plain_build_is_remembered_for_serve(fake_machine: None, builds_root: Path) -> None:
+    the_plan = b.resolve_plan(b.BuildSpec(), fetch=False)
+    b.write_manifest(manifest_for(the_plan.build_dir))
+    outcome = b.build_llama(b.BuildSpec())
+    assert outcome.state == "up-to-date" and outcome.manifest is not None
+    assert builds._remembered_auto(COMMIT) == the_plan.key
+    other = b.resolve_plan(b.BuildSpec(backend="cpu", native=False), fetch=False)
+    b.write_manifest(manifest_for(other.build_dir))
+    b.build_llama(b.BuildSpec(backend="cpu", native=False))  # a chosen backend is not "plain"
+    assert builds._remembered_auto(COMMIT) == the_plan.key
 
 
 def test_clean_removes_the_build_dir_first(
