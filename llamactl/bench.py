@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import os
 import re
 import shutil
 import signal
@@ -86,16 +85,9 @@ def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM to the process group, then SIGKILL after a grace period."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+    from llamactl import proc as procs
+
+    procs.stop_group(proc.pid, grace=10, popen=proc)
 
 
 def wait_first_success(

@@ -17,7 +17,6 @@ import os
 import re
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import httpx
 import psutil
 import pytest
 
+from llamactl.proc import stop_group
 from llamactl.server import free_port
 
 pytestmark = pytest.mark.real
@@ -155,13 +155,7 @@ def start(server_bin: Path, model: Path, home: Path, *extra: str, port: int = 0)
 
 def stop(serve: Serve) -> None:
     serve.pool.shutdown(wait=False, cancel_futures=True)
-    if serve.proc.poll() is None:
-        os.killpg(serve.proc.pid, signal.SIGTERM)
-        try:
-            serve.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.proc.pid, signal.SIGKILL)
-            serve.proc.wait()
+    stop_group(serve.proc.pid, grace=20, popen=serve.proc)
     if serve.proc.stdout is not None:
         serve.proc.stdout.close()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import httpx
 import psutil
 import pytest
 
+from llamactl.proc import stop_group
 from llamactl.server import free_port
 
 pytestmark = pytest.mark.real
@@ -72,13 +72,7 @@ def start_serve(
 
 
 def stop_serve(serve: Serve) -> None:
-    if serve.proc.poll() is None:
-        os.killpg(serve.proc.pid, signal.SIGTERM)
-        try:
-            serve.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.proc.pid, signal.SIGKILL)
-            serve.proc.wait()
+    stop_group(serve.proc.pid, grace=20, popen=serve.proc)
 
 
 @pytest.fixture(scope="module")
