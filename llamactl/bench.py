@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llamactl.server import free_port
+from llamactl.serve.server import free_port
 
 TARGETS = ("direct", "router", "llamactl", "proxy")
 PROMPT = "Write a short story about a llama who learns to code."
@@ -365,8 +365,8 @@ def static_proxy(server: str, model: str, port: int, upstream_port: int) -> int:
     proc = subprocess.Popen(
         [server, "-m", model, "--host", "127.0.0.1", "--port", str(upstream_port)]
     )
-    from llamactl.proxy import Proxy, ProxyConfig, Upstream
-    from llamactl.proxy import run as run_loop
+    from llamactl.serve.proxy import Proxy, ProxyConfig, Upstream
+    from llamactl.serve.proxy import run as run_loop
 
     class Static:
         def __init__(self) -> None:
@@ -483,14 +483,14 @@ def default_paths() -> tuple[Path | None, Path | None]:
     """llamactl's own llama-server build and the default model, when they exist."""
     server = model = None
     try:
-        from llamactl.builds import find_server_binary
+        from llamactl.build.cache import find_server_binary
 
         server = find_server_binary()
     except Exception:  # no build yet: the caller must name one
         pass
     try:
         from llamactl import paths
-        from llamactl.models import DEFAULT_MODEL
+        from llamactl.models.catalog import DEFAULT_MODEL
 
         candidate = paths.cache_dir() / "models" / DEFAULT_MODEL.filename
         model = candidate if candidate.is_file() else None

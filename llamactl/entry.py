@@ -14,7 +14,7 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["serve"]:
-        from llamactl.serve import main as serve_main
+        from llamactl.serve.main import main as serve_main
 
         sys.exit(serve_main(args[1:]))
     from llamactl.cli import main as cli_main

@@ -40,4 +40,4 @@ fi
 .venv/bin/llamactl source fetch
 .venv/bin/llamactl build
 .venv/bin/llamactl models >/dev/null  # fetches nothing; warms nothing; proves the CLI works
-.venv/bin/python -c "from llamactl.models import ensure_default_model; print('setup: default model', ensure_default_model())"
+.venv/bin/python -c "from llamactl.models.catalog import ensure_default_model; print('setup: default model', ensure_default_model())"

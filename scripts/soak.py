@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Soak `llamactl serve`: many concurrent clients, streamed and plain chat completions plus
 /tokenize, /health and /v1/models, for a bounded time; every answer validated; serve's RSS and
-open fds sampled (see llamactl/soak.py and docs/reliability.md).
+open fds sampled (see tests/support/soak.py and docs/reliability.md).
 
     .venv/bin/python scripts/soak.py --duration 300 [--clients 64] [--json out.json]
     .venv/bin/python scripts/soak.py --url http://127.0.0.1:8080 [--pid PID]
@@ -17,9 +17,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the soak's client machinery lives in tests/support
 
-from llamactl import bench, soak
+from support import soak  # noqa: E402  (after the path set-up above)
+
+from llamactl import bench  # noqa: E402
 
 #: llama-server's own default of 4 slots (-np auto on one model), so that 64 clients queue
 #: inside it; 2048 context tokens split over 4 slots leaves 512 per request, ten times what a

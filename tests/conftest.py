@@ -43,7 +43,7 @@ def _missing(what: str) -> None:
 @pytest.fixture(scope="session")
 def server_bin() -> Path:
     """The real llama-server that `llamactl which` names."""
-    from llamactl.builds import find_server_binary
+    from llamactl.build.cache import find_server_binary
 
     override = os.environ.get("LLAMACTL_TEST_SERVER_BIN")  # a developer's own build
     if override:
@@ -60,7 +60,7 @@ def server_bin() -> Path:
 @pytest.fixture(scope="session")
 def default_model() -> Path:
     """The default model (SmolLM2-135M-Instruct Q4_1) in the real cache."""
-    from llamactl.models import DEFAULT_MODEL
+    from llamactl.models.catalog import DEFAULT_MODEL
 
     path = REAL_CACHE / "models" / DEFAULT_MODEL.filename
     if not path.is_file():

@@ -29,8 +29,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llamactl import proxy as proxy_mod
-from llamactl.proxy import ProxyConfig, Upstream
+from llamactl.serve import proxy as proxy_mod
+from llamactl.serve.proxy import ProxyConfig, Upstream
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_proxy import (
@@ -740,7 +740,7 @@ def test_traversal_in_model_or_path_touches_no_file(fake_port: int) -> None:
     """With one instance, `model` is not used for a path at all: the supervisor serves every
     name with its one instance, as llama-server itself does, and the proxy opens no file while
     it handles traversal in the model name or in the URL path (seen by an audit hook)."""
-    from llamactl.supervisor import InstanceConfig, State, Supervisor
+    from llamactl.serve.supervisor import InstanceConfig, State, Supervisor
 
     sup = Supervisor()
     inst = sup.add(InstanceConfig("default", Path("/nonexistent"), (), Path("/nonexistent.log")))
@@ -800,7 +800,8 @@ def test_resolve_model_never_leaves_the_model_dirs(
 ) -> None:
     """A model name is only ever matched against the .gguf files found in the model dirs: a
     name that would escape them is refused, and an encoded one is just an unknown name."""
-    from llamactl import models, paths
+    from llamactl import paths
+    from llamactl.models import catalog as models
 
     outside = tmp_path / "secret.gguf"
     outside.write_bytes(b"GGUF")

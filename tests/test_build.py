@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from llamactl import build as b
-from llamactl import builds
+from llamactl.build import cache as builds
+from llamactl.build import plan as b
+from llamactl.build.hardware import GPU, Decision, Detection, Tool
+from llamactl.build.source import SourceTree
 from llamactl.errors import BuildError
-from llamactl.hardware import GPU, Decision, Detection, Tool
-from llamactl.source import SourceTree
 
 COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 
@@ -820,7 +820,9 @@ def test_clean_removes_the_build_dir_first(
     b.write_manifest(manifest_for(the_plan.build_dir))
     (the_plan.build_dir / "stale.o").write_text("")
     seen: list[bool] = []
-    monkeypatch.setattr("llamactl.source.ensure_source", lambda *a, **kw: the_plan_source(the_plan))
+    monkeypatch.setattr(
+        "llamactl.build.source.ensure_source", lambda *a, **kw: the_plan_source(the_plan)
+    )
     monkeypatch.setattr(
         b, "run_build", lambda p, **kw: seen.append(p.build_dir.exists()) or "built-manifest"
     )
@@ -833,7 +835,9 @@ def test_two_builds_of_one_configuration_run_one_after_the_other(
 ) -> None:
     spec = b.BuildSpec(backend="cpu")
     the_plan = b.resolve_plan(spec, fetch=False)
-    monkeypatch.setattr("llamactl.source.ensure_source", lambda *a, **kw: the_plan_source(the_plan))
+    monkeypatch.setattr(
+        "llamactl.build.source.ensure_source", lambda *a, **kw: the_plan_source(the_plan)
+    )
     inside: list[int] = []
     overlap: list[bool] = []
     entered = threading.Event()
@@ -1005,7 +1009,8 @@ def test_ctrl_c_stops_the_whole_build_process_group() -> None:
 
 _BUILD_SCRIPT = """
 import os, sys
-from llamactl import build, proc
+from llamactl import proc
+from llamactl.build import plan as build
 build._stream(
     ["sh", "-c", "sleep 300 & echo started; wait"],
     env=dict(os.environ), log=open(os.devnull, "w"),

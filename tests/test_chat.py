@@ -28,8 +28,9 @@ import pytest
 import respx
 from click.testing import CliRunner
 
-from llamactl import chat, proc
-from llamactl.chat import (
+from llamactl import proc
+from llamactl.chat import session as chat
+from llamactl.chat.session import (
     ChatClient,
     ChatSession,
     ChatSpec,
@@ -572,7 +573,8 @@ def test_session_server_starts_waits_healthy_and_stops(monkeypatch: pytest.Monke
 def test_sigterm_stops_the_session_server_gracefully() -> None:
     script = f"""
 import sys, time
-from llamactl import chat, proc
+from llamactl import proc
+from llamactl.chat import session as chat
 real = proc.spawn
 def spawn(argv, **kw):
     port = argv[argv.index("--port") + 1]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from llamactl.build.hardware import FIXTURE_ENV
 from llamactl.cli import cli
-from llamactl.hardware import FIXTURE_ENV
 
 PROBES = Path(__file__).parent / "fixtures" / "probes"
 

@@ -32,7 +32,7 @@ import psutil
 import pytest
 
 from llamactl.proc import stop_group
-from llamactl.server import free_port
+from llamactl.serve.server import free_port
 
 pytestmark = pytest.mark.real
 
@@ -469,7 +469,7 @@ def test_real_llama_server_on_a_taken_port_is_started_again_on_another(
     import asyncio
     import dataclasses
 
-    from llamactl import supervisor as sv
+    from llamactl.serve import supervisor as sv
 
     real = sv.private_spec
     given: list[int] = []

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from llamactl.errors import ModelError
-from llamactl.gguf import GGML_TYPES, ArraySummary, format_count, read_gguf
+from llamactl.models.gguf import GGML_TYPES, ArraySummary, format_count, read_gguf
 from llamactl.paths import REPO_DIR
 
 # GGUF value type ids (gguf-py GGUFValueType).

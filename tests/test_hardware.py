@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from llamactl import hardware as hw
-from llamactl.hardware import GPU, Detection, Tool
+from llamactl.build import hardware as hw
+from llamactl.build.hardware import GPU, Detection, Tool
 
 PROBES = Path(__file__).parent / "fixtures" / "probes"
 CASES = sorted(p.name for p in PROBES.iterdir() if (p / "expected.json").exists())

@@ -22,9 +22,10 @@ import pytest
 from click.testing import CliRunner
 from test_gguf import LLAMA_KV, LLAMA_TENSORS, make_gguf
 
-from llamactl import models, paths
+from llamactl import paths
 from llamactl.errors import ModelError
-from llamactl.models import (
+from llamactl.models import catalog as models
+from llamactl.models.catalog import (
     DEFAULT_MODEL,
     HFFile,
     HFSource,
@@ -626,7 +627,7 @@ def test_real_default_model_from_pypi(real_cache: Path) -> None:
 
 @pytest.mark.real
 def test_real_default_model_metadata(real_cache: Path) -> None:
-    from llamactl.gguf import read_gguf
+    from llamactl.models.gguf import read_gguf
 
     info = read_gguf(models.ensure_default_model())
     assert info.architecture == "llama"

@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llamactl import proxy as proxy_mod
-from llamactl.proxy import (
+from llamactl.serve import proxy as proxy_mod
+from llamactl.serve.proxy import (
     Proxy,
     ProxyBindError,
     ProxyConfig,
@@ -33,7 +33,7 @@ from llamactl.proxy import (
     is_public,
     model_of,
 )
-from llamactl.server import free_port
+from llamactl.serve.server import free_port
 
 FAKE = Path(__file__).parent / "fakes" / "fake_llama_server.py"
 pytestmark = pytest.mark.timeout(60)
@@ -480,7 +480,7 @@ def test_body_over_limit_gets_413_without_reading_it(fake_port: int) -> None:
 
 
 def test_unreachable_upstream_gets_502(fake_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("llamactl.proxy.REQUEUE_S", 0.3)
+    monkeypatch.setattr("llamactl.serve.proxy.REQUEUE_S", 0.3)
     with running_proxy(free_port()) as pt:
         status, _, data = request(pt.port, "POST", "/tokenize", b'{"content": "a"}')
         assert status == 502

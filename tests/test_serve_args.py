@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from llamactl.build.source import default_tree_path
 from llamactl.errors import UsageError
-from llamactl.serve import OWN_OPTIONS, ServeSpec, parse_serve_args, parse_size
-from llamactl.source import default_tree_path
+from llamactl.serve.main import OWN_OPTIONS, ServeSpec, parse_serve_args, parse_size
 
 
 def test_defaults_match_llama_server() -> None:

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from llamactl.proc import stop_group
-from llamactl.server import free_port
+from llamactl.serve.server import free_port
 
 pytestmark = pytest.mark.real
 
@@ -247,7 +247,7 @@ def test_sigkill_of_llamactl_leaves_no_llama_server(
     child_gone = psutil.wait_procs([child], timeout=10)[1] == []
     assert child_gone, "llama-server outlived a SIGKILLed llamactl"
     # The stale state record is ignored (and cleaned) by ps.
-    from llamactl import records
+    from llamactl.serve import records
 
     os.environ["LLAMACTL_HOME"] = str(tmp_path)
     assert records.live_records() == []

@@ -1,4 +1,4 @@
-"""The soak (llamactl/soak.py): its validators must catch every kind of broken answer, its
+"""The soak (tests/support/soak.py): its validators must catch every kind of broken answer, its
 stability verdict must catch growth; then the soak itself against the real `llamactl serve`,
 short by default and long by hand (`pytest -m soak`, LLAMACTL_SOAK_SECONDS)."""
 
@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from llamactl import soak
-from llamactl.soak import MIB, Limits, Sample
+from support.soak import MIB, Limits, Sample
+from support import soak
 
 SSE = "text/event-stream"
 JSON = "application/json; charset=utf-8"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llamactl import source
+from llamactl.build import source
 from llamactl.errors import SourceError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

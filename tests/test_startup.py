@@ -16,15 +16,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from llamactl import listen, records, server
 from llamactl.errors import UsageError
+from llamactl.serve import listen, records, server
 
 FAKE = Path(__file__).parent / "fakes" / "fake_llama_server.py"
 
 # Run in a fresh interpreter: which modules are loaded when serve is about to spawn?
 _PROBE = """
 import os, sys
-from llamactl import serve, server
+from llamactl.serve import main as serve
+from llamactl.serve import server
 def spawn(self):
     print(" ".join(sorted(sys.modules)), flush=True)
     os._exit(0)
@@ -50,7 +51,7 @@ def _modules_at_spawn(*args: str, tmp_path: Path) -> set[str]:
     )
     assert out.returncode == 0, out.stderr
     loaded = set(out.stdout.split())
-    assert "llamactl.server" in loaded, out.stdout  # it did reach the spawn
+    assert "llamactl.serve.server" in loaded, out.stdout  # it did reach the spawn
     return loaded
 
 
@@ -63,8 +64,8 @@ def test_serve_spawns_llama_server_before_the_heavy_imports(tmp_path: Path) -> N
         "httpx",
         "psutil",
         "asyncio",
-        "llamactl.proxy",
-        "llamactl.build",
+        "llamactl.serve.proxy",
+        "llamactl.build.plan",
     ):
         assert heavy not in loaded, f"{heavy} is imported before llama-server is spawned"
 
@@ -181,7 +182,7 @@ def test_private_spec_keys_are_fresh_and_not_in_argv(tmp_path: Path) -> None:
 
 
 def test_parse_errors_are_usage_errors() -> None:
-    from llamactl.serve import parse_serve_args
+    from llamactl.serve.main import parse_serve_args
 
     with pytest.raises(UsageError):
         parse_serve_args(["--port", "0x50"])

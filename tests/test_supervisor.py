@@ -14,8 +14,8 @@ import pytest
 
 from llamactl.errors import ServerStartError
 from llamactl.proc import pid_alive
-from llamactl.proxy import ProxyError
-from llamactl.supervisor import InstanceConfig, Policy, State, Supervisor
+from llamactl.serve.proxy import ProxyError
+from llamactl.serve.supervisor import InstanceConfig, Policy, State, Supervisor
 
 FAKE = str(Path(__file__).parent / "fakes" / "fake_llama_server.py")
 FAST = Policy(
@@ -212,7 +212,7 @@ def _taking_ports(
     process listens on) for its next `how_many` calls (None: always); the ports it gave out."""
     import dataclasses
 
-    from llamactl import supervisor
+    from llamactl.serve import supervisor
 
     real = supervisor.private_spec
     given: list[int] = []

@@ -89,7 +89,7 @@ class LazyGroup(Group):
 
 
 def _version_message() -> str:
-    from llamactl.source import load_pin
+    from llamactl.build.source import load_pin
 
     try:
         pin = load_pin()

@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING
 
 import click
 
-from llamactl.build import BACKEND_CHOICES, BuildSpec, parse_list
+from llamactl.build.plan import BACKEND_CHOICES, BuildSpec, parse_list
 from llamactl.cli import Command
 from llamactl.errors import UsageError
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from llamactl.build import BuildOutcome
-    from llamactl.builds import Manifest
+    from llamactl.build.cache import Manifest
+    from llamactl.build.plan import BuildOutcome
 
 
 def _duration(seconds: float) -> str:
@@ -121,7 +121,7 @@ def build(
         source=source_dir,
     )
     if dry_run:
-        from llamactl.build import build_llama
+        from llamactl.build.plan import build_llama
 
         _render_dry_run(build_llama(spec))
         return
@@ -129,7 +129,7 @@ def build(
 
 
 def _run(spec: BuildSpec) -> None:
-    from llamactl.build import build_llama, rich_progress
+    from llamactl.build.plan import build_llama, rich_progress
 
     started = time.monotonic()
     consoles: list[Console] = []
@@ -179,7 +179,7 @@ def _render_list() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from llamactl.builds import find_builds
+    from llamactl.build.cache import find_builds
 
     builds: list[Manifest] = find_builds()
     console = Console()
@@ -215,6 +215,6 @@ def _render_list() -> None:
 )
 def which(backend: str | None) -> None:
     """Print the llama-server that serve will use."""
-    from llamactl.builds import find_server_binary
+    from llamactl.build.cache import find_server_binary
 
     click.echo(str(find_server_binary(backend)))

@@ -1,4 +1,4 @@
-"""`llamactl chat`: options -> ChatSpec -> llamactl.chat.run."""
+"""`llamactl chat`: options -> ChatSpec -> llamactl.chat.session.run."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from llamactl.chat import ChatSpec, Terminal, run
+from llamactl.chat.session import ChatSpec, Terminal, run
 from llamactl.cli import Command
 
 

@@ -34,7 +34,7 @@ def _block(text: str) -> str:
 
 def render() -> str:
     """The whole of docs/cli.md."""
-    from llamactl.serve import help_text
+    from llamactl.serve.main import help_text
 
     root = _context(cli, "llamactl", None)
     parts = [HEADER, "## llamactl\n", _block(cli.get_help(root))]

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from llamactl.build.hardware import BACKENDS, Decision, Detection
 from llamactl.cli import Command
-from llamactl.hardware import BACKENDS, Decision, Detection
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -122,7 +122,7 @@ def doctor(as_json: bool, backend: str) -> None:
     """Show what was detected and which backend fits, and why.
 
     Set LLAMACTL_PROBE_FIXTURE to a recorded probe folder to replay another machine."""
-    from llamactl.hardware import decide, detect
+    from llamactl.build.hardware import decide, detect
 
     detection = detect()
     decision = decide(detection, backend)

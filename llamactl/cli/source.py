@@ -29,7 +29,7 @@ def fetch(method: str, force: bool) -> None:
     """Fetch the pinned tree into vendor/llama.cpp, verified by checksum."""
     from rich.console import Console
 
-    from llamactl.source import fetch as fetch_source
+    from llamactl.build.source import fetch as fetch_source
 
     console = Console(stderr=True)
     tree = fetch_source(method=method, force=force, console=console)
@@ -47,7 +47,7 @@ def fetch(method: str, force: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(source_dir: Path | None, as_json: bool) -> None:
     """Show the pinned commit, the tree on disk, and whether they match."""
-    from llamactl.source import source_status
+    from llamactl.build.source import source_status
 
     st = source_status(source_dir)
     if as_json:

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 import httptools
 
-from llamactl import listen
-from llamactl.listen import ProxyBindError
+from llamactl.serve import listen
+from llamactl.serve.listen import ProxyBindError
 
 log = logging.getLogger(__name__)
 

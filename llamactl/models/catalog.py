@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from llamactl import __version__, locks, paths
-from llamactl.default_model import (
+from llamactl.errors import ModelError
+from llamactl.models.default import (
     DEFAULT_MODEL,
     DefaultModel,
     default_model_path,
     default_model_present,
 )
-from llamactl.errors import ModelError
-from llamactl.gguf import GGUFInfo, read_gguf
+from llamactl.models.gguf import GGUFInfo, read_gguf
 
 if TYPE_CHECKING:
     import httpx

@@ -139,12 +139,12 @@ def load_manifest(build_dir: Path) -> Manifest | None:
 
 def current_commit() -> str:
     """The commit of the source a build would use now."""
-    from llamactl.source import resolve_source
+    from llamactl.build.source import resolve_source
 
     try:
         return resolve_source().commit
     except SourceError:
-        from llamactl.source import load_pin
+        from llamactl.build.source import load_pin
 
         return load_pin().commit
 
@@ -177,7 +177,7 @@ def find_server_binary(backend: str | None = None) -> Path:
             for m in builds:
                 if m.key == remembered:
                     return m.server_binary
-        from llamactl.build import BuildSpec, resolve_plan
+        from llamactl.build.plan import BuildSpec, resolve_plan
 
         with contextlib.suppress(LlamactlError):
             wanted = resolve_plan(BuildSpec(backend=backend or "auto"), fetch=False).key

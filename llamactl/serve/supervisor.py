@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamactl.errors import ServerStartError
-from llamactl.proxy import ProxyError, Upstream
-from llamactl.server import ServerProcess, describe_exit, private_spec
+from llamactl.serve.proxy import ProxyError, Upstream
+from llamactl.serve.server import ServerProcess, describe_exit, private_spec
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llamactl import __version__, locks, paths
-from llamactl.builds import (
+from llamactl.build.cache import (
     MANIFEST_NAME,
     Manifest,
     load_manifest,
@@ -29,8 +29,8 @@ from llamactl.errors import BuildError, SourceError
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from llamactl.hardware import Decision, Detection
-    from llamactl.source import SourceTree
+    from llamactl.build.hardware import Decision, Detection
+    from llamactl.build.source import SourceTree
 
 BACKEND_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda", "hip", "vulkan", "metal", "sycl", "musa")
 GPU_BACKENDS: frozenset[str] = frozenset({"cuda", "hip", "vulkan", "metal", "sycl", "musa"})
@@ -233,7 +233,7 @@ def default_cuda_architectures(nvcc_version: str | None) -> tuple[str, ...]:
 
 def nvcc_max_gcc(nvcc_version: str | None) -> int | None:
     """The newest gcc major this nvcc accepts as host compiler, when known."""
-    from llamactl.hardware import CUDA_MAX_GCC  # lazily: serve's start-up path skips hardware
+    from llamactl.build.hardware import CUDA_MAX_GCC  # lazily: serve's start-up path skips hardware
 
     v = _version_tuple(nvcc_version)
     if v is None:
@@ -904,20 +904,20 @@ def write_manifest(manifest: Manifest) -> Path:
 
 
 def _detect() -> Detection:
-    from llamactl.hardware import detect
+    from llamactl.build.hardware import detect
 
     return detect()
 
 
 def _decide(detection: Detection, requested: str) -> Decision:
-    from llamactl.hardware import decide
+    from llamactl.build.hardware import decide
 
     return decide(detection, requested)
 
 
 def _pinned_source() -> SourceTree:
     """The pinned tree as it will be once fetched (dry runs plan against it)."""
-    from llamactl.source import SourceTree, default_tree_path, load_pin
+    from llamactl.build.source import SourceTree, default_tree_path, load_pin
 
     pin = load_pin()
     return SourceTree(path=default_tree_path(), commit=pin.commit, origin="pin", pinned=True)
@@ -932,7 +932,7 @@ def resolve_plan(
 ) -> BuildPlan:
     """Detect, decide, find (or fetch) the source, and plan."""
     # Without `fetch` (and in dry runs) a missing pinned tree is planned at the pinned commit.
-    from llamactl.source import ensure_source, resolve_source
+    from llamactl.build.source import ensure_source, resolve_source
 
     if spec.dry_run or not fetch:
         try:
@@ -1021,7 +1021,7 @@ def _build_locked(
     console: Callable[[], Console] | None,
     progress: ProgressFactory | None,
 ) -> BuildOutcome:
-    from llamactl.source import ensure_source
+    from llamactl.build.source import ensure_source
 
     tree = ensure_source(spec.source, console=console() if console else None)
     if (tree.path, tree.commit) != (the_plan.source, the_plan.commit):

@@ -22,7 +22,7 @@ import httpx
 
 from llamactl import paths, proc
 from llamactl.errors import LlamactlError, ServerError, ServerStartError, UsageError
-from llamactl.server import free_port
+from llamactl.serve.server import free_port
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
@@ -1027,7 +1027,7 @@ def run_interactive(session: ChatSession, read_line: Callable[[str], str]) -> No
 def running_serve_url() -> str | None:
     """The newest running `llamactl serve`, from its state records."""
     try:
-        from llamactl.records import live_records
+        from llamactl.serve.records import live_records
     except ImportError:  # records arrive with `serve`; until then only --url and the default
         return None
     for record in live_records():
@@ -1040,7 +1040,7 @@ def running_serve_url() -> str | None:
 def default_model_path() -> Path | None:
     """The default model when it is in the cache (so a chat can start a server for it)."""
     try:
-        from llamactl.models import DEFAULT_MODEL
+        from llamactl.models.catalog import DEFAULT_MODEL
     except ImportError:  # the models module may not be there yet
         return None
     path = paths.models_dir() / DEFAULT_MODEL.filename

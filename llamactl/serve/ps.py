@@ -7,8 +7,8 @@ import signal
 import time
 from typing import Any
 
-from llamactl import records
 from llamactl.proc import pid_alive
+from llamactl.serve import records
 
 
 def human_duration(seconds: float) -> str:

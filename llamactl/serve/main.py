@@ -20,7 +20,7 @@ from llamactl.errors import UsageError
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from llamactl.server import ServerProcess
+    from llamactl.serve.server import ServerProcess
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -64,7 +64,7 @@ class ServeSpec:
 
     @property
     def has_model_source(self) -> bool:
-        from llamactl.server import MODEL_SOURCE_FLAGS
+        from llamactl.serve.server import MODEL_SOURCE_FLAGS
 
         return self.model is not None or any(
             a.split("=", 1)[0] in MODEL_SOURCE_FLAGS for a in self.passthrough
@@ -223,7 +223,7 @@ def resolve_binary(
     spec: ServeSpec, console: Callable[[], Any] = _console
 ) -> tuple[Path, str | None]:
     """The llama-server to run and its backend: --server-bin, else a build, built if needed."""
-    from llamactl import builds
+    from llamactl.build import cache as builds
     from llamactl.errors import BuildError
 
     if spec.server_bin is not None:
@@ -234,7 +234,7 @@ def resolve_binary(
     try:
         binary = builds.find_server_binary(backend=spec.backend)
     except BuildError:
-        from llamactl import build
+        from llamactl.build import plan as build
 
         out = console()
         out.print("[bold]No llama.cpp build for this machine yet: building it first.[/]")
@@ -256,18 +256,18 @@ def resolve_model_args(
     if spec.model is not None:
         path = Path(spec.model).expanduser()
         if not path.is_file():  # a name, or a bad path: the models module explains
-            from llamactl import models
+            from llamactl.models import catalog as models
 
             path = models.resolve_model(spec.model)
         return ("-m", str(path), *spec.passthrough), path.name
     if spec.has_model_source:
         return spec.passthrough, "from llama-server flags"
-    from llamactl import default_model
+    from llamactl.models import default as default_model
 
     if default_model.default_model_present():
         path = default_model.default_model_path()
     else:
-        from llamactl import models
+        from llamactl.models import catalog as models
 
         path = models.ensure_default_model(console=console())
     return ("-m", str(path), *spec.passthrough), path.name
@@ -296,7 +296,7 @@ def serve(spec: ServeSpec) -> int:
 
     The order is for time to ready: resolve the model and binary, bind the port, spawn
     llama-server, and only then import asyncio, the proxy and rich, while the model loads."""
-    from llamactl import listen, records, server
+    from llamactl.serve import listen, records, server
 
     if spec.show_help:
         print(help_text())
@@ -368,9 +368,9 @@ def _run(coro: Any) -> int:
 async def _serve_async(spec: ServeSpec, started: _Started) -> int:
     import asyncio
 
-    from llamactl import records
-    from llamactl.proxy import Proxy, ProxyConfig
-    from llamactl.supervisor import InstanceConfig, Policy, Supervisor
+    from llamactl.serve import records
+    from llamactl.serve.proxy import Proxy, ProxyConfig
+    from llamactl.serve.supervisor import InstanceConfig, Policy, Supervisor
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -1,0 +1,1 @@
+"""Test support shared by the test modules and scripts: real serves, the soak's clients."""
