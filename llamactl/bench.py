@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llamactl.serve.server import free_port
+from llamactl.net import free_port
 
 TARGETS = ("direct", "router", "llamactl", "proxy")
 PROMPT = "Write a short story about a llama who learns to code."

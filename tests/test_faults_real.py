@@ -31,8 +31,8 @@ import httpx
 import psutil
 import pytest
 
+from llamactl.net import free_port
 from llamactl.proc import stop_group
-from llamactl.serve.server import free_port
 
 pytestmark = pytest.mark.real
 

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from llamactl.net import free_port
 from llamactl.serve import proxy as proxy_mod
 from llamactl.serve.proxy import (
     Proxy,
@@ -33,7 +34,6 @@ from llamactl.serve.proxy import (
     is_public,
     model_of,
 )
-from llamactl.serve.server import free_port
 
 FAKE = Path(__file__).parent / "fakes" / "fake_llama_server.py"
 pytestmark = pytest.mark.timeout(60)

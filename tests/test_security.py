@@ -26,8 +26,8 @@ import psutil
 import pytest
 from test_proxy import fake_server, request, running_proxy
 
+from llamactl.net import free_port
 from llamactl.serve.proxy import ProxyError, is_public
-from llamactl.serve.server import free_port
 
 FAKE = Path(__file__).parent / "fakes" / "fake_llama_server.py"
 PACKAGE = Path(__file__).resolve().parent.parent / "llamactl"

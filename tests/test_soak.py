@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.soak import MIB, Limits, Sample
 from support import soak
+from support.soak import MIB, Limits, Sample
 
 SSE = "text/event-stream"
 JSON = "application/json; charset=utf-8"

@@ -22,7 +22,7 @@ import httpx
 
 from llamactl import paths, proc
 from llamactl.errors import LlamactlError, ServerError, ServerStartError, UsageError
-from llamactl.serve.server import free_port
+from llamactl.net import free_port
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult

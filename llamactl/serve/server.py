@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from llamactl import proc
 from llamactl.errors import ServerStartError
+from llamactl.net import free_port
 
 if TYPE_CHECKING:
     import asyncio
@@ -47,13 +47,6 @@ MODEL_SOURCE_FLAGS = frozenset(
         "--models-preset",
     }
 )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (the kernel's choice)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
