@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from llamactl.build.hardware import BACKENDS, Decision, Detection
+from llamactl.build.decision import Decision
+from llamactl.build.detection import BACKENDS, Detection
 from llamactl.cli import Command
 
 if TYPE_CHECKING:
@@ -122,7 +123,8 @@ def doctor(as_json: bool, backend: str) -> None:
     """Show what was detected and which backend fits, and why.
 
     Set LLAMACTL_PROBE_FIXTURE to a recorded probe folder to replay another machine."""
-    from llamactl.build.hardware import decide, detect
+    from llamactl.build.decision import decide
+    from llamactl.build.hardware import detect
 
     detection = detect()
     decision = decide(detection, backend)
