@@ -54,6 +54,8 @@ def test_recorded_machine(case: str) -> None:
     assert all(not g.is_software for g in detection.gpus)
     if "hint" in expected:
         assert any(expected["hint"] in h for h in decision.hints), decision.hints
+    if "cuda_toolkit" in expected:
+        assert decision.cuda_toolkit.startswith(expected["cuda_toolkit"]), decision.cuda_toolkit
     for key in ("cpu_model", "cpu_cores", "cpu_threads", "ram_mib"):
         if key in expected:
             assert getattr(detection, key) == expected[key]

@@ -204,14 +204,29 @@ def _cuda_tuple(version: str | None) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def choose(driver_cuda: str | None, os_name: str = "linux", arch: str = "x86_64") -> WheelChoice:
-    """The newest pinned set the driver can run; without a driver, the newest (compile only)."""
+def choose(
+    driver_cuda: str | None,
+    os_name: str = "linux",
+    arch: str = "x86_64",
+    *,
+    gpus: bool = False,
+) -> WheelChoice:
+    """The newest pinned set the driver can run; with no GPU and no driver, the newest (a
+    compile-only build). `gpus`: NVIDIA GPUs were seen, so the driver's version matters."""
     if os_name != "linux" or arch != "x86_64":
         return WheelChoice(
             None, f"the pinned CUDA wheels are for Linux x86_64, not {os_name} {arch}"
         )
     newest = WHEEL_SETS[0]
     driver = _cuda_tuple(driver_cuda)
+    if driver is None and gpus:
+        # Guessing could build binaries this driver refuses ("CUDA driver version is
+        # insufficient"): say so rather than pick.
+        return WheelChoice(
+            None,
+            "the CUDA version the NVIDIA driver supports is unknown (plain `nvidia-smi` did not "
+            "show it)",
+        )
     if driver is None:
         return WheelChoice(newest, f"no NVIDIA driver to match: CUDA {newest.version} wheels")
     for wheel_set in WHEEL_SETS:

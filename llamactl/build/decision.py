@@ -28,6 +28,7 @@ class Decision:
     cuda_architectures: tuple[str, ...] = ()  # e.g. ("86", "90") from the GPUs present
     gpu_targets: tuple[str, ...] = ()  # HIP, e.g. ("gfx942",)
     requested: str = "auto"
+    cuda_toolkit: str = ""  # which CUDA toolkit a CUDA build would use and why ("" off topic)
 
 
 _HINT_CUDA = (
@@ -87,10 +88,44 @@ def _gpu_list(gpus: Sequence[GPU], detail: Callable[[GPU], str | None]) -> str:
     return ", ".join(f"{counts[lbl]}x {lbl}" if counts[lbl] > 1 else lbl for lbl in labels)
 
 
-def _cuda_state(d: Detection) -> tuple[bool, list[str]]:
-    """Whether the CUDA toolkit is complete, and hints about it."""
-    hints: list[str] = []
+def cuda_toolkit_choice(d: Detection) -> tuple[str, str]:
+    """Which CUDA toolkit a CUDA build here would use, and why: ("system" | "pypi" | "none",
+    reason). The system's when complete (nvcc and cuBLAS), else NVIDIA's PyPI wheels when a
+    pinned set fits this platform and driver (llamactl.build.cuda_wheels)."""
+    from llamactl.build import cuda_wheels
+
     nvcc = d.tools.get("nvcc")
+    if nvcc is not None and nvcc.ok and _tool_ok(d, "cublas"):
+        return "system", f"the system toolkit: nvcc {nvcc.version} with cuBLAS"
+    if nvcc is None or not nvcc.ok:
+        lack = "no nvcc"
+    else:
+        lack = f"the system's nvcc {nvcc.version} lacks cuBLAS"
+    nvidia = any(g.vendor == "nvidia" for g in d.gpus)
+    choice = cuda_wheels.choose(d.cuda_driver, d.os, d.arch, gpus=nvidia)
+    if choice.wheel_set is not None:
+        return "pypi", (
+            f"{lack}: PyPI wheels, {choice.reason} (`llamactl build` installs them into "
+            "llamactl's cache; --cuda-toolkit system|pypi chooses)"
+        )
+    return "none", f"{lack}, and no PyPI wheels fit: {choice.reason}"
+
+
+def _cuda_state(d: Detection) -> tuple[bool, list[str]]:
+    """Whether a CUDA build can be made (system toolkit or PyPI wheels), and hints about it."""
+    hints: list[str] = []
+    kind, _why = cuda_toolkit_choice(d)
+    nvcc = d.tools.get("nvcc")
+    if kind == "pypi":
+        if nvcc is not None and nvcc.ok:
+            hints.append(
+                f"the system's nvcc {nvcc.version} lacks cuBLAS, so CUDA builds take the "
+                "toolkit from PyPI wheels; for the system toolkit instead install cuBLAS "
+                f"for CUDA {nvcc.version} (`apt-get install "
+                f"libcublas-dev-{(nvcc.version or '12.8').replace('.', '-')}` from NVIDIA's "
+                "repository, or the full cuda-toolkit package)"
+            )
+        return True, hints
     if nvcc is None or not nvcc.ok:
         return False, [f"nvcc not found: {_HINT_CUDA}"]
     if not _tool_ok(d, "cublas"):
@@ -176,8 +211,15 @@ def decide(detection: Detection, requested: str = "auto") -> Decision:
     vulkan_ok, vulkan_hints = _vulkan_state(d)
     apple_silicon = d.os == "darwin" and d.arch in ("arm64", "aarch64")
 
+    toolkit = ""
+    if nvidia or _tool_version(d, "nvcc") or requested == "cuda":
+        kind, why = cuda_toolkit_choice(d)
+        toolkit = f"{kind}: {why}"
+
     def make(backend: str, reason: str, hints: Sequence[str] = ()) -> Decision:
-        return Decision(backend, reason, tuple(dict.fromkeys(hints)), archs, targets, requested)
+        return Decision(
+            backend, reason, tuple(dict.fromkeys(hints)), archs, targets, requested, toolkit
+        )
 
     if requested != "auto":
         return make(requested, f"--backend {requested} requested", _request_hints(d, requested))
@@ -190,11 +232,16 @@ def decide(detection: Detection, requested: str = "auto") -> Decision:
 
     if nvidia and cuda_ok:
         extra = [h for h in [_host_compiler_hint(d), *_old_arch_hints(d, nvidia)] if h]
-        return make(
-            "cuda",
-            f"{_gpu_list(nvidia, _cc_detail)} found, nvcc {nvcc_version} found: CUDA",
-            cuda_hints + extra,
-        )
+        if cuda_toolkit_choice(d)[0] == "pypi":
+            lack = (
+                "no CUDA toolkit"
+                if not _tool_ok(d, "nvcc")
+                else f"nvcc {nvcc_version} lacks cuBLAS"
+            )
+            found = f"{lack}: CUDA with the toolkit from PyPI wheels"
+        else:
+            found = f"nvcc {nvcc_version} found: CUDA"
+        return make("cuda", f"{_gpu_list(nvidia, _cc_detail)} found, {found}", cuda_hints + extra)
     if amd and rocm_ok and targets:
         rocm = _tool_version(d, "rocm")
         return make("hip", f"{_gpu_list(amd, _gfx_detail)} found, ROCm {rocm} found: HIP")

@@ -89,6 +89,7 @@ def choose_cuda_toolkit(
     arch: str,
     libcuda: str | None = None,
     installed: tuple[str, ...] = (),
+    gpus: bool = False,
 ) -> CudaToolkit:
     """System or PyPI wheels: `mode` auto takes the system toolkit when it is complete (nvcc
     and cuBLAS), else the wheels that the driver can run; pure (`installed`: the wheel sets
@@ -106,9 +107,11 @@ def choose_cuda_toolkit(
         return CudaToolkit(
             "system", f"{why}: the system toolkit", version=nvcc_version, libcuda=libcuda
         )
-    choice = cuda_wheels.choose(driver_cuda, os_name, arch)
+    choice = cuda_wheels.choose(driver_cuda, os_name, arch, gpus=gpus)
     if mode == "auto":
-        lack = "no nvcc" if nvcc is None else f"nvcc {nvcc_version or '?'} has no cuBLAS"
+        lack = (
+            "no nvcc" if nvcc is None else f"the system's nvcc {nvcc_version or '?'} lacks cuBLAS"
+        )
     else:
         lack = "--cuda-toolkit pypi"
     if choice.wheel_set is None:
@@ -320,4 +323,5 @@ def _probe_cuda(p: Prober, detection: Detection, facts: dict[str, Any], mode: st
         arch=detection.arch,
         libcuda=find_libcuda(p),
         installed=installed_wheel_sets(),
+        gpus=any(g.vendor == "nvidia" for g in detection.gpus),
     )

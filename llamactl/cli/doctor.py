@@ -103,6 +103,8 @@ def render(console: Console, detection: Detection, decision: Decision) -> None:
     console.print(f"reason:  {decision.reason}", highlight=False)
     if decision.cuda_architectures:
         console.print(f"CUDA architectures: {';'.join(decision.cuda_architectures)}")
+    if decision.cuda_toolkit:
+        console.print(f"CUDA toolkit: {decision.cuda_toolkit}", highlight=False)
     if decision.gpu_targets:
         console.print(f"GPU targets: {';'.join(decision.gpu_targets)}")
     for hint in decision.hints:

@@ -101,10 +101,17 @@ class BuildProgress:
 
     rich is imported only when a step arrives on a terminal, so the no-op build stays light."""
 
-    def __init__(self, console: Callable[[], Console], *, lines: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        console: Callable[[], Console],
+        *,
+        lines: TextIO | None = None,
+        bar: bool | None = None,
+    ) -> None:
         self._console = console
-        # Lines to `lines` when given, else to a redirected stdout/stderr, else a bar.
-        target = lines if lines is not None else plain_stream()
+        # Lines to `lines` when given, else to a redirected stdout/stderr, else a bar (`bar`
+        # True forces the bar).
+        target = lines if lines is not None else (None if bar else plain_stream())
         self._lines = LineReporter(target) if target is not None else None
         self._progress: Any = None
         self._tasks: dict[str, Any] = {}
