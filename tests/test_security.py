@@ -24,7 +24,7 @@ from typing import IO
 import httpx
 import psutil
 import pytest
-from test_proxy import fake_server, request, running_proxy
+from support.proxyharness import fake_server, request, running_proxy
 
 from llamactl.net import free_port
 from llamactl.serve.proxy import ProxyError, is_public
