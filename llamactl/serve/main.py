@@ -96,14 +96,15 @@ def resolve_binary(
     try:
         binary = builds.find_server_binary(backend=spec.backend)
     except BuildError:
-        from llamactl.build import plan as build
+        from llamactl.build.plan import BuildSpec
+        from llamactl.build.progress import LineReporter
+        from llamactl.build.run import build_llama
 
         out = console()
         out.print("[bold]No llama.cpp build for this machine yet: building it first.[/]")
-        outcome = build.build_llama(
-            build.BuildSpec(backend=spec.backend or "auto"),
-            console=lambda: out,
-            progress=lambda: build.rich_progress(out),
+        # Plain lines: serve's stderr is often a log (systemd, docker), never worth a bar.
+        outcome = build_llama(
+            BuildSpec(backend=spec.backend or "auto"), report=LineReporter(sys.stderr)
         )
         assert outcome.manifest is not None
         return outcome.manifest.server_binary, outcome.manifest.backend
