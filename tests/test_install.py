@@ -4,6 +4,7 @@ to the cache, and the cached build and default model serve a chat."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -98,16 +99,20 @@ def _build_wheel(out: Path) -> Path:
     shutil.copytree(
         paths.PACKAGE_DIR, src / "llamactl", ignore=shutil.ignore_patterns("__pycache__")
     )
-    # No build isolation: setuptools comes from the test's environment, so no download.
-    subprocess.run(
+    # No build isolation when this environment can build wheels (the test extra brings
+    # `wheel`): nothing is downloaded. Else pip fetches the build backend from PyPI.
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("wheel") else []
+    built = subprocess.run(
         [
-            *(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"),
+            *(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation),
             *("--disable-pip-version-check", "-w", str(out / "dist"), str(src)),
         ],
-        check=True,
         timeout=300,
         capture_output=True,
+        text=True,
+        check=False,
     )
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
     (wheel,) = (out / "dist").glob("llamactl-*.whl")
     return wheel
 
@@ -131,15 +136,17 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     # A plain path line: the dependencies are found after the venv's own site-packages, and
     # this environment's editable llamactl (a .pth in that folder) is not processed from it.
     Path(purelib, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run(
+    done = subprocess.run(
         [
             *(sys.executable, "-m", "pip", "--python", str(python), "install", "-q"),
             *("--no-deps", "--no-index", "--disable-pip-version-check", str(wheel)),
         ],
-        check=True,
         timeout=300,
         capture_output=True,
+        text=True,
+        check=False,
     )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     cwd = root / "elsewhere"
     cwd.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMACTL_")}
