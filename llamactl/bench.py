@@ -389,7 +389,7 @@ def static_proxy(server: str, model: str, port: int, upstream_port: int) -> int:
                 await self.ready.wait()
             return self.upstream
 
-        def release(self, upstream: Upstream, outcome: int) -> None:
+        def release(self, upstream: Upstream, outcome: int, elapsed: float = 0.0) -> None:
             pass
 
     async def main() -> None:

@@ -163,6 +163,11 @@ def serve(spec: ServeSpec) -> int:
     if spec.show_help:
         print(help_text())
         return 0
+    if spec.many_models or (not spec.has_model_source and _default_config_exists()):
+        from llamactl.serve.many import serve_many
+
+        binary, backend = resolve_binary(spec)
+        return serve_many(spec, binary, backend)
     args, model_label = resolve_model_args(spec)
     binary, backend = resolve_binary(spec)
     sockets = listen.bind(spec.host, spec.port)  # a taken port fails before any model loads
@@ -201,6 +206,11 @@ def serve(spec: ServeSpec) -> int:
 
             assert process.popen is not None
             proc.stop_group(process.popen.pid, grace=5.0, popen=process.popen)
+
+
+def _default_config_exists() -> bool:
+    """Whether the config directory holds a serve.toml (then serve routes its models)."""
+    return (paths.config_dir() / "serve.toml").is_file()
 
 
 @dataclass
