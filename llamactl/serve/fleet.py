@@ -150,14 +150,17 @@ class ModelFleet:
         self._unloading: set[str] = set()
         self.metrics = Metrics()
         self.control = ControlServer(self.handle_control)
+        self._control_upstream = self.control.upstream
         self._reaper: asyncio.Task[None] | None = None
 
     # -- life ------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Start the control server, the idle reaper and the models loaded at start-up."""
-        await self.control.start()
-        self._control_upstream = self.control.upstream
+    async def start(self, *, control: bool = True) -> None:
+        """Start the control server (tests of the decisions go without), the idle reaper and
+        the models loaded at start-up."""
+        if control:
+            await self.control.start()
+            self._control_upstream = self.control.upstream
         if self._ttl:
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
         for decl in self.fleet.models:
@@ -301,10 +304,12 @@ class ModelFleet:
         """Estimate a local model's memory before deciding on it (a header read, once)."""
         if decl.name in self._need or decl.is_pull:
             return
-        path = Path(decl.source).expanduser()
-        if path.is_file():
-            self._paths[decl.name] = path
-            self._need[decl.name] = self._estimate(path, self._args(decl, decl.name, path))
+        try:
+            path = self._resolve_source(decl)
+        except LlamactlError:
+            return  # the load says why
+        self._paths[decl.name] = path
+        self._need[decl.name] = self._estimate(path, self._args(decl, decl.name, path))
 
     async def _acquire_slow(self, model: str | None) -> Upstream:
         decl = self.resolve(model)
@@ -401,9 +406,12 @@ class ModelFleet:
                 await self._unload(victim, f"evicted to make room for {decl.name}", evict=True)
             path = self._paths.get(decl.name)
             if path is None:
-                path = await asyncio.get_running_loop().run_in_executor(
-                    None, self._resolve_source, decl
-                )
+                if decl.is_pull:  # may download: in a thread
+                    path = await asyncio.get_running_loop().run_in_executor(
+                        None, self._resolve_source, decl
+                    )
+                else:  # a path or a name in the model dirs: a quick look
+                    path = self._resolve_source(decl)
                 self._paths[decl.name] = path
             args = self._args(decl, inst.name, path)
             if decl.name not in self._need:

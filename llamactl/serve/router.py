@@ -47,8 +47,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class Decision:
-    """What to do with a request: `use` an instance, `wait` for one (starting, or every slot
-    busy), `load` one (after evicting `evict`, drained first), or `reject` it."""
+    """What to do with a request: `use` an instance, `wait` for one (loading), `load` one
+    (after evicting `evict`, drained first), or `reject` it."""
 
     action: str
     instance: str | None = None
@@ -87,16 +87,19 @@ def route(
         if best.in_flight < best.slots:
             return Decision("use", best.name, reason="a free slot")
         if len(live_mine) >= replicas:
-            if queued >= queue_limit:
+            # Every slot of every replica busy: llama-server queues what it cannot run yet;
+            # llamactl bounds how much may wait there (and here, for a load) per model.
+            overflow = queued + sum(max(0, s.in_flight - s.slots) for s in ready)
+            if overflow >= queue_limit:
                 return Decision(
                     "reject",
                     status=429,
-                    message=f"model {model!r} is busy: {queued} requests are waiting for it",
+                    message=f"model {model!r} is busy: {overflow} requests are waiting for it",
                     code="queue_full",
                     retry_after=1,
                     reason="queue limit",
                 )
-            return Decision("wait", best.name, reason="every slot is busy")
+            return Decision("use", best.name, reason="every slot is busy: queued upstream")
         # Every slot busy and a replica is not running: start it (below).
     else:
         starting = [s for s in mine if s.state in ("starting", "backoff")]
