@@ -96,14 +96,15 @@ def resolve_binary(
     try:
         binary = builds.find_server_binary(backend=spec.backend)
     except BuildError:
-        from llamactl.build import plan as build
+        from llamactl.build.plan import BuildSpec
+        from llamactl.build.progress import LineReporter
+        from llamactl.build.run import build_llama
 
         out = console()
         out.print("[bold]No llama.cpp build for this machine yet: building it first.[/]")
-        outcome = build.build_llama(
-            build.BuildSpec(backend=spec.backend or "auto"),
-            console=lambda: out,
-            progress=lambda: build.rich_progress(out),
+        # Plain lines: serve's stderr is often a log (systemd, docker), never worth a bar.
+        outcome = build_llama(
+            BuildSpec(backend=spec.backend or "auto"), report=LineReporter(sys.stderr)
         )
         assert outcome.manifest is not None
         return outcome.manifest.server_binary, outcome.manifest.backend
@@ -111,9 +112,7 @@ def resolve_binary(
     return binary, backend
 
 
-def resolve_model_args(
-    spec: ServeSpec, console: Callable[[], Any] = _console
-) -> tuple[tuple[str, ...], str]:
+def resolve_model_args(spec: ServeSpec) -> tuple[tuple[str, ...], str]:
     """The llama-server flags with the model resolved to a path, and a label for it."""
     if spec.model is not None:
         path = Path(spec.model).expanduser()
@@ -129,9 +128,10 @@ def resolve_model_args(
     if default_model.default_model_present():
         path = default_model.default_model_path()
     else:
-        from llamactl.models import catalog as models
+        from llamactl.models import pull
 
-        path = models.ensure_default_model(console=console())
+        # Plain lines, like serve's other progress lines: the first fetch is a one-off.
+        path = pull.ensure_default_model(progress=pull.LineProgress(sys.stderr))
     return ("-m", str(path), *spec.passthrough), path.name
 
 
