@@ -681,7 +681,9 @@ def _resolve_source(decl: ModelDecl) -> Path:
     from llamactl.models import catalog
 
     if decl.is_pull:
-        return catalog.pull(decl.source)
+        from llamactl.models.pull import pull
+
+        return pull(decl.source)
     path = Path(decl.source).expanduser()
     if path.is_file():
         return path

@@ -3,13 +3,11 @@ and run the proxy in front of it until Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,8 +30,6 @@ from llamactl.serve.args import (
 )
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from llamactl.serve.server import LocalServer
 
 __all__ = [
@@ -72,18 +68,7 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-@functools.cache
-def _console() -> Console:
-    # rich costs ~25 ms to import: not before llama-server is spawned, unless a download or
-    # a build needs a progress bar.
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False)
-
-
-def resolve_binary(
-    spec: ServeSpec, console: Callable[[], Any] = _console
-) -> tuple[Path, str | None]:
+def resolve_binary(spec: ServeSpec) -> tuple[Path, str | None]:
     """The llama-server to run and its backend: --server-bin, else a build, built if needed."""
     from llamactl.build import cache as builds
     from llamactl.errors import BuildError
@@ -100,8 +85,7 @@ def resolve_binary(
         from llamactl.build.progress import LineReporter
         from llamactl.build.run import build_llama
 
-        out = console()
-        out.print("[bold]No llama.cpp build for this machine yet: building it first.[/]")
+        _say("No llama.cpp build for this machine yet: building it first.")
         # Plain lines: serve's stderr is often a log (systemd, docker), never worth a bar.
         outcome = build_llama(
             BuildSpec(backend=spec.backend or "auto"), report=LineReporter(sys.stderr)

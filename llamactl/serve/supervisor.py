@@ -14,10 +14,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from llamactl.errors import ServerStartError
-from llamactl.serve.backend import Backend, BackendFactory, Clock, Sleep
+from llamactl.serve.backend import Backend, BackendFactory, Clock, InstanceConfig, Sleep
 from llamactl.serve.upstream import ProxyError, Upstream
 
 log = logging.getLogger(__name__)
@@ -59,23 +58,6 @@ class Policy:
     #: free when asked) are retried at once on another port, this many times, and are not
     #: counted as crashes.
     port_retries: int = 5
-
-
-@dataclass
-class InstanceConfig:
-    """What one instance runs: llama-server and its flags; the port is chosen per start."""
-
-    name: str
-    binary: Path
-    args: tuple[str, ...]
-    log_path: Path
-    model_label: str | None = None
-    #: With several models (serve/fleet.py): the model this instance serves, and what the
-    #: router needs to know of it.
-    model: str | None = None
-    pinned: bool = False
-    groups: tuple[str, ...] = ()
-    estimate_bytes: int = 0
 
 
 @dataclass
