@@ -97,14 +97,17 @@ def resolve_binary(spec: ServeSpec) -> tuple[Path, str | None]:
 
 
 def resolve_model_args(spec: ServeSpec) -> tuple[tuple[str, ...], str]:
-    """The llama-server flags with the model resolved to a path, and a label for it."""
+    """The llama-server flags with the model resolved to a path, and a label for it.
+
+    The model is served under its name as `llamactl models` lists it (--alias NAME, unless the
+    user gave one: theirs wins, as in llama-server), not as the path of a file in the cache."""
     if spec.model is not None:
         path = Path(spec.model).expanduser()
         if not path.is_file():  # a name, or a bad path: the models module explains
             from llamactl.models import catalog as models
 
             path = models.resolve_model(spec.model)
-        return ("-m", str(path), *spec.passthrough), path.name
+        return ("-m", str(path), *_named(spec.passthrough, path)), path.name
     if spec.has_model_source:
         return spec.passthrough, "from llama-server flags"
     from llamactl.models import default as default_model
@@ -116,7 +119,16 @@ def resolve_model_args(spec: ServeSpec) -> tuple[tuple[str, ...], str]:
 
         # Plain lines, like serve's other progress lines: the first fetch is a one-off.
         path = pull.ensure_default_model(progress=pull.LineProgress(sys.stderr))
-    return ("-m", str(path), *spec.passthrough), path.name
+    return ("-m", str(path), *_named(spec.passthrough, path)), path.name
+
+
+def _named(passthrough: tuple[str, ...], path: Path) -> tuple[str, ...]:
+    """The flags plus `--alias NAME` when the user gave no alias (see resolve_model_args)."""
+    if any(a.split("=", 1)[0] in ("-a", "--alias") for a in passthrough):
+        return passthrough
+    stem = path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.name
+    name = re.sub(r"-\d{5}-of-\d{5}$", "", stem)
+    return (*passthrough, "--alias", name)
 
 
 def main(argv: list[str]) -> int:
