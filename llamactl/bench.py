@@ -13,6 +13,7 @@ proxy costs without the supervisor). Needs wrk (Debian: apt-get install wrk).
 from __future__ import annotations
 
 import asyncio
+import functools
 import http.client
 import json
 import re
@@ -649,9 +650,11 @@ def run_swap(spec: BenchSpec, progress: Callable[[str], None] = print) -> dict[s
         try:
             wait_first_success(port, lambda: TWO_NAMES[0], proc, time.monotonic())
             for round_no in range(spec.swap_rounds):
-                other = TWO_NAMES[(round_no + 1) % 2]
+                other: str = TWO_NAMES[(round_no + 1) % 2]
                 t0 = time.monotonic()
-                out["swap"].append(wait_first_success(port, lambda o=other: o, proc, t0))
+                out["swap"].append(
+                    wait_first_success(port, functools.partial(str, other), proc, t0)
+                )
                 d0 = time.monotonic()
                 procs, dport, name, _ = start_target("direct", spec, tmp)
                 try:
