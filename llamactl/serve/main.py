@@ -52,11 +52,10 @@ __all__ = [
 
 
 def _layers_offloaded(lines: list[str]) -> str | None:
-    for line in reversed(lines):
-        m = re.search(r"offloaded (\d+)/(\d+) layers to GPU", line)
-        if m:
-            return f"{m.group(1)}/{m.group(2)} layers on the GPU"
-    return None
+    # How many layers went to which GPU, from llama-server's load log (serve/loadlog.py).
+    from llamactl.serve.loadlog import offload_summary
+
+    return offload_summary(lines)
 
 
 def _ngl_requested(passthrough: tuple[str, ...]) -> bool:
