@@ -64,7 +64,9 @@ def test_llamactl_key_env_wins_over_llama_server_env() -> None:
         (["--queue-timeout", "soon"], "takes seconds"),
         (["--start-timeout", "-1"], "must be positive"),
         (["--max-body-size", "lots"], "not a size"),
-        (["--ssl-key-file", "k.pem"], "TLS is not supported"),
+        (["--ssl-key-file", "k.pem"], "TLS needs both --ssl-key-file and --ssl-cert-file"),
+        (["--host", " , "], "--host requires at least one address"),
+        (["--socket-mode", "rw"], "--socket-mode takes an octal mode"),
         (["--api-key-file", "/nonexistent/keys"], "cannot read --api-key-file"),
     ],
 )

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from llamactl import paths
 from llamactl.errors import UsageError
+from llamactl.serve.listen import parse_mode, split_hosts
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -34,14 +35,24 @@ OWN_OPTIONS = {
     "--queue-timeout": "Seconds a request waits for a starting model before 503 (default 120).",
     "--start-timeout": "Seconds of no loading progress before a start fails (default 120).",
     "--max-body-size": "Largest request body accepted, e.g. 64M (default 64M); larger: 413.",
+    "--socket-mode": "Permissions of a Unix socket (--host PATH.sock), octal (default 0600).",
+    "--allowed-hosts": "More Host names accepted without an API key, comma-separated; * = any.",
 }
 #: llama-server flags that llamactl takes for the proxy instead of passing them on.
-TAKEN_FLAGS = ("--host", "--port", "--api-key", "--api-key-file", "-m", "--model")
+TAKEN_FLAGS = (
+    "--host",
+    "--port",
+    "--reuse-port",
+    "--ssl-key-file",
+    "--ssl-cert-file",
+    "--api-key",
+    "--api-key-file",
+    "-m",
+    "--model",
+    "--log-disable",
+)
 #: llama-server flags that cannot work behind the proxy, with the reason.
-REFUSED_FLAGS = {
-    "--ssl-key-file": "TLS is not supported by llamactl serve yet: put a TLS proxy in front",
-    "--ssl-cert-file": "TLS is not supported by llamactl serve yet: put a TLS proxy in front",
-}
+REFUSED_FLAGS: dict[str, str] = {}
 _NO_VALUE = frozenset({"-h", "--help"})
 
 
@@ -60,6 +71,14 @@ class ServeSpec:
     start_timeout: float = 120.0
     max_body_bytes: int = DEFAULT_MAX_BODY
     show_help: bool = False
+    reuse_port: bool = False
+    ssl_key_file: str | None = None
+    ssl_cert_file: str | None = None
+    socket_mode: int = 0o600
+    allowed_hosts: tuple[str, ...] = ()
+    #: Copy llama-server's output to serve's stderr (off with --log-disable; the log file
+    #: keeps it either way, for `llamactl logs` and for the diagnosis of a failed start).
+    log_to_stderr: bool = True
     env_overrides: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -96,6 +115,7 @@ def parse_serve_args(argv: list[str], environ: dict[str, str] | None = None) -> 
     env = dict(os.environ if environ is None else environ)
     values: dict[str, Any] = {}
     keys: list[str] = []
+    allowed: list[str] = []
     passthrough: list[str] = []
     i = 0
 
@@ -120,10 +140,29 @@ def parse_serve_args(argv: list[str], environ: dict[str, str] | None = None) -> 
             raise UsageError(f"{flag}: {REFUSED_FLAGS[flag]}")
         elif flag == "--host":
             values["host"] = take(flag, inline)
+            if not split_hosts(values["host"]):
+                raise UsageError("--host requires at least one address")
+        elif flag == "--reuse-port":
+            values["reuse_port"] = True
+        elif flag in ("--ssl-key-file", "--ssl-cert-file"):
+            values[flag[2:].replace("-", "_")] = take(flag, inline)
+        elif flag == "--log-disable":
+            values["log_to_stderr"] = False
+        elif flag == "--socket-mode":
+            raw = take(flag, inline)
+            try:
+                values["socket_mode"] = parse_mode(raw)
+            except ValueError:
+                raise UsageError(
+                    f"--socket-mode takes an octal mode such as 0660, not {raw!r}"
+                ) from None
+        elif flag == "--allowed-hosts":
+            allowed.extend(h.strip().lower() for h in take(flag, inline).split(",") if h.strip())
         elif flag == "--port":
             raw = take(flag, inline)
-            if not raw.isdigit() or not 0 < int(raw) < 65536:
-                raise UsageError(f"--port must be a number from 1 to 65535, not {raw!r}")
+            # 0: a port the system picks, as llama-server takes it (shown in "listening at").
+            if not raw.isdigit() or not 0 <= int(raw) < 65536:
+                raise UsageError(f"--port must be a number from 0 to 65535, not {raw!r}")
             values["port"] = int(raw)
         elif flag == "--api-key":
             keys.extend(k for k in take(flag, inline).split(",") if k)
@@ -155,12 +194,26 @@ def parse_serve_args(argv: list[str], environ: dict[str, str] | None = None) -> 
         values["host"] = env["LLAMA_ARG_HOST"]
     if "port" not in values and env.get("LLAMA_ARG_PORT", "").isdigit():
         values["port"] = int(env["LLAMA_ARG_PORT"])
+    for name in ("ssl_key_file", "ssl_cert_file"):
+        if name not in values and env.get(f"LLAMA_ARG_{name.upper()}"):
+            values[name] = env[f"LLAMA_ARG_{name.upper()}"]
+    if "reuse_port" not in values and env.get("LLAMA_ARG_REUSE_PORT", "") not in ("", "0"):
+        values["reuse_port"] = True
+    if bool(values.get("ssl_key_file")) != bool(values.get("ssl_cert_file")):
+        # llama-server silently serves plain HTTP when only one is given: a user who asked
+        # for TLS would send secrets in the clear.
+        raise UsageError("TLS needs both --ssl-key-file and --ssl-cert-file")
     if not keys:
         for name in ("LLAMACTL_API_KEY", "LLAMA_API_KEY"):
             if env.get(name):
                 keys.extend(k for k in env[name].split(",") if k)
                 break
-    return ServeSpec(api_keys=tuple(keys), passthrough=tuple(passthrough), **values)
+    return ServeSpec(
+        api_keys=tuple(keys),
+        allowed_hosts=tuple(allowed),
+        passthrough=tuple(passthrough),
+        **values,
+    )
 
 
 HELP = """Usage: llamactl serve [-m MODEL] [--host HOST] [--port PORT] [--api-key KEY]
@@ -172,16 +225,24 @@ HELP = """Usage: llamactl serve [-m MODEL] [--host HOST] [--port PORT] [--api-ke
 
   Taken by llamactl (same meaning as in llama-server):
     -m, --model PATH|NAME   a GGUF file, or a model name (see `llamactl models`)
-    --host HOST             address to listen on (default 127.0.0.1)
+    --host HOST[,HOST]      addresses to listen on (default 127.0.0.1): IPv4, IPv6, names,
+                            or a Unix socket path ending in .sock
     --port PORT             port to listen on (default 8080)
+    --reuse-port            let other sockets bind the same port (SO_REUSEPORT)
+    --ssl-key-file FILE     with --ssl-cert-file: serve HTTPS (PEM files)
+    --ssl-cert-file FILE    (llama-server behind stays plain HTTP on loopback)
     --api-key KEY[,KEY]     required from clients (env LLAMACTL_API_KEY); /health stays open
     --api-key-file FILE     keys, one per line
+    --log-disable           do not copy llama-server's output to stderr (the log file
+                            keeps it: `llamactl logs`)
 
   llamactl's own:
 {own}
 
-  Every other flag goes to llama-server unchanged (-ngl, -c, --alias, -t, ...):
-  see `$(llamactl which) --help`.
+  Every other flag goes to llama-server unchanged (-ngl, -c, --alias, -t, -v,
+  --log-file, --log-colors, ...): see `$(llamactl which) --help`.
+  llama-server's output is copied to stderr as it prints it, and kept in a log file
+  (`llamactl logs`); serve's own lines start with "llamactl:".
 """
 
 
@@ -207,7 +268,7 @@ def _ngl_requested(passthrough: tuple[str, ...]) -> bool:
 
 def _say(line: str) -> None:
     """A progress line on stderr (plain: rich is not imported on serve's fast path)."""
-    print(line, file=sys.stderr, flush=True)
+    print(f"llamactl: {line}", file=sys.stderr, flush=True)
 
 
 @functools.cache
@@ -280,7 +341,9 @@ def main(argv: list[str]) -> int:
     from llamactl.errors import LlamactlError
 
     logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+        # "llamactl:" first: serve's lines stand apart from llama-server's on the same stderr.
+        level=logging.WARNING,
+        format="llamactl: %(asctime)s %(levelname)s %(message)s",
     )
     try:
         return serve(parse_serve_args(argv))
@@ -296,14 +359,20 @@ def serve(spec: ServeSpec) -> int:
 
     The order is for time to ready: resolve the model and binary, bind the port, spawn
     llama-server, and only then import asyncio, the proxy and rich, while the model loads."""
-    from llamactl.serve import listen, records, server
+    from llamactl.serve import listen, output, records, server
 
     if spec.show_help:
         print(help_text())
         return 0
     args, model_label = resolve_model_args(spec)
     binary, backend = resolve_binary(spec)
-    sockets = listen.bind(spec.host, spec.port)  # a taken port fails before any model loads
+    tls = None
+    if spec.ssl_key_file and spec.ssl_cert_file:  # a bad certificate fails before any load
+        tls = listen.tls_context(spec.ssl_key_file, spec.ssl_cert_file)
+    # A taken port fails before any model loads.
+    sockets = listen.bind(
+        spec.host, spec.port, reuse_port=spec.reuse_port, socket_mode=spec.socket_mode
+    )
     record_id = records.new_id()
     log_dir = paths.logs_dir()
     log_problem = None
@@ -311,14 +380,24 @@ def serve(spec: ServeSpec) -> int:
         paths.ensure_private_dir(log_dir)
     except OSError as exc:
         log_problem = f"cannot create the log directory {log_dir}: {exc.strerror or exc}"
+    log_path = log_dir / f"{record_id}-default.log"
+    echo = None
+    if spec.log_to_stderr:
+        args = (*args, *output.color_flags(args, os.environ, sys.stderr.isatty()))
+        echo = output.StderrCopy(note_path=str(log_path))
     process = server.ServerProcess(
-        server.private_spec(binary, args, log_dir / f"{record_id}-default.log")
+        server.private_spec(binary, args, log_path), echo=echo.write if echo else None
     )
     process.spawn()
     try:
-        if spec.host not in ("127.0.0.1", "localhost", "::1") and not spec.api_keys:
+        exposed = [
+            h
+            for h in listen.split_hosts(spec.host)
+            if h not in ("127.0.0.1", "localhost", "::1") and not listen.is_unix(h)
+        ]
+        if exposed and not spec.api_keys:
             _say(
-                f"warning: listening on {spec.host} without --api-key: anyone who "
+                f"warning: listening on {', '.join(exposed)} without --api-key: anyone who "
                 "can reach this address can use the model"
             )
         if log_problem:
@@ -326,19 +405,24 @@ def serve(spec: ServeSpec) -> int:
         if backend == "cpu" and _ngl_requested(spec.passthrough):
             _say("note: this llama.cpp build is CPU-only: -ngl has no effect")
         _say(f"loading {model_label} with {binary} ...")
-        port = int(sockets[0].getsockname()[1])  # the real one when --port 0 was asked for
-        started = _Started(record_id, sockets, port, process, backend, model_label, binary)
+        where = listen.addresses(sockets, tls=tls is not None)
+        # The real port when --port 0 was asked for; a Unix socket alone has none.
+        port = next((a.port for a in where if a.port is not None), 0)
+        started = _Started(
+            record_id, sockets, port, process, backend, model_label, binary, tls, where, echo
+        )
         return _run(_serve_async(spec, started))
     except KeyboardInterrupt:
         return 130
     finally:
-        for sock in sockets:
-            sock.close()
+        listen.close(sockets)  # removes a Unix socket's file
         if process.returncode is None:  # the loop never adopted it, or failed to stop it
             from llamactl import proc
 
             assert process.popen is not None
             proc.stop_group(process.popen.pid, grace=5.0, popen=process.popen)
+        if echo is not None:
+            echo.close()  # llama-server's last lines (its shutdown) reach stderr
 
 
 @dataclass
@@ -352,6 +436,9 @@ class _Started:
     backend: str | None
     model_label: str
     binary: Path
+    tls: Any = None  # ssl.SSLContext, when serving HTTPS
+    addresses: list[Any] = field(default_factory=list)  # listen.Address
+    echo: Any = None  # output.StderrCopy
 
 
 def _run(coro: Any) -> int:
@@ -391,6 +478,7 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
         host=spec.host,
         port=started.port,
         started_at=time.time(),
+        urls=[a.url for a in started.addresses],
         backend=started.backend,
         server_bin=str(started.binary),
         auth=bool(spec.api_keys),
@@ -437,13 +525,14 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
             args=process.spec.args,
             log_path=process.spec.log_path,
             model_label=started.model_label,
+            echo=started.echo.write if started.echo is not None else None,
         ),
         process=process,
     )
     start = asyncio.ensure_future(supervisor.start(inst.name))
     waiter = asyncio.ensure_future(stop.wait())
     try:
-        await proxy.start(started.sockets)
+        await proxy.start(started.sockets, ssl=started.tls)
         await asyncio.wait({start, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if not start.done():
             start.cancel()
@@ -458,7 +547,8 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
         elapsed = time.monotonic() - process.started_at
         _say(f"ready in {elapsed:.2f} s: " + ", ".join(detail))
         # stdout, flushed: scripts wait for this line.
-        print(f"listening at http://{_display_host(spec.host)}:{started.port}", flush=True)
+        urls = ", ".join(a.url for a in started.addresses)
+        print(f"listening at {urls}", flush=True)
         await waiter
         return _signal_exit(received)
     finally:
@@ -469,10 +559,6 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
         await proxy.close()
         await supervisor.close()
         records.remove(record.id)
-
-
-def _display_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 def _signal_exit(received: list[int]) -> int:

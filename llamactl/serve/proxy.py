@@ -18,12 +18,15 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from functools import partial
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 
 from llamactl.serve import listen
 from llamactl.serve.listen import ProxyBindError
+
+if TYPE_CHECKING:
+    from ssl import SSLContext
 
 log = logging.getLogger(__name__)
 
@@ -1328,9 +1331,12 @@ class Proxy:
             ok |= hmac.compare_digest(value, key)
         return ok
 
-    async def start(self, sockets: list[socket.socket] | None = None) -> None:
+    async def start(
+        self, sockets: list[socket.socket] | None = None, *, ssl: SSLContext | None = None
+    ) -> None:
         """Listen on `sockets` (see listen.bind), else bind the configured address;
-        ProxyBindError when the address is taken or cannot be used."""
+        ProxyBindError when the address is taken or cannot be used. With `ssl`, clients
+        speak TLS (terminated here: upstreams stay plain HTTP on loopback)."""
         loop = asyncio.get_running_loop()
         self.now = loop.time()
         config = self.config
@@ -1338,14 +1344,22 @@ class Proxy:
             sockets = listen.bind(config.host, config.port, config.backlog)
         try:
             for sock in sockets:
-                self._servers.append(await loop.create_server(lambda: _ClientConn(self), sock=sock))
+                server: asyncio.AbstractServer
+                if sock.family == socket.AF_UNIX:
+                    server = await loop.create_unix_server(
+                        lambda: _ClientConn(self), sock=sock, ssl=ssl
+                    )
+                else:
+                    server = await loop.create_server(lambda: _ClientConn(self), sock=sock, ssl=ssl)
+                self._servers.append(server)
         except BaseException:
             for server in self._servers:
                 server.close()
             self._servers.clear()
             raise
-        name = sockets[0].getsockname()
-        self._address = (name[0], name[1])
+        tcp = [s.getsockname() for s in sockets if s.family != socket.AF_UNIX]
+        name = tcp[0] if tcp else (sockets[0].getsockname(), 0)
+        self._address = (str(name[0]), int(name[1]))
         self._ticker = loop.create_task(self._tick())
 
     @property

@@ -15,7 +15,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from llamactl import proc
 from llamactl.errors import ServerStartError
 from llamactl.net import free_port
+from llamactl.serve.output import strip_colors
 
 if TYPE_CHECKING:
     import asyncio
@@ -92,6 +93,10 @@ def build_env(spec: ServerSpec, base: Mapping[str, str] | None = None) -> dict[s
     # llama-server's own --host/--port env values would fight the explicit flags.
     env.pop("LLAMA_ARG_HOST", None)
     env.pop("LLAMA_ARG_PORT", None)
+    # The proxy terminates TLS and owns the listening socket: a llama-server that read these
+    # would speak TLS to the proxy's plain HTTP on loopback.
+    for name in ("LLAMA_ARG_SSL_KEY_FILE", "LLAMA_ARG_SSL_CERT_FILE", "LLAMA_ARG_REUSE_PORT"):
+        env.pop(name, None)
     env.update(spec.env)
     if spec.api_key:
         env["LLAMA_API_KEY"] = spec.api_key
@@ -217,8 +222,16 @@ class ServerProcess:
     """A running llama-server: spawned from an argument list in its own process group, its
     output copied to a log file and a ring buffer, its health polled, stopped for sure."""
 
-    def __init__(self, spec: ServerSpec, *, ring_size: int = 200) -> None:
+    def __init__(
+        self,
+        spec: ServerSpec,
+        *,
+        ring_size: int = 200,
+        echo: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.spec = spec
+        #: Where each output line goes besides the log file (serve's stderr: serve/output.py).
+        self.echo = echo
         self.popen: subprocess.Popen[bytes] | None = None
         self.ring: collections.deque[str] = collections.deque(maxlen=ring_size)
         self.lines_seen = 0
@@ -297,12 +310,15 @@ class ServerProcess:
                     raw = await reader.read(1 << 16)
                 if not raw:
                     break
+                if self.echo is not None:
+                    self.echo(raw)  # unchanged, colors included, as llama-server wrote it
+                plain = strip_colors(raw)
                 if logfile is not None:
                     try:
-                        logfile.write(raw)
+                        logfile.write(plain)
                     except OSError:
                         pass
-                self.ring.append(raw.decode(errors="replace").rstrip())
+                self.ring.append(plain.decode(errors="replace").rstrip())
                 self.lines_seen += 1
                 self.last_line_at = time.monotonic()
         finally:

@@ -70,6 +70,8 @@ class InstanceConfig:
     args: tuple[str, ...]
     log_path: Path
     model_label: str | None = None
+    #: Where llama-server's output goes besides its log file (serve's stderr).
+    echo: Callable[[bytes], None] | None = None
 
 
 @dataclass
@@ -183,7 +185,9 @@ class Supervisor:
         while True:
             process = inst.process
             if process is None or process.attached:  # not a fresh pre-spawned one: a new one
-                process = ServerProcess(private_spec(cfg.binary, cfg.args, cfg.log_path))
+                process = ServerProcess(
+                    private_spec(cfg.binary, cfg.args, cfg.log_path), echo=cfg.echo
+                )
                 inst.process = process
             inst.set_state(State.STARTING, "spawning llama-server")
             self._notify()
