@@ -251,6 +251,28 @@ def tls_context(key_file: str, cert_file: str) -> ssl.SSLContext:
     return context
 
 
+def connection_bound(reserve: int = 128, cap: int = 1 << 16) -> int:
+    """The default bound on client connections, sized to this process's descriptors.
+
+    Raises the soft RLIMIT_NOFILE to the hard limit first (up to `cap`): Linux's soft default
+    of 1024 is far below what the machine allows. Each client connection can hold two
+    descriptors (itself and a connection to llama-server), and `reserve` stay for everything
+    else (log files, the pool's idle connections, health checks)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        soft = cap
+    return max(8, (soft - reserve) // 2)
+
+
 def local_names(host: str) -> frozenset[bytes]:
     """The host names (lower case, no port) under which a browser may reach a server that
     listens on `host` without being a DNS-rebinding attack (docs/security.md): localhost,

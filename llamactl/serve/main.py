@@ -37,6 +37,7 @@ OWN_OPTIONS = {
     "--max-body-size": "Largest request body accepted, e.g. 64M (default 64M); larger: 413.",
     "--socket-mode": "Permissions of a Unix socket (--host PATH.sock), octal (default 0600).",
     "--allowed-hosts": "More Host names accepted without an API key, comma-separated; * = any.",
+    "--max-connections": "Client connections at once; more get 503 (default: from the fd limit).",
 }
 #: llama-server flags that llamactl takes for the proxy instead of passing them on.
 TAKEN_FLAGS = (
@@ -76,6 +77,7 @@ class ServeSpec:
     ssl_cert_file: str | None = None
     socket_mode: int = 0o600
     allowed_hosts: tuple[str, ...] = ()
+    max_connections: int | None = None  # None: sized from RLIMIT_NOFILE
     #: Copy llama-server's output to serve's stderr (off with --log-disable; the log file
     #: keeps it either way, for `llamactl logs` and for the diagnosis of a failed start).
     log_to_stderr: bool = True
@@ -156,6 +158,11 @@ def parse_serve_args(argv: list[str], environ: dict[str, str] | None = None) -> 
                 raise UsageError(
                     f"--socket-mode takes an octal mode such as 0660, not {raw!r}"
                 ) from None
+        elif flag == "--max-connections":
+            raw = take(flag, inline)
+            if not raw.isdigit() or int(raw) < 1:
+                raise UsageError(f"--max-connections takes a positive number, not {raw!r}")
+            values["max_connections"] = int(raw)
         elif flag == "--allowed-hosts":
             allowed.extend(h.strip().lower() for h in take(flag, inline).split(",") if h.strip())
         elif flag == "--port":
@@ -508,12 +515,19 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
 
     policy = Policy(queue_timeout=spec.queue_timeout, stall_timeout=spec.start_timeout)
     supervisor = Supervisor(policy, on_change=write_record)
+    from llamactl.serve import listen
+
+    host_names = None
+    if "*" not in spec.allowed_hosts:
+        host_names = listen.local_names(spec.host) | {h.encode() for h in spec.allowed_hosts}
     proxy = Proxy(
         ProxyConfig(
             host=spec.host,
             port=spec.port,
             api_key=",".join(spec.api_keys) or None,
             max_body_bytes=spec.max_body_bytes,
+            host_names=host_names,
+            max_connections=spec.max_connections or listen.connection_bound(),
         ),
         supervisor,
     )
