@@ -197,7 +197,8 @@ def trickle(port: int, first: bytes, give_up: float) -> tuple[bytes, float]:
 def test_one_byte_per_second_gets_408_while_chat_goes_on(serve: Serve, baseline_fds: int) -> None:
     heads = {
         "head": b"GET /health HTTP/1.1\r\nX-Slow: ",
-        "body": b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5000\r\n\r\n",
+        "body": b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Length: 5000\r\n\r\n",
     }
     results: dict[str, tuple[bytes, float]] = {}
 
