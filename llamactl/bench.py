@@ -381,6 +381,9 @@ def static_proxy(server: str, model: str, port: int, upstream_port: int) -> int:
         def release(self, upstream: Upstream, outcome: int) -> None:
             pass
 
+        def replayable(self, upstream: Upstream) -> bool:
+            return False
+
     async def health_ok() -> bool:
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", upstream_port)

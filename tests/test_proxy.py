@@ -97,6 +97,12 @@ class StaticProvider:
     def release(self, upstream: Upstream, outcome: int) -> None:
         self.releases.append(outcome)
 
+    def replayable(self, upstream: Upstream) -> bool:
+        return upstream.generation in self.hung_generations
+
+    #: Generations "killed as hung" (Supervisor.replayable): their unanswered requests replay.
+    hung_generations: set[int] = set()  # noqa: RUF012 (replaced per instance by tests)
+
 
 class ProxyThread:
     """A Proxy on its own event loop (uvloop when present) in a background thread."""

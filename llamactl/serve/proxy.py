@@ -71,6 +71,12 @@ class UpstreamProvider(Protocol):
         499 when the client went away before the upstream answered."""
         ...
 
+    def replayable(self, upstream: Upstream) -> bool:
+        """Whether a request that got no byte of an answer from `upstream` before its
+        connection failed may be sent again (acquired anew): true when the supervisor killed
+        that upstream as hung, so the request cannot have been what broke it."""
+        ...
+
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -389,6 +395,7 @@ class _Exchange:
         "origin",
         "payload",
         "released",
+        "replayed",
         "requeue_until",
         "started",
         "status",
@@ -429,6 +436,7 @@ class _Exchange:
         self.payload: list[bytes] = []
         self.attempts = 0
         self.released = False
+        self.replayed = False
         self.model: str | None = None
         self.requeue_until = 0.0  # loop time until which a refused connect waits for a restart
         self.status = 0
@@ -856,6 +864,8 @@ class _ClientConn(asyncio.Protocol):
             return
         if self.closed or ex.finished:
             return
+        if self._replay(ex):
+            return
         if ex.attempts < 2 and not isinstance(exc, asyncio.TimeoutError):
             self._send(ex, fresh=True)
             return
@@ -872,6 +882,22 @@ class _ClientConn(asyncio.Protocol):
         else:
             err = ProxyError(502, f"cannot reach the model server {upstream.name}: {exc}")
         self._reply_error(ex, err)
+
+    def _replay(self, ex: _Exchange) -> bool:
+        """Send a request that got no byte of an answer to the successor of a llama-server that
+        was killed as hung (acquire waits for the restart), once; False when that is not the
+        case (see UpstreamProvider.replayable)."""
+        upstream = ex.upstream
+        if ex.replayed or upstream is None or not self.proxy.provider.replayable(upstream):
+            return False
+        ex.replayed = True
+        self._release(ex, 503)  # neither a failure nor a success of that server
+        ex.released = False
+        ex.upstream = None
+        ex.attempts = 0
+        ex.payload = []
+        self._acquire(ex)
+        return True
 
     def _requeue(self, ex: _Exchange) -> bool:
         """Nothing listens on the upstream's port: its llama-server has died, and the
@@ -978,13 +1004,15 @@ class _ClientConn(asyncio.Protocol):
             self._release(ex, 0)
             return
         ex.conn = None
+        upstream = ex.upstream
+        assert upstream is not None
+        if self._replay(ex):
+            return
         if retry and ex.attempts < 2:
             # A pooled keep-alive connection that llama-server closed meanwhile is normal.
             self._send(ex, fresh=True)
             return
         self._release(ex, 0)
-        upstream = ex.upstream
-        assert upstream is not None
         if ex.timed_out:
             err = ProxyError(504, f"the model server {upstream.name} did not answer in time")
         else:

@@ -218,6 +218,54 @@ async def http_status(host: str, port: int, path: str, *, timeout: float = 3.0) 
     return None
 
 
+@dataclass(frozen=True)
+class Vitals:
+    """What /proc says of a process at one moment: signs of life that /health cannot give."""
+
+    cpu_ticks: int  # user + system time of all its threads, in clock ticks
+    stopped: bool  # SIGSTOP (state T) or a tracer's stop (t): it cannot answer anything
+    active: bool  # a thread runnable (R: waiting for a CPU) or in disk sleep (D: waiting for I/O)
+
+
+def read_vitals(pid: int, proc_root: str = "/proc") -> Vitals | None:
+    """The process's Vitals, or None where /proc cannot tell (not Linux, gone)."""
+    try:
+        with open(f"{proc_root}/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        states = set()
+        for task in os.listdir(f"{proc_root}/{pid}/task"):
+            with (
+                contextlib.suppress(OSError, IndexError),
+                open(f"{proc_root}/{pid}/task/{task}/stat", "rb") as fh,
+            ):
+                states.add(fh.read().rsplit(b")", 1)[1].split()[0])
+    except (OSError, IndexError):
+        return None
+    # After the ")" that ends the name: state is field 3, utime 14, stime 15 (proc(5)).
+    state = fields[0]
+    return Vitals(
+        cpu_ticks=int(fields[11]) + int(fields[12]),
+        stopped=state in (b"T", b"t"),
+        active=bool(states & {b"R", b"D"}),
+    )
+
+
+def probe_request(args: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """The broken-server probe's request, (path, JSON body): a one-token job on an endpoint
+    that this llama-server offers. An embedding server answers /completion with 501, a
+    reranking one too: probing that would restart a healthy server (common/arg.cpp:
+    --embedding, --rerank; --pooling other than none makes an embedding server as well)."""
+    env = os.environ if env is None else env
+    flags = {a.split("=", 1)[0] for a in args}
+    pooling = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == "--pooling"), None)
+    if flags & {"--rerank", "--reranking"} or env.get("LLAMA_ARG_RERANKING"):
+        return "/rerank", '{"query": "a", "documents": ["a"]}'
+    embedding = flags & {"--embedding", "--embeddings"} or env.get("LLAMA_ARG_EMBEDDINGS")
+    if embedding or (pooling is not None and pooling != "none"):
+        return "/embedding", '{"content": "a"}'
+    return "/completion", '{"prompt": "a", "n_predict": 1}'
+
+
 class ServerProcess:
     """A running llama-server: spawned from an argument list in its own process group, its
     output copied to a log file and a ring buffer, its health polled, stopped for sure."""
@@ -429,6 +477,12 @@ class ServerProcess:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._reader), timeout=2.0)
         return code
+
+    def vitals(self) -> Vitals | None:
+        """Its signs of life now (see Vitals); None once it has exited or off Linux."""
+        if self.popen is None or self.popen.poll() is not None:
+            return None
+        return read_vitals(self.popen.pid)
 
     def kill_now(self) -> None:
         """SIGKILL the group at once (a hung server gets no grace)."""
