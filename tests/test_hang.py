@@ -23,7 +23,8 @@ import pytest
 from support.serving import FAKE, fake_binary, fake_model, start_serve
 
 from llamactl.serve.proxy import Upstream
-from llamactl.serve.server import Vitals, probe_request, read_vitals
+from llamactl.serve.backend import Vitals
+from llamactl.serve.server import probe_request, read_vitals
 from llamactl.serve.supervisor import Instance, InstanceConfig, Policy, State, Supervisor
 
 unit = pytest.mark.unit
@@ -89,7 +90,7 @@ class _StubProcess:
 
 def _lifeless(before: Vitals | None, now: Vitals | None, **kw: float) -> str | None:
     inst = Instance(config=InstanceConfig("default", Path("x"), (), Path("l")))
-    inst.process = _StubProcess(now, kw.get("last_line_at", 0.0))  # type: ignore[assignment]
+    inst.backend = _StubProcess(now, kw.get("last_line_at", 0.0))  # type: ignore[assignment]
     inst.last_ok = kw.get("last_ok", 0.0)
     return Supervisor()._lifeless(inst, before, since=10.0)
 
@@ -209,7 +210,7 @@ def test_a_stopped_server_is_killed_by_the_fast_rule(tmp_path: Path) -> None:
         sup = Supervisor(QUICK)
         sup.add(_config(tmp_path))
         inst = await sup.start("default")
-        frozen = inst.process.pid  # type: ignore[union-attr]
+        frozen = inst.backend.pid  # type: ignore[union-attr]
         os.kill(frozen, signal.SIGSTOP)  # type: ignore[arg-type]
         await _wait_state(sup, State.BACKOFF)
         # Well before the slow rule (3 x 20 s) could have said so.

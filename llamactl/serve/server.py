@@ -23,10 +23,13 @@ from typing import TYPE_CHECKING
 from llamactl import proc
 from llamactl.errors import ServerStartError
 from llamactl.net import free_port
+from llamactl.serve.backend import Vitals
 from llamactl.serve.output import strip_colors
 
 if TYPE_CHECKING:
     import asyncio
+
+    from llamactl.serve.supervisor import InstanceConfig
 
 log = logging.getLogger(__name__)
 
@@ -218,15 +221,6 @@ async def http_status(host: str, port: int, path: str, *, timeout: float = 3.0) 
     return None
 
 
-@dataclass(frozen=True)
-class Vitals:
-    """What /proc says of a process at one moment: signs of life that /health cannot give."""
-
-    cpu_ticks: int  # user + system time of all its threads, in clock ticks
-    stopped: bool  # SIGSTOP (state T) or a tracer's stop (t): it cannot answer anything
-    active: bool  # a thread runnable (R: waiting for a CPU) or in disk sleep (D: waiting for I/O)
-
-
 def read_vitals(pid: int, proc_root: str = "/proc") -> Vitals | None:
     """The process's Vitals, or None where /proc cannot tell (not Linux, gone)."""
     try:
@@ -266,9 +260,10 @@ def probe_request(args: Sequence[str], env: Mapping[str, str] | None = None) -> 
     return "/completion", '{"prompt": "a", "n_predict": 1}'
 
 
-class ServerProcess:
-    """A running llama-server: spawned from an argument list in its own process group, its
-    output copied to a log file and a ring buffer, its health polled, stopped for sure."""
+class LocalServer:
+    """A llama-server on this machine, the first `Backend` (serve/backend.py): spawned from an
+    argument list in its own process group, its output copied to a log file and a ring buffer,
+    its health polled, stopped for sure."""
 
     def __init__(
         self,
@@ -299,6 +294,44 @@ class ServerProcess:
     @property
     def url(self) -> str:
         return f"http://{self.spec.host}:{self.spec.port}"
+
+    @property
+    def host(self) -> str:
+        return self.spec.host
+
+    @property
+    def port(self) -> int:
+        return self.spec.port
+
+    @property
+    def api_key(self) -> str | None:
+        return self.spec.api_key
+
+    @property
+    def log_path(self) -> str:
+        return str(self.spec.log_path)
+
+    def describe_exit(self, code: int) -> str:
+        return describe_exit(code)
+
+    async def probe(self, auth: bytes | None) -> bool:
+        """One tiny real job on an endpoint this server offers (probe_request): True when it
+        answers like a working server, anything below 500 or a 501. httpx, imported here: only
+        a server that failed many requests in a row is probed."""
+        import httpx
+
+        path, body = probe_request(self.spec.args)
+        headers = {"Content-Type": "application/json"}
+        if auth:
+            headers["Authorization"] = auth.decode()
+        try:
+            async with httpx.AsyncClient(trust_env=False) as client:
+                resp = await client.post(
+                    f"{self.url}{path}", content=body, headers=headers, timeout=60.0
+                )
+        except httpx.HTTPError:
+            return False
+        return resp.status_code < 500 or resp.status_code == 501
 
     @property
     def attached(self) -> bool:
@@ -491,3 +524,13 @@ class ServerProcess:
                 os.killpg(self.popen.pid, 9)
             except ProcessLookupError:
                 pass
+
+
+#: The name serve and the tests used before the Backend protocol existed.
+ServerProcess = LocalServer
+
+
+def local_backend(config: InstanceConfig) -> LocalServer:
+    """The supervisor's default BackendFactory: a fresh llama-server spec (new private port and
+    key) for the instance."""
+    return LocalServer(private_spec(config.binary, config.args, config.log_path), echo=config.echo)
