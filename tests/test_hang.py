@@ -22,8 +22,8 @@ import psutil
 import pytest
 from support.serving import FAKE, fake_binary, fake_model, start_serve
 
-from llamactl.serve.proxy import Upstream
 from llamactl.serve.backend import Vitals
+from llamactl.serve.proxy import Upstream
 from llamactl.serve.server import probe_request, read_vitals
 from llamactl.serve.supervisor import Instance, InstanceConfig, Policy, State, Supervisor
 
