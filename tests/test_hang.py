@@ -306,3 +306,46 @@ def test_a_request_in_flight_on_a_frozen_server_goes_to_its_successor(tmp_path: 
     finally:
         s.stop()
     assert "stopped (SIGSTOP)" in s.stderr()
+
+
+# -- the fast rule on the fake clock (unit) --------------------------------------------------
+
+
+def _drive_fake(vitals: Vitals | None) -> tuple[float, str]:
+    """A supervisor on the fake backend and clock with the default policy: how long after a
+    hang (health silent) the instance left READY, and why."""
+    from support.fakebackend import FakeBackends, FakeClock
+
+    async def main() -> tuple[float, str]:
+        clock = FakeClock()
+        backends = FakeBackends(clock)
+        sup = Supervisor(Policy(), clock=clock, sleep=clock.sleep, backend_factory=backends)
+        sup.add(InstanceConfig("default", Path("/fake/llama-server"), (), Path("/fake/d.log")))
+        try:
+            task = asyncio.ensure_future(sup.start("default"))
+            await clock.run_until(task.done)
+            inst = task.result()
+            backends.script.hang = True
+            backends.script.vitals = vitals
+            hung_at = clock()
+            await clock.run_until(lambda: inst.state is not State.READY)
+            return clock() - hung_at, inst.last_error or ""
+        finally:
+            await sup.close()
+
+    return asyncio.run(asyncio.wait_for(main(), timeout=30))
+
+
+@unit
+def test_fast_rule_on_the_fake_clock_beats_the_slow_one() -> None:
+    stopped, why = _drive_fake(Vitals(cpu_ticks=5, stopped=True, active=False))
+    assert "SIGSTOP" in why
+    lifeless, why2 = _drive_fake(Vitals(cpu_ticks=5, stopped=False, active=False))
+    assert "no sign of life" in why2
+    slow, why3 = _drive_fake(None)  # nothing to read: the slow rule alone
+    assert "stopped answering /health" in why3
+    # Default policy: at most one interval, then two quick checks half a second apart.
+    p = Policy()
+    fast_bound = p.health_interval + p.sure_after * p.quick_timeout + p.recheck_after
+    assert stopped <= fast_bound and lifeless <= fast_bound < slow
+    print(f"HANG virtual seconds: fast rule {stopped:.2f}, slow rule {slow:.2f}")
