@@ -57,6 +57,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "source": ("llamactl.cli.source", "source", "Fetch or inspect the pinned llama.cpp source."),
     "serve": ("llamactl.cli.serve", "serve", "Serve a model: llama-server, supervised, proxied."),
     "ps": ("llamactl.cli.ps", "ps", "List running servers."),
+    "load": ("llamactl.cli.load", "load", "Load a model on a serve that routes several."),
+    "unload": ("llamactl.cli.load", "unload", "Unload a model from a running serve."),
     "stop": ("llamactl.cli.ps", "stop", "Stop running servers."),
     "logs": ("llamactl.cli.ps", "logs", "Show a server's llama-server log."),
     "chat": (

@@ -54,7 +54,8 @@ def ps(as_json: bool) -> None:
         out.add_row(
             row["id"],
             str(row["pid"]),
-            row["model"] or "-",
+            (row["model"] or "-")
+            + (f" ({row['instance']})" if row["instance"] not in ("default", row["model"]) else ""),
             row["url"],
             row["state"],
             row["uptime_human"],

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from llamactl.errors import ServerStartError
-    from llamactl.serve.supervisor import InstanceConfig
 
-__all__ = ["Backend", "BackendFactory", "Clock", "Sleep", "Vitals"]
+__all__ = ["Backend", "BackendFactory", "Clock", "InstanceConfig", "Sleep", "Vitals"]
 
 #: The supervisor's time seams: a monotonic clock in seconds, and an awaitable pause.
 Clock = Callable[[], float]
@@ -28,6 +28,25 @@ class Vitals:
     cpu_ticks: int  # user + system time of all its threads, in clock ticks
     stopped: bool  # SIGSTOP (state T) or a tracer's stop (t): it cannot answer anything
     active: bool  # a thread runnable (R: waiting for a CPU) or in disk sleep (D: waiting for I/O)
+
+
+@dataclass
+class InstanceConfig:
+    """What one instance runs: llama-server and its flags; the port is chosen per start."""
+
+    name: str
+    binary: Path
+    args: tuple[str, ...]
+    log_path: Path
+    model_label: str | None = None
+    #: With several models (serve/fleet.py): the model this instance serves, and what the
+    #: router needs to know of it.
+    model: str | None = None
+    pinned: bool = False
+    groups: tuple[str, ...] = ()
+    estimate_bytes: int = 0
+    #: Where llama-server's output goes besides its log file (serve's stderr: output.py).
+    echo: Callable[[bytes], None] | None = None
 
 
 class Backend(Protocol):
@@ -130,4 +149,4 @@ class Backend(Protocol):
 
 
 #: Makes a fresh, unstarted backend for an instance (a new private port and key per call).
-BackendFactory = Callable[["InstanceConfig"], Backend]
+BackendFactory = Callable[[InstanceConfig], Backend]

@@ -273,6 +273,24 @@ def connection_bound(reserve: int = 128, cap: int = 1 << 16) -> int:
     return max(8, (soft - reserve) // 2)
 
 
+def exposed(host: str) -> list[str]:
+    """The addresses in `host` that other machines may reach (not loopback, not a socket):
+    without an API key, serve warns about each."""
+    return [
+        h
+        for h in split_hosts(host)
+        if h not in ("127.0.0.1", "localhost", "::1") and not is_unix(h)
+    ]
+
+
+def guarded_names(host: str, allowed: tuple[str, ...]) -> frozenset[bytes] | None:
+    """ProxyConfig.host_names for serve: local_names(host) and the --allowed-hosts names;
+    None (no Host rule) when `*` is among them."""
+    if "*" in allowed:
+        return None
+    return local_names(host) | {h.encode() for h in allowed}
+
+
 def local_names(host: str) -> frozenset[bytes]:
     """The host names (lower case, no port) under which a browser may reach a server that
     listens on `host` without being a DNS-rebinding attack (docs/security.md): localhost,

@@ -3,13 +3,11 @@ and run the proxy in front of it until Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,8 +30,6 @@ from llamactl.serve.args import (
 )
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from llamactl.serve.server import LocalServer
 
 __all__ = [
@@ -56,11 +52,10 @@ __all__ = [
 
 
 def _layers_offloaded(lines: list[str]) -> str | None:
-    for line in reversed(lines):
-        m = re.search(r"offloaded (\d+)/(\d+) layers to GPU", line)
-        if m:
-            return f"{m.group(1)}/{m.group(2)} layers on the GPU"
-    return None
+    # How many layers went to which GPU, from llama-server's load log (serve/loadlog.py).
+    from llamactl.serve.loadlog import offload_summary
+
+    return offload_summary(lines)
 
 
 def _ngl_requested(passthrough: tuple[str, ...]) -> bool:
@@ -72,18 +67,7 @@ def _say(line: str) -> None:
     print(f"llamactl: {line}", file=sys.stderr, flush=True)
 
 
-@functools.cache
-def _console() -> Console:
-    # rich costs ~25 ms to import: not before llama-server is spawned, unless a download or
-    # a build needs a progress bar.
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False)
-
-
-def resolve_binary(
-    spec: ServeSpec, console: Callable[[], Any] = _console
-) -> tuple[Path, str | None]:
+def resolve_binary(spec: ServeSpec) -> tuple[Path, str | None]:
     """The llama-server to run and its backend: --server-bin, else a build, built if needed."""
     from llamactl.build import cache as builds
     from llamactl.errors import BuildError
@@ -100,8 +84,7 @@ def resolve_binary(
         from llamactl.build.progress import LineReporter
         from llamactl.build.run import build_llama
 
-        out = console()
-        out.print("[bold]No llama.cpp build for this machine yet: building it first.[/]")
+        _say("No llama.cpp build for this machine yet: building it first.")
         # Plain lines: serve's stderr is often a log (systemd, docker), never worth a bar.
         outcome = build_llama(
             BuildSpec(backend=spec.backend or "auto"), report=LineReporter(sys.stderr)
@@ -113,14 +96,17 @@ def resolve_binary(
 
 
 def resolve_model_args(spec: ServeSpec) -> tuple[tuple[str, ...], str]:
-    """The llama-server flags with the model resolved to a path, and a label for it."""
+    """The llama-server flags with the model resolved to a path, and a label for it.
+
+    The model is served under its name as `llamactl models` lists it (--alias NAME, unless the
+    user gave one: theirs wins, as in llama-server), not as the path of a file in the cache."""
     if spec.model is not None:
         path = Path(spec.model).expanduser()
         if not path.is_file():  # a name, or a bad path: the models module explains
             from llamactl.models import catalog as models
 
             path = models.resolve_model(spec.model)
-        return ("-m", str(path), *spec.passthrough), path.name
+        return ("-m", str(path), *_named(spec.passthrough, path)), path.name
     if spec.has_model_source:
         return spec.passthrough, "from llama-server flags"
     from llamactl.models import default as default_model
@@ -132,7 +118,16 @@ def resolve_model_args(spec: ServeSpec) -> tuple[tuple[str, ...], str]:
 
         # Plain lines, like serve's other progress lines: the first fetch is a one-off.
         path = pull.ensure_default_model(progress=pull.LineProgress(sys.stderr))
-    return ("-m", str(path), *spec.passthrough), path.name
+    return ("-m", str(path), *_named(spec.passthrough, path)), path.name
+
+
+def _named(passthrough: tuple[str, ...], path: Path) -> tuple[str, ...]:
+    """The flags plus `--alias NAME` when the user gave no alias (see resolve_model_args)."""
+    if any(a.split("=", 1)[0] in ("-a", "--alias") for a in passthrough):
+        return passthrough
+    stem = path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.name
+    name = re.sub(r"-\d{5}-of-\d{5}$", "", stem)
+    return (*passthrough, "--alias", name)
 
 
 def main(argv: list[str]) -> int:
@@ -165,6 +160,11 @@ def serve(spec: ServeSpec) -> int:
     if spec.show_help:
         print(help_text())
         return 0
+    if spec.many_models or (not spec.has_model_source and _default_config_exists()):
+        from llamactl.serve.many import serve_many
+
+        binary, backend = resolve_binary(spec)
+        return serve_many(spec, binary, backend)
     args, model_label = resolve_model_args(spec)
     binary, backend = resolve_binary(spec)
     tls = None
@@ -191,11 +191,7 @@ def serve(spec: ServeSpec) -> int:
     )
     process.spawn()
     try:
-        exposed = [
-            h
-            for h in listen.split_hosts(spec.host)
-            if h not in ("127.0.0.1", "localhost", "::1") and not listen.is_unix(h)
-        ]
+        exposed = listen.exposed(spec.host)
         if exposed and not spec.api_keys:
             _say(
                 f"warning: listening on {', '.join(exposed)} without --api-key: anyone who "
@@ -224,6 +220,11 @@ def serve(spec: ServeSpec) -> int:
             proc.stop_group(process.popen.pid, grace=5.0, popen=process.popen)
         if echo is not None:
             echo.close()  # llama-server's last lines (its shutdown) reach stderr
+
+
+def _default_config_exists() -> bool:
+    """Whether the config directory holds a serve.toml (then serve routes its models)."""
+    return (paths.config_dir() / "serve.toml").is_file()
 
 
 @dataclass
@@ -307,16 +308,13 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
     supervisor = Supervisor(policy, on_change=write_record)
     from llamactl.serve import listen
 
-    host_names = None
-    if "*" not in spec.allowed_hosts:
-        host_names = listen.local_names(spec.host) | {h.encode() for h in spec.allowed_hosts}
     proxy = Proxy(
         ProxyConfig(
             host=spec.host,
             port=spec.port,
             api_key=",".join(spec.api_keys) or None,
             max_body_bytes=spec.max_body_bytes,
-            host_names=host_names,
+            host_names=listen.guarded_names(spec.host, spec.allowed_hosts),
             max_connections=spec.max_connections or listen.connection_bound(),
         ),
         supervisor,

@@ -30,6 +30,8 @@ class InstanceRecord:
     started_at: float | None = None
     log_path: str | None = None
     last_error: str | None = None
+    memory: int | None = None  # estimated bytes (several models: from the GGUF header)
+    in_flight: int = 0
 
 
 @dataclass

@@ -29,7 +29,7 @@ from llamactl.serve.output import strip_colors
 if TYPE_CHECKING:
     import asyncio
 
-    from llamactl.serve.supervisor import InstanceConfig
+    from llamactl.serve.backend import InstanceConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,215 @@
+"""`llamactl serve` with several models (router mode's flags, several -m, a TOML config): no
+llama-server is spawned up front; the proxy listens at once and the fleet (serve/fleet.py)
+loads each model when it is first asked for."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llamactl import paths
+
+if TYPE_CHECKING:
+    from llamactl.serve.args import ServeSpec
+    from llamactl.serve.config import Fleet
+    from llamactl.serve.supervisor import Supervisor
+
+#: The TOML file read when --config is not given (and it exists).
+DEFAULT_CONFIG_NAME = "serve.toml"
+
+
+def default_config() -> Path | None:
+    """The config directory's serve.toml, when there is one."""
+    path = paths.config_dir() / DEFAULT_CONFIG_NAME
+    return path if path.is_file() else None
+
+
+def declare_fleet(spec: ServeSpec) -> Fleet:
+    """Every model of this serve, from its flags and files; ConfigError when one is wrong."""
+    from llamactl.serve.config import declare
+
+    return declare(
+        model_args=spec.models,
+        models_dir=spec.models_dir,
+        models_preset=spec.models_preset,
+        config=spec.config or (default_config() if not spec.models else None),
+        models_max=spec.models_max,
+        autoload=spec.models_autoload,
+        common_args=spec.passthrough,
+    )
+
+
+def _say(line: str) -> None:
+    print(f"llamactl: {line}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Front:
+    """What serve listens with: the bound sockets, the TLS context, their addresses, and the
+    copy of llama-server's output to stderr."""
+
+    sockets: list[Any]
+    tls: Any  # ssl.SSLContext | None
+    addresses: list[Any]  # listen.Address
+    echo: Any  # output.StderrCopy | None
+
+    @property
+    def port(self) -> int:
+        return next((a.port for a in self.addresses if a.port is not None), 0)
+
+
+def serve_many(spec: ServeSpec, binary: Path, backend: str | None) -> int:
+    """Run a serve with several models in the foreground until stopped; its exit code."""
+    from llamactl.serve import listen, output, records
+    from llamactl.serve.runner import run
+
+    fleet = declare_fleet(spec)
+    tls = None
+    if spec.ssl_key_file and spec.ssl_cert_file:
+        tls = listen.tls_context(spec.ssl_key_file, spec.ssl_cert_file)
+    sockets = listen.bind(
+        spec.host, spec.port, reuse_port=spec.reuse_port, socket_mode=spec.socket_mode
+    )
+    echo = None
+    try:
+        record_id = records.new_id()
+        log_dir = paths.logs_dir()
+        try:
+            paths.ensure_private_dir(log_dir)
+        except OSError as exc:
+            _say(f"warning: cannot create the log directory {log_dir}: {exc.strerror or exc}")
+        exposed = listen.exposed(spec.host)
+        if exposed and not spec.api_keys:
+            _say(
+                f"warning: listening on {', '.join(exposed)} without --api-key: anyone who "
+                "can reach this address can use the models"
+            )
+        names = ", ".join(d.name for d in fleet.models)
+        _say(f"serving {len(fleet.models)} models with {binary}: {names}")
+        if spec.log_to_stderr:
+            echo = output.StderrCopy(note_path=str(log_dir))
+        front = _Front(sockets, tls, listen.addresses(sockets, tls=tls is not None), echo)
+        return int(run(_serve_async(spec, fleet, front, record_id, binary, backend)))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        listen.close(sockets)  # removes a Unix socket's file
+        if echo is not None:
+            echo.close()
+
+
+def instance_records(sup: Supervisor) -> list[Any]:
+    """The instances as `ps` shows them."""
+    from llamactl.serve import records
+
+    out = []
+    for inst in sup.instances.values():
+        # A llama-server that has exited has no pid: ps would show a dead one, or another
+        # program that got the pid since.
+        alive = inst.backend if inst.backend and inst.backend.returncode is None else None
+        out.append(
+            records.InstanceRecord(
+                name=inst.name,
+                state=inst.state.value,
+                pid=alive.pid if alive else None,
+                port=inst.upstream.port if inst.upstream else None,
+                model=inst.config.model_label,
+                restarts=inst.restarts,
+                started_at=time.time() - (time.monotonic() - alive.started_at) if alive else None,
+                log_path=str(inst.config.log_path),
+                last_error=(inst.last_error or "").splitlines()[0] if inst.last_error else None,
+                memory=inst.config.estimate_bytes or None,
+                in_flight=inst.in_flight,
+            )
+        )
+    return out
+
+
+async def _serve_async(
+    spec: ServeSpec,
+    fleet: Fleet,
+    front: _Front,
+    record_id: str,
+    binary: Path,
+    backend: str | None,
+) -> int:
+    import asyncio
+
+    from llamactl.serve import listen, records
+    from llamactl.serve.fleet import ModelFleet
+    from llamactl.serve.proxy import Proxy, ProxyConfig
+    from llamactl.serve.supervisor import Policy, Supervisor
+
+    # Why each model was loaded, where, and why each was evicted: said at INFO, shown.
+    logging.getLogger("llamactl.serve.fleet").setLevel(logging.INFO)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    record = records.ServeRecord(
+        id=record_id,
+        pid=os.getpid(),
+        pid_started=records.process_start_time(os.getpid()) or time.time(),
+        host=spec.host,
+        port=front.port,
+        started_at=time.time(),
+        urls=[a.url for a in front.addresses],
+        backend=backend,
+        server_bin=str(binary),
+        auth=bool(spec.api_keys),
+    )
+    models: ModelFleet | None = None
+
+    def on_change(sup: Supervisor) -> None:
+        if models is not None:
+            models.changed()
+        record.instances = instance_records(sup)
+        records.write(record)
+
+    policy = Policy(queue_timeout=spec.queue_timeout, stall_timeout=spec.start_timeout)
+    supervisor = Supervisor(policy, on_change=on_change)
+    models = ModelFleet(
+        fleet,
+        supervisor,
+        binary=binary,
+        log_dir=paths.logs_dir(),
+        record_id=record_id,
+        echo=front.echo.write if front.echo is not None else None,
+    )
+    proxy = Proxy(
+        ProxyConfig(
+            host=spec.host,
+            port=spec.port,
+            api_key=",".join(spec.api_keys) or None,
+            max_body_bytes=spec.max_body_bytes,
+            host_names=listen.guarded_names(spec.host, spec.allowed_hosts),
+            max_connections=spec.max_connections or listen.connection_bound(),
+        ),
+        models,
+    )
+    try:
+        await models.start()
+        await proxy.start(front.sockets, ssl=front.tls)
+        records.write(record)
+        # stdout, flushed: scripts wait for this line.
+        print(f"listening at {', '.join(a.url for a in front.addresses)}", flush=True)
+        await stop.wait()
+        return 128 + received[0] if received else 0
+    finally:
+        await proxy.close()
+        await models.close()
+        await supervisor.close()
+        records.remove(record.id)
