@@ -264,6 +264,8 @@ class _ClientConn(asyncio.Protocol):
         self.unsent = 0
         self.unsent_at = proxy.now
         self.linger: asyncio.TimerHandle | None = None
+        #: The Host names this connection's requests must use (None: any); see connection_made.
+        self.hosts = proxy._hosts
 
     # asyncio callbacks
 
@@ -272,6 +274,12 @@ class _ClientConn(asyncio.Protocol):
         # Bounded buffering towards a slow reader; past it the upstream is paused instead.
         self.transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
         self.proxy._clients.add(self)
+        if self.hosts is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family == socket.AF_UNIX:
+                # No browser reaches a Unix socket: no rebinding, whatever Host it sends
+                # (`curl --unix-socket S http://x/` sends "Host: x").
+                self.hosts = None
 
     def data_received(self, data: bytes) -> None:
         if self.ignore_input:
@@ -415,7 +423,7 @@ class _ClientConn(asyncio.Protocol):
             ]
         if proxy._key is not None:
             ex.auth_ok = proxy._check_key(ex.authz, ex.xkey)
-        elif proxy._hosts is not None and ex.host is not None and not proxy._host_ok(ex.host):
+        elif self.hosts is not None and ex.host is not None and not proxy._host_ok(ex.host):
             # No key: only the key would stop a page whose name was rebound to this address.
             ex.error = ProxyError(
                 403,
