@@ -49,7 +49,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "which": ("llamactl.cli.build", "which", "Print the llama-server that serve will use."),
     "source": ("llamactl.cli.source", "source", "Fetch or inspect the pinned llama.cpp source."),
     "serve": ("llamactl.cli.serve", "serve", "Serve a model: llama-server, supervised, proxied."),
-    "ps": ("llamactl.cli.ps", "ps", "List running servers."),
+    "worker": (
+        "llamactl.cli.worker",
+        "worker",
+        "Run a llama.cpp RPC worker for a head's serve --rpc.",
+    ),
+    "ps": ("llamactl.cli.ps", "ps", "List running servers and workers."),
     "stop": ("llamactl.cli.ps", "stop", "Stop running servers."),
     "logs": ("llamactl.cli.ps", "logs", "Show a server's llama-server log."),
     "chat": (

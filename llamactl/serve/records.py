@@ -46,9 +46,14 @@ class ServeRecord:
     server_bin: str | None = None
     auth: bool = False
     instances: list[InstanceRecord] = field(default_factory=list)
+    #: "serve", or "worker" (`llamactl worker`: a ggml-rpc-server, no HTTP).
+    kind: str = "serve"
 
     @property
     def url(self) -> str:
+        if self.kind == "worker":
+            # What a head's --rpc takes: the RPC protocol is no HTTP.
+            return f"{self.host}:{self.port}"
         host = self.host
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
@@ -126,8 +131,9 @@ def _is_live(record: ServeRecord) -> bool:
     return started is not None and abs(started - record.pid_started) < 2.0
 
 
-def live_records(*, clean: bool = True) -> list[ServeRecord]:
-    """Records of serves that are still running, newest first; stale ones are removed."""
+def live_records(*, clean: bool = True, kind: str | None = "serve") -> list[ServeRecord]:
+    """Records of serves (or of `kind`; None: of every kind) that are still running, newest
+    first; stale ones are removed."""
     directory = paths.run_dir()
     if not directory.is_dir():
         return []
@@ -140,16 +146,17 @@ def live_records(*, clean: bool = True) -> list[ServeRecord]:
                 path.unlink(missing_ok=True)
             continue
         if _is_live(record):
-            found.append(record)
+            if kind is None or record.kind == kind:
+                found.append(record)
         elif clean:
             path.unlink(missing_ok=True)
     found.sort(key=lambda r: r.started_at, reverse=True)
     return found
 
 
-def find(prefix: str) -> ServeRecord | None:
+def find(prefix: str, kind: str | None = None) -> ServeRecord | None:
     """The live record whose id starts with prefix (or whose port equals it)."""
-    for record in live_records():
+    for record in live_records(kind=kind):
         if record.id.startswith(prefix) or str(record.port) == prefix:
             return record
     return None
