@@ -4,9 +4,12 @@ build and model cache through fixtures."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from support.serve import Serve, start, stop
 
 from llamactl import paths
 
@@ -66,3 +69,68 @@ def default_model() -> Path:
     if not path.is_file():
         _missing(f"default model {path}")
     return path
+
+
+# -- test tiers ------------------------------------------------------------------------------
+
+TIERS = ("unit", "fake", "real", "build", "soak")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test names its tier, so that `pytest -m unit` is the whole fast tier."""
+    untiered = [i.nodeid for i in items if not any(i.get_closest_marker(t) for t in TIERS)]
+    if untiered:
+        shown = "\n  ".join(untiered[:20])
+        raise pytest.UsageError(f"tests without a tier marker ({', '.join(TIERS)}):\n  {shown}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the test, so that fixtures can show logs on failure."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+def failed(request: pytest.FixtureRequest) -> bool:
+    node = request.node
+    return any(
+        getattr(node, f"report_{w}", None) and getattr(node, f"report_{w}").failed
+        for w in ("setup", "call")
+    )
+
+
+# -- a real `llamactl serve` -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def real_serve(
+    server_bin: Path, default_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Serve]:
+    """One `llamactl serve -m <default model>` for every real test that needs no special
+    flags; stopped at the end, and no llama-server may outlive it."""
+    s = start(server_bin, default_model, tmp_path_factory.mktemp("real-serve") / "home")
+    yield s
+    stop(s)
+    assert not s.llama_servers(), "llama-server outlived serve"
+
+
+@pytest.fixture
+def serve_factory(
+    server_bin: Path, default_model: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Serve]]:
+    """Start serves with their own flags (`serve_factory("--api-key", "k")`); each is stopped
+    after the test, its stderr shown when the test failed."""
+    started: list[Serve] = []
+
+    def make(*extra: str, model: Path | None = default_model, **kw: Any) -> Serve:
+        home = tmp_path / f"home-{len(started)}"
+        s = start(server_bin, model, home, *extra, **kw)
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        log = stop(s)
+        if failed(request):
+            print(f"\n--- serve on port {s.port}: stderr ---\n{log[-6000:]}")

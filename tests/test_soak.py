@@ -40,12 +40,14 @@ GOOD_CHAT = json.dumps(
 ).encode()
 
 
+@pytest.mark.unit
 def test_a_good_stream_passes_with_its_tokens() -> None:
     check = soak.check_stream(200, SSE, GOOD_STREAM.encode(), expected_tokens=2)
     assert check.problem is None
     assert check.tokens == 2
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("body", "why"),
     [
@@ -71,6 +73,7 @@ def test_broken_streams_are_caught(body: str, why: str) -> None:
     assert why in check.problem
 
 
+@pytest.mark.unit
 def test_stream_checks_status_type_encoding_and_token_count() -> None:
     assert "status 502" in (soak.check_stream(502, SSE, b"{}").problem or "")
     assert "content-type" in (soak.check_stream(200, JSON, GOOD_STREAM.encode()).problem or "")
@@ -79,11 +82,13 @@ def test_stream_checks_status_type_encoding_and_token_count() -> None:
     assert "asked for 7" in (wrong.problem or "")
 
 
+@pytest.mark.unit
 def test_a_good_chat_passes_with_its_tokens() -> None:
     check = soak.check_chat(200, JSON, GOOD_CHAT, expected_tokens=2)
     assert check == soak.Check(None, 2)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("body", "why"),
     [
@@ -104,12 +109,14 @@ def test_broken_chat_answers_are_caught(body: bytes, why: str) -> None:
     assert why in check.problem
 
 
+@pytest.mark.unit
 def test_chat_checks_status_type_and_token_count() -> None:
     assert "status 503" in (soak.check_chat(503, JSON, GOOD_CHAT).problem or "")
     assert "content-type" in (soak.check_chat(200, "text/plain", GOOD_CHAT).problem or "")
     assert "asked for 5" in (soak.check_chat(200, JSON, GOOD_CHAT, 5).problem or "")
 
 
+@pytest.mark.unit
 def test_small_requests_are_validated() -> None:
     pieces = json.dumps({"tokens": [{"id": 1, "piece": "so"}, {"id": 2, "piece": "ak"}]})
     assert soak.check_tokenize(200, JSON, pieces.encode(), "soak").problem is None
@@ -131,6 +138,7 @@ def samples(rss_mib: list[float], fds: list[int]) -> list[Sample]:
     ]
 
 
+@pytest.mark.unit
 def test_flat_resources_are_stable() -> None:
     rss = [30.0, 40.0, 45, 45.5, 45, 46, 45, 45.5, 46, 45, 45.8, 46, 45.2]
     fds = [20, 140, 150, 148, 151, 150, 149, 152, 150, 150, 148, 151, 150]
@@ -139,6 +147,7 @@ def test_flat_resources_are_stable() -> None:
     assert figures["rss_first_third"] == pytest.approx(45 * MIB)  # samples 2, 3, 4
 
 
+@pytest.mark.unit
 def test_steady_growth_fails() -> None:
     rss = [40.0 + 5 * i for i in range(20)]  # 5 MiB a sample: a leak
     fds = [100 + 3 * i for i in range(20)]
@@ -147,12 +156,14 @@ def test_steady_growth_fails() -> None:
     assert any("fds grew" in p for p in problems)
 
 
+@pytest.mark.unit
 def test_fds_not_back_to_the_baseline_fail() -> None:
     problems, _ = soak.stability_problems([], 18, 30, Limits())
     assert problems and "30 fds open after every client closed" in problems[0]
     assert soak.stability_problems([], 18, 22, Limits(fd_slack_end=4))[0] == []
 
 
+@pytest.mark.unit
 def test_a_report_with_any_error_fails() -> None:
     report = soak.SoakReport(spec={})
     report.kinds["stream"] = soak.KindStats(requests=10, ok=9, corrupted=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import traceback
 
 import click
 
@@ -32,6 +33,12 @@ class Command(click.Command):
         try:
             return super().invoke(ctx)
         except LlamactlError as exc:
+            root = ctx.find_root().obj
+            if isinstance(root, dict) and root.get("debug") and not root.get("traced"):
+                # --debug: where the error came from, its causes included (once: a group
+                # re-raises its subcommand's error through this same method).
+                root["traced"] = True
+                traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
             raise ReportedError(exc) from exc
 
 
