@@ -232,6 +232,7 @@ class WorkerRunner:
         start: Callable[[list[str], Path], Process] | None = None,
         stop_process: Callable[[Process, float], None] | None = None,
         probe: Callable[[rpc.Endpoint, float], rpc.Probe] = rpc.probe,
+        port_free: Callable[[rpc.Endpoint], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         stop: threading.Event | None = None,
         on_change: Callable[[Status], None] = lambda status: None,
@@ -245,6 +246,7 @@ class WorkerRunner:
         self._start = start or _start_process
         self._stop_process = stop_process or _stop_process
         self._probe = probe
+        self._port_free_fn = port_free or _port_free
         self._clock = clock
         self.stop = stop or threading.Event()
         self._on_change = on_change
@@ -370,14 +372,7 @@ class WorkerRunner:
                 return None
 
     def _port_free(self) -> bool:
-        """True when nothing answers on our port (so a bind failure was not a real clash)."""
-        import socket
-
-        try:
-            with socket.create_connection((self.endpoint.host, self.spec.port), timeout=0.5):
-                return False
-        except OSError:
-            return True
+        return self._port_free_fn(self.endpoint)
 
     def _stop_current(self) -> None:
         if self.process is not None:
@@ -391,6 +386,17 @@ class WorkerRunner:
         if lines:
             message += f"\nlast lines of {self.log_path}:\n{lines}"
         return message
+
+
+def _port_free(endpoint: rpc.Endpoint) -> bool:
+    """True when nothing answers on the port (so a bind failure was not a real clash)."""
+    import socket
+
+    try:
+        with socket.create_connection((endpoint.host, endpoint.port), timeout=0.5):
+            return False
+    except OSError:
+        return True
 
 
 def _start_process(argv: list[str], log_path: Path) -> Process:

@@ -1,0 +1,216 @@
+"""`llamactl worker` on the fake ggml-rpc-server: ready, listed by ps, restarted when killed,
+bind failures retried, fatal starts reported, stopped by `llamactl stop`; the hello probe
+against live sockets (down, busy, other version)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from llamactl.net import free_port
+from llamactl.proc import stop_group
+from llamactl.serve import rpc
+from llamactl.serve.rpc import Endpoint, RpcVersion
+
+pytestmark = pytest.mark.fake
+
+FAKE_RPC = Path(__file__).parent / "fakes" / "fake_rpc_server.py"
+DEADLINE = 30.0
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen[str]
+    port: int
+    err: Path
+    home: Path
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float = DEADLINE) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.stderr():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} in the worker's output:\n{self.stderr()}")
+            time.sleep(0.02)
+
+    def rpc_children(self) -> list[psutil.Process]:
+        try:
+            kids = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        return [k for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
+
+
+def llamactl(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llamactl", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LLAMACTL_HOME": str(home)},
+        check=False,
+    )
+
+
+def launch(home: Path, *args: str, env: dict[str, str] | None = None) -> Worker:
+    port = free_port()
+    err = home.parent / f"worker-{port}.err"
+    home.mkdir(parents=True, exist_ok=True)
+    with open(err, "w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llamactl", "worker", "--rpc-bin", str(FAKE_RPC)]
+            + ["--port", str(port), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=fh,
+            text=True,
+            env={**os.environ, "LLAMACTL_HOME": str(home), **(env or {})},
+            start_new_session=True,
+        )
+    return Worker(proc, port, err, home)
+
+
+@pytest.fixture
+def workers(llamactl_home: Path) -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    yield started
+    for w in started:
+        stop_group(w.proc.pid, grace=5, popen=w.proc)
+
+
+def test_worker_ready_listed_restarted_and_stopped(
+    llamactl_home: Path, workers: list[Worker]
+) -> None:
+    w = launch(llamactl_home)
+    workers.append(w)
+    w.wait_for("worker ready at")
+    assert rpc.probe(Endpoint("127.0.0.1", w.port)).version == RpcVersion(7, 0, 0)
+
+    ps = llamactl(llamactl_home, "ps", "--json")
+    (row,) = json.loads(ps.stdout)
+    assert row["kind"] == "worker"
+    assert row["url"] == f"127.0.0.1:{w.port}"
+    assert row["state"] == "ready"
+    (child,) = w.rpc_children()
+    assert row["server_pid"] == child.pid
+    assert "worker" in llamactl(llamactl_home, "ps").stdout
+
+    child.kill()  # the worker's ggml-rpc-server dies: supervision brings it back
+    w.wait_for("worker ready again (restart 1)")
+    assert rpc.probe(Endpoint("127.0.0.1", w.port)).ok
+    (again,) = w.rpc_children()
+    assert again.pid != child.pid
+
+    stopped = llamactl(llamactl_home, "stop", str(w.port))
+    assert stopped.returncode == 0, stopped.stderr
+    assert w.proc.wait(timeout=DEADLINE) == 128 + signal.SIGTERM
+    assert not again.is_running() or again.status() == psutil.STATUS_ZOMBIE
+    assert json.loads(llamactl(llamactl_home, "ps", "--json").stdout) == []
+
+
+def test_bind_failures_are_retried(
+    llamactl_home: Path, workers: list[Worker], tmp_path: Path
+) -> None:
+    counter = tmp_path / "starts"
+    w = launch(
+        llamactl_home,
+        env={"FAKE_RPC_BIND_FAILS": "2", "FAKE_RPC_COUNTER": str(counter)},
+    )
+    workers.append(w)
+    w.wait_for("worker ready at")
+    assert counter.read_text() == "3"
+
+
+def test_an_unknown_device_ends_the_worker_with_the_reason(
+    llamactl_home: Path, workers: list[Worker]
+) -> None:
+    w = launch(llamactl_home, "--device", "NOPE0", env={"FAKE_RPC_MODE": "unknown-device"})
+    workers.append(w)
+    assert w.proc.wait(timeout=DEADLINE) == 6
+    err = w.stderr()
+    assert "does not know a --device" in err and "NOPE0" in err
+    assert "Traceback" not in err
+
+
+def test_a_taken_port_is_named(llamactl_home: Path, workers: list[Worker]) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        err = llamactl_home.parent / "taken.err"
+        llamactl_home.mkdir(parents=True, exist_ok=True)
+        with open(err, "w") as fh:
+            proc = subprocess.run(
+                [sys.executable, "-m", "llamactl", "worker", "--rpc-bin", str(FAKE_RPC)]
+                + ["--port", str(port)],
+                stderr=fh,
+                stdout=subprocess.DEVNULL,
+                timeout=DEADLINE,
+                env={**os.environ, "LLAMACTL_HOME": str(llamactl_home)},
+                check=False,
+            )
+    assert proc.returncode == 6
+    assert f"port {port} on 127.0.0.1 is in use" in err.read_text()
+
+
+def test_a_public_address_needs_the_flag(llamactl_home: Path) -> None:
+    out = llamactl(llamactl_home, "worker", "--rpc-bin", str(FAKE_RPC), "--host", "0.0.0.0")
+    assert out.returncode == 2
+    assert "no authentication" in out.stderr and "--i-understand-no-auth" in out.stderr
+
+
+def test_probe_of_a_closed_port_says_refused() -> None:
+    found = rpc.probe(Endpoint("127.0.0.1", free_port()), timeout=2)
+    assert not found.ok and "refuses connections" in (found.problem or "")
+
+
+def test_probe_of_a_busy_worker_says_busy(workers: list[Worker], llamactl_home: Path) -> None:
+    w = launch(llamactl_home)
+    workers.append(w)
+    w.wait_for("worker ready at")
+    head = socket.create_connection(("127.0.0.1", w.port))  # a head holds the worker
+    try:
+        head.sendall(rpc.hello_request())
+        head.recv(36)
+        found = rpc.probe(Endpoint("127.0.0.1", w.port), timeout=0.5)
+        assert found.busy and "another head" in (found.problem or "")
+    finally:
+        head.close()
+    deadline = time.monotonic() + DEADLINE
+    while not rpc.probe(Endpoint("127.0.0.1", w.port), timeout=1).ok:
+        assert time.monotonic() < deadline, "the worker did not serve the next client"
+
+
+def test_async_probe_names_another_version(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(FAKE_RPC), "--port", str(port)],
+        env={**os.environ, "FAKE_RPC_VERSION": "6.2.0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            found = asyncio.run(rpc.probe_async(Endpoint("127.0.0.1", port), timeout=2))
+            if found.ok or time.monotonic() > deadline:
+                break
+        assert found.version == RpcVersion(6, 2, 0)
+        text = rpc.describe_unready([found], RpcVersion(7, 0, 0))
+        assert text and "6.2.0" in text and "7.0.0" in text
+    finally:
+        proc.kill()
+        proc.wait()
