@@ -292,6 +292,6 @@ def test_another_version_on_our_port_is_fatal_with_both_versions(tmp_path: Path)
         script,
         probe=lambda e, t: Probe(e, version=RpcVersion(6, 0, 0)),
     )
-    with pytest.raises(worker.WorkerError, match="6.0.0.*7.0.0"):
+    with pytest.raises(worker.WorkerError, match=r"6\.0\.0.*7\.0\.0"):
         r.run()
     assert script.stopped  # our own process is not left behind

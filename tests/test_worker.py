@@ -28,6 +28,7 @@ pytestmark = pytest.mark.fake
 
 FAKE_RPC = Path(__file__).parent / "fakes" / "fake_rpc_server.py"
 DEADLINE = 30.0
+WORKER = (sys.executable, "-m", "llamactl", "worker", "--rpc-bin", str(FAKE_RPC))
 
 
 @dataclass
@@ -72,8 +73,7 @@ def launch(home: Path, *args: str, env: dict[str, str] | None = None) -> Worker:
     home.mkdir(parents=True, exist_ok=True)
     with open(err, "w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llamactl", "worker", "--rpc-bin", str(FAKE_RPC)]
-            + ["--port", str(port), *args],
+            [*WORKER, "--port", str(port), *args],
             stdout=subprocess.DEVNULL,
             stderr=fh,
             text=True,
@@ -154,8 +154,7 @@ def test_a_taken_port_is_named(llamactl_home: Path, workers: list[Worker]) -> No
         llamactl_home.mkdir(parents=True, exist_ok=True)
         with open(err, "w") as fh:
             proc = subprocess.run(
-                [sys.executable, "-m", "llamactl", "worker", "--rpc-bin", str(FAKE_RPC)]
-                + ["--port", str(port)],
+                [*WORKER, "--port", str(port)],
                 stderr=fh,
                 stdout=subprocess.DEVNULL,
                 timeout=DEADLINE,

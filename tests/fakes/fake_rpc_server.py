@@ -35,7 +35,8 @@ def _count_start() -> int:
     if not path:
         return 1
     try:
-        n = int(open(path).read() or 0) + 1
+        with open(path) as fh:
+            n = int(fh.read() or 0) + 1
     except (OSError, ValueError):
         n = 1
     with open(path, "w") as fh:
@@ -76,7 +77,7 @@ def main(argv: list[str]) -> int:
     port = int(_arg(argv, ("-p", "--port"), "50052"))
     version = tuple(int(x) for x in os.environ.get("FAKE_RPC_VERSION", "7.0.0").split("."))
     mode = os.environ.get("FAKE_RPC_MODE", "")
-    print("Starting RPC server v%d.%d.%d" % version, flush=True)
+    print("Starting RPC server v{}.{}.{}".format(*version), flush=True)
     print(f"  endpoint       : {host}:{port}", flush=True)
     if mode == "unknown-device":
         print("error: unknown device: NOPE0", file=sys.stderr, flush=True)
