@@ -31,6 +31,12 @@ def _pick(record_id: str | None) -> ServeRecord:
     return live[0]
 
 
+def _model(row: dict[str, object]) -> str:
+    model = str(row["model"] or "-")
+    where = row.get("where")
+    return f"{model} @ {where}" if where and where != "local" else model
+
+
 @click.command(cls=Command)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def ps(as_json: bool) -> None:
@@ -56,7 +62,7 @@ def ps(as_json: bool) -> None:
             row["id"],
             row["kind"],
             str(row["pid"]),
-            row["model"] or "-",
+            _model(row),
             row["url"],
             row["state"],
             row["uptime_human"],

@@ -303,6 +303,14 @@ def serve(spec: ServeSpec) -> int:
         return 0
     args, model_label = resolve_model_args(spec)
     binary, backend = resolve_binary(spec)
+    workers: tuple[Any, ...] = ()
+    if any(a == "--rpc" or a.startswith("--rpc=") for a in args):
+        from llamactl.serve import rpc
+
+        # llama-server aborts at start when a worker is missing, and the workers may be
+        # starting at this moment: wait for their hello first (bounded), and name the missing.
+        workers = rpc.rpc_endpoints_in(args)
+        rpc.wait_for_workers(workers, deadline_s=min(spec.start_timeout, 60.0), say=_say)
     sockets = listen.bind(spec.host, spec.port)  # a taken port fails before any model loads
     record_id = records.new_id()
     log_dir = paths.logs_dir()
@@ -327,7 +335,7 @@ def serve(spec: ServeSpec) -> int:
             _say("note: this llama.cpp build is CPU-only: -ngl has no effect")
         _say(f"loading {model_label} with {binary} ...")
         port = int(sockets[0].getsockname()[1])  # the real one when --port 0 was asked for
-        started = _Started(record_id, sockets, port, process, backend, model_label, binary)
+        started = _Started(record_id, sockets, port, process, backend, model_label, binary, workers)
         return _run(_serve_async(spec, started))
     except KeyboardInterrupt:
         return 130
@@ -352,6 +360,7 @@ class _Started:
     backend: str | None
     model_label: str
     binary: Path
+    rpc_workers: tuple[Any, ...] = ()
 
 
 def _run(coro: Any) -> int:
@@ -415,6 +424,7 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
                     else None,
                     log_path=str(inst.config.log_path),
                     last_error=(inst.last_error or "").splitlines()[0] if inst.last_error else None,
+                    where=_where(inst.config.rpc_workers),
                 )
             )
         records.write(record)
@@ -437,6 +447,7 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
             args=process.spec.args,
             log_path=process.spec.log_path,
             model_label=started.model_label,
+            rpc_workers=started.rpc_workers,
         ),
         process=process,
     )
@@ -469,6 +480,13 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
         await proxy.close()
         await supervisor.close()
         records.remove(record.id)
+
+
+def _where(workers: tuple[Any, ...]) -> str:
+    """Where an instance's model runs, as ps shows it."""
+    if workers:
+        return "rpc " + ",".join(str(w) for w in workers)
+    return "local"
 
 
 def _display_host(host: str) -> str:

@@ -64,6 +64,7 @@ def rows(now: float | None = None) -> list[dict[str, Any]]:
                     "server_pid": inst.pid,
                     "instance": inst.name,
                     "model": inst.model,
+                    "where": inst.where,
                     "url": rec.url,
                     "state": inst.state,
                     "uptime_s": round(uptime, 1),

@@ -30,6 +30,8 @@ class InstanceRecord:
     started_at: float | None = None
     log_path: str | None = None
     last_error: str | None = None
+    #: Where the model runs: "local", "rpc HOST:PORT,..." (split over RPC workers), ...
+    where: str | None = None
 
 
 @dataclass
@@ -68,7 +70,11 @@ class ServeRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ServeRecord:
-        insts = [InstanceRecord(**i) for i in data.get("instances", [])]
+        known = InstanceRecord.__dataclass_fields__
+        insts = [
+            InstanceRecord(**{k: v for k, v in i.items() if k in known})
+            for i in data.get("instances", [])
+        ]
         fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "instances"}
         return cls(**fields, instances=insts)
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from llamactl.errors import UsageError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
 RPC_CMD_HELLO = 14
 CONN_CAPS_SIZE = 24
@@ -278,3 +278,44 @@ def _parsed(endpoint: Endpoint, data: bytes) -> Probe:
 def probe_all(endpoints: Sequence[Endpoint], timeout: float = 3.0) -> list[Probe]:
     """Probe each worker (one after another: a handful, each answers in a millisecond)."""
     return [probe(e, timeout=timeout) for e in endpoints]
+
+
+def wait_for_workers(
+    endpoints: Sequence[Endpoint],
+    *,
+    deadline_s: float,
+    expected: RpcVersion | None = None,
+    say: Callable[[str], None] = lambda line: None,
+    probe_one: Callable[[Endpoint, float], Probe] = probe,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Before a head starts llama-server with --rpc: wait until every worker answers the hello
+    (the workers may be starting at the same moment), up to `deadline_s`; a worker of another
+    protocol version fails at once. ServerStartError names each worker that does not answer."""
+    from llamactl.errors import ServerStartError
+
+    expected = expected or expected_version()
+    deadline = clock() + deadline_s
+    announced: set[Endpoint] = set()
+    while True:
+        probes = [probe_one(e, min(3.0, max(0.2, deadline - clock()))) for e in endpoints]
+        wrong = [
+            p for p in probes if p.version is not None and version_problem(p.version, expected)
+        ]
+        if wrong:
+            raise ServerStartError(describe_unready(wrong, expected) or "")
+        missing = [p for p in probes if not p.ok]
+        if not missing:
+            return
+        for p in missing:
+            if p.endpoint not in announced:
+                announced.add(p.endpoint)
+                say(f"waiting for RPC worker {p.endpoint}: it {p.problem}")
+        if clock() >= deadline:
+            raise ServerStartError(
+                f"{describe_unready(missing, expected)}\n(waited {deadline_s:g} s)",
+                hint="start one on each host with `llamactl worker --port PORT` (a host other "
+                "than this one needs `--host ADDRESS --i-understand-no-auth`)",
+            )
+        sleep(min(0.25, max(0.0, deadline - clock())))

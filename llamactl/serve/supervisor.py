@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamactl.errors import ServerStartError
+from llamactl.serve import rpc
 from llamactl.serve.proxy import ProxyError, Upstream
+from llamactl.serve.rpc import Endpoint
 from llamactl.serve.server import ServerProcess, describe_exit, private_spec
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,9 @@ class Policy:
     #: free when asked) are retried at once on another port, this many times, and are not
     #: counted as crashes.
     port_retries: int = 5
+    #: While an RPC worker of an instance is gone: how often it is asked for its hello.
+    worker_poll: float = 0.5
+    worker_probe_timeout: float = 2.0
 
 
 @dataclass
@@ -70,6 +75,9 @@ class InstanceConfig:
     args: tuple[str, ...]
     log_path: Path
     model_label: str | None = None
+    #: The RPC workers its llama-server splits the model over (its --rpc flag): a head whose
+    #: worker is gone aborts, and cannot start again until the worker is back (RESOURCES.md).
+    rpc_workers: tuple[Endpoint, ...] = ()
 
 
 @dataclass
@@ -144,7 +152,10 @@ class Supervisor:
                 break
             except ServerStartError as exc:
                 code = inst.last_exit
-                if code is None or code >= 0 or tries >= self.policy.first_start_retries:
+                killed = code is not None and code < 0
+                # A worker lost while the model loaded over RPC: wait for it, then try again.
+                lost_worker = await self._wait_for_workers(inst, exc.message.splitlines()[0])
+                if tries >= self.policy.first_start_retries or not (killed or lost_worker):
                     raise
                 tries += 1
                 inst.failures.append(self._clock())
@@ -257,8 +268,11 @@ class Supervisor:
             # Warnings: serve logs at WARNING, and whoever runs it should see each failure.
             log.warning("instance %s: %s; restarting it", inst.name, reason)
             inst.last_error = reason
-            inst.failures.append(down_since)
             await self._stop_process(inst, reason)
+            if not await self._wait_for_workers(inst, reason):
+                # A head that died with its worker is not a crash of its own: a worker lost and
+                # back is waited for, not counted against the crash-loop budget.
+                inst.failures.append(down_since)
             while not self._stopping:
                 recent = self._recent_failures(inst)
                 if recent >= self.policy.crash_limit:
@@ -295,7 +309,36 @@ class Supervisor:
                     reason = exc.message.splitlines()[0]
                     log.warning("instance %s: restart failed: %s", inst.name, reason)
                     inst.last_error = exc.message
-                    inst.failures.append(self._clock())
+                    if not await self._wait_for_workers(inst, reason):
+                        inst.failures.append(self._clock())
+
+    async def _wait_for_workers(self, inst: Instance, reason: str) -> bool:
+        """When a worker of the instance does not answer its hello, wait (state BACKOFF, named
+        in the reason) until every worker does; True when there was a wait. Stopping ends it."""
+        workers = inst.config.rpc_workers
+        if not workers:
+            return False
+        waited = False
+        while not self._stopping:
+            probes = await asyncio.gather(
+                *(rpc.probe_async(w, timeout=self.policy.worker_probe_timeout) for w in workers)
+            )
+            missing = [p for p in probes if not p.ok]
+            if not missing:
+                if waited:
+                    log.warning("instance %s: every RPC worker answers again", inst.name)
+                return waited
+            what = "; ".join(f"RPC worker {p.endpoint} {p.problem}" for p in missing)
+            if not waited:
+                log.warning("instance %s: %s; waiting for it: %s", inst.name, reason, what)
+            waited = True
+            inst.last_error = f"waiting for {what}"
+            inst.set_state(
+                State.BACKOFF, f"waiting for {', '.join(str(p.endpoint) for p in missing)}"
+            )
+            self._notify()
+            await asyncio.sleep(self.policy.worker_poll)
+        return waited
 
     async def _watch(self, inst: Instance) -> str:
         """Wait until the instance needs a restart; say why."""
