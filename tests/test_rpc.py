@@ -295,3 +295,77 @@ def test_another_version_on_our_port_is_fatal_with_both_versions(tmp_path: Path)
     with pytest.raises(worker.WorkerError, match=r"6\.0\.0.*7\.0\.0"):
         r.run()
     assert script.stopped  # our own process is not left behind
+
+
+# -- a head waits for its workers -------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_head_waits_for_workers_that_start_late_and_says_so_once() -> None:
+    clock = FakeClock()
+    said: list[str] = []
+    late = Endpoint("127.0.0.1", 2)
+
+    def probe(e: Endpoint, timeout: float) -> Probe:
+        if e == late and clock.now < 1.0:
+            return Probe(e, problem="refuses connections")
+        return Probe(e, version=V7)
+
+    rpc.wait_for_workers(
+        [Endpoint("127.0.0.1", 1), late],
+        deadline_s=10,
+        expected=V7,
+        say=said.append,
+        probe_one=probe,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    assert said == ["waiting for RPC worker 127.0.0.1:2: it refuses connections"]
+    assert 1.0 <= clock.now < 2.0
+
+
+def test_head_names_the_worker_that_never_answers() -> None:
+    from llamactl.errors import ServerStartError
+
+    clock = FakeClock()
+    with pytest.raises(ServerStartError) as info:
+        rpc.wait_for_workers(
+            [Endpoint("h", 1), Endpoint("h", 2)],
+            deadline_s=5,
+            expected=V7,
+            probe_one=lambda e, t: (
+                Probe(e, version=V7) if e.port == 1 else Probe(e, problem="refuses connections")
+            ),
+            clock=clock,
+            sleep=clock.sleep,
+        )
+    assert "RPC worker h:2 refuses connections" in info.value.message
+    assert "h:1" not in info.value.message
+    assert "llamactl worker" in (info.value.hint or "")
+    assert clock.now == pytest.approx(5, abs=0.3)
+
+
+def test_head_refuses_a_worker_of_another_version_at_once() -> None:
+    from llamactl.errors import ServerStartError
+
+    clock = FakeClock()
+    with pytest.raises(ServerStartError, match=r"h:1 speaks RPC protocol 6\.0\.0.*7\.0\.0"):
+        rpc.wait_for_workers(
+            [Endpoint("h", 1)],
+            deadline_s=5,
+            expected=V7,
+            probe_one=lambda e, t: Probe(e, version=RpcVersion(6, 0, 0)),
+            clock=clock,
+            sleep=clock.sleep,
+        )
+    assert clock.now == 0
