@@ -29,19 +29,11 @@ import respx
 from click.testing import CliRunner
 
 from llamactl import proc
+from llamactl.chat import client as chat_client
 from llamactl.chat import session as chat
-from llamactl.chat.session import (
-    ChatClient,
-    ChatSession,
-    ChatSpec,
-    Message,
-    PlainOutput,
-    Reply,
-    ReplyStream,
-    Settings,
-    SSEDecoder,
-    SSEEvent,
-)
+from llamactl.chat.client import ChatClient, Message, Reply, ReplyStream, Settings
+from llamactl.chat.session import ChatSession, ChatSpec, PlainOutput
+from llamactl.chat.sse import SSEDecoder, SSEEvent
 from llamactl.cli import cli
 from llamactl.errors import ServerError, ServerStartError, UsageError
 
@@ -134,6 +126,7 @@ def session(out: io.StringIO, err: io.StringIO, **settings: Any) -> ChatSession:
 TRICKY = "Ça va? 日本語 🦙 naïve"
 
 
+@pytest.mark.unit
 def test_sse_events_survive_any_chunking_including_split_utf8() -> None:
     body = (
         ": ping\r\n\r\n"
@@ -152,6 +145,7 @@ def test_sse_events_survive_any_chunking_including_split_utf8() -> None:
         assert events + decoder.close() == expected, f"chunk size {size}"
 
 
+@pytest.mark.unit
 def test_sse_cr_lf_split_across_chunks_is_one_line_end() -> None:
     decoder = SSEDecoder()
     assert decoder.feed(b"data: a\r") == []
@@ -159,12 +153,14 @@ def test_sse_cr_lf_split_across_chunks_is_one_line_end() -> None:
     assert decoder.feed(b"\ndata: b\n\n") == [SSEEvent("message", "a"), SSEEvent("message", "b")]
 
 
+@pytest.mark.unit
 def test_sse_last_event_without_blank_line_is_kept_at_close() -> None:
     decoder = SSEDecoder()
     assert decoder.feed(b"data: [DONE]") == []
     assert decoder.close() == [SSEEvent("message", "[DONE]")]
 
 
+@pytest.mark.unit
 def test_sse_old_llama_server_error_field_becomes_error_event() -> None:
     decoder = SSEDecoder()
     assert decoder.feed(b'error: {"message": "boom"}\n\n') == [
@@ -175,6 +171,7 @@ def test_sse_old_llama_server_error_field_becomes_error_event() -> None:
 # --- the client against mocked streams ------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_stream_split_utf8_gives_exact_text_and_stats(api: respx.MockRouter) -> None:
     body = reply_body("Ça ", "va? ", "日本語 ", "🦙")
     api.post(COMPLETIONS).mock(return_value=stream_response(split_every(body, 3)))
@@ -187,12 +184,14 @@ def test_stream_split_utf8_gives_exact_text_and_stats(api: respx.MockRouter) -> 
     assert line.startswith("42 tokens · 120.0 tokens/s · first token ")
 
 
+@pytest.mark.unit
 def test_stream_stops_reading_at_done(api: respx.MockRouter) -> None:
     body = sse(chunk("yes")) + sse(chunk(" and more"), done=False)
     api.post(COMPLETIONS).mock(return_value=stream_response([body]))
     assert "".join(ChatClient(URL).stream([Message("user", "hi")], Settings())) == "yes"
 
 
+@pytest.mark.unit
 def test_stream_error_event_is_a_server_error_with_its_message(api: respx.MockRouter) -> None:
     err = {"error": {"code": 500, "message": "model crashed", "type": "server_error"}}
     api.post(COMPLETIONS).mock(return_value=stream_response([sse(chunk("Par"), err, done=False)]))
@@ -202,12 +201,14 @@ def test_stream_error_event_is_a_server_error_with_its_message(api: respx.MockRo
     assert stream.text == "Par"
 
 
+@pytest.mark.unit
 def test_stream_ending_without_done_or_finish_is_a_cut(api: respx.MockRouter) -> None:
     api.post(COMPLETIONS).mock(return_value=stream_response([sse(chunk("Par"), done=False)]))
     with pytest.raises(ServerError, match="closed the stream mid-reply after 3 characters"):
         list(ChatClient(URL).stream([Message("user", "hi")], Settings()))
 
 
+@pytest.mark.unit
 def test_stream_broken_connection_is_a_cut(api: respx.MockRouter) -> None:
     def broken() -> Iterator[bytes]:
         yield sse(chunk("Par"), done=False)
@@ -218,6 +219,7 @@ def test_stream_broken_connection_is_a_cut(api: respx.MockRouter) -> None:
         list(ChatClient(URL).stream([Message("user", "hi")], Settings()))
 
 
+@pytest.mark.unit
 def test_stream_finish_reason_without_done_is_complete(api: respx.MockRouter) -> None:
     api.post(COMPLETIONS).mock(
         return_value=stream_response([sse(chunk("ok"), chunk(finish="length"), done=False)])
@@ -227,6 +229,7 @@ def test_stream_finish_reason_without_done_is_complete(api: respx.MockRouter) ->
     assert stream.result().finish_reason == "length"
 
 
+@pytest.mark.unit
 def test_401_says_the_key_was_refused_and_the_key_is_sent(api: respx.MockRouter) -> None:
     route = api.post(COMPLETIONS).respond(
         401,
@@ -238,6 +241,7 @@ def test_401_says_the_key_was_refused_and_the_key_is_sent(api: respx.MockRouter)
     assert route.calls[0].request.headers["authorization"] == "Bearer sekrit"
 
 
+@pytest.mark.unit
 def test_context_overflow_is_one_clear_line(api: respx.MockRouter) -> None:
     api.post(COMPLETIONS).respond(
         400,
@@ -268,24 +272,28 @@ def test_context_overflow_is_one_clear_line(api: respx.MockRouter) -> None:
         (500, {"error": {"message": "boom"}}, "answered HTTP 500: boom"),
     ],
 )
+@pytest.mark.unit
 def test_error_bodies(status: int, body: Any, expected: str) -> None:
     model = "nope" if "nope" in str(body) else None
-    assert expected in chat.error_from_body(status, body, url=URL, model=model).message
+    assert expected in chat_client.error_from_body(status, body, url=URL, model=model).message
 
 
+@pytest.mark.fake
 def test_connection_refused_is_one_clear_line() -> None:
     url = f"http://127.0.0.1:{closed_port()}"
     with pytest.raises(ServerError, match=f"cannot reach a server at {url}: connection refused"):
         list(ChatClient(url).stream([Message("user", "hi")], Settings()))
 
 
+@pytest.mark.unit
 def test_non_streaming_answer_to_a_stream_request_is_accepted(api: respx.MockRouter) -> None:
     api.post(COMPLETIONS).respond(200, json=completion("whole"))
     assert "".join(ChatClient(URL).stream([Message("user", "hi")], Settings())) == "whole"
 
 
+@pytest.mark.unit
 def test_request_body_carries_only_set_options() -> None:
-    body = chat.build_request(
+    body = chat_client.build_request(
         [Message("system", "be brief"), Message("user", "hi")],
         Settings(model="m", temperature=0.0, max_tokens=8),
         stream=True,
@@ -299,21 +307,23 @@ def test_request_body_carries_only_set_options() -> None:
     }
 
 
+@pytest.mark.unit
 def test_api_base_and_key_resolution() -> None:
-    assert chat.api_base("http://h:1/") == "http://h:1/v1"
-    assert chat.api_base("http://h:1/v1") == "http://h:1/v1"
+    assert chat_client.api_base("http://h:1/") == "http://h:1/v1"
+    assert chat_client.api_base("http://h:1/v1") == "http://h:1/v1"
     with pytest.raises(UsageError):
-        chat.api_base("h:1")
+        chat_client.api_base("h:1")
     env = {"OPENAI_API_KEY": "o", "LLAMACTL_API_KEY": "l"}
-    assert chat.resolve_api_key("given", env) == "given"
-    assert chat.resolve_api_key(None, env) == "l"
-    assert chat.resolve_api_key(None, {"OPENAI_API_KEY": "o"}) == "o"
-    assert chat.resolve_api_key(None, {}) is None
+    assert chat_client.resolve_api_key("given", env) == "given"
+    assert chat_client.resolve_api_key(None, env) == "l"
+    assert chat_client.resolve_api_key(None, {"OPENAI_API_KEY": "o"}) == "o"
+    assert chat_client.resolve_api_key(None, {}) is None
 
 
 # --- conversation and slash commands --------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_a_turn_streams_keeps_history_and_prints_stats(api: respx.MockRouter) -> None:
     route = api.post(COMPLETIONS).mock(
         side_effect=[
@@ -330,6 +340,7 @@ def test_a_turn_streams_keeps_history_and_prints_stats(api: respx.MockRouter) ->
     assert [m["role"] for m in sent(route)["messages"]] == ["user", "assistant", "user"]
 
 
+@pytest.mark.unit
 def test_help_and_unknown_command_list_every_command() -> None:
     out, err = io.StringIO(), io.StringIO()
     s = session(out, err)
@@ -351,10 +362,12 @@ def test_help_and_unknown_command_list_every_command() -> None:
     assert "unknown command /frobnicate" in err.getvalue()
 
 
+@pytest.mark.unit
 def test_bye_leaves() -> None:
     assert session(io.StringIO(), io.StringIO()).handle("/bye") is False
 
 
+@pytest.mark.unit
 def test_system_sets_the_first_message(api: respx.MockRouter) -> None:
     route = api.post(COMPLETIONS).mock(return_value=stream_response([reply_body("ok")]))
     out = io.StringIO()
@@ -366,6 +379,7 @@ def test_system_sets_the_first_message(api: respx.MockRouter) -> None:
     assert sent(route)["messages"][0] == {"role": "system", "content": "You answer in French."}
 
 
+@pytest.mark.unit
 def test_model_lists_then_switches(api: respx.MockRouter) -> None:
     route = api.post(COMPLETIONS).mock(return_value=stream_response([reply_body("ok")]))
     out = io.StringIO()
@@ -377,6 +391,7 @@ def test_model_lists_then_switches(api: respx.MockRouter) -> None:
     assert sent(route)["model"] == "other"
 
 
+@pytest.mark.unit
 def test_clear_forgets_turns_but_keeps_system(api: respx.MockRouter) -> None:
     route = api.post(COMPLETIONS).mock(
         side_effect=[stream_response([reply_body("a")]), stream_response([reply_body("b")])]
@@ -389,6 +404,7 @@ def test_clear_forgets_turns_but_keeps_system(api: respx.MockRouter) -> None:
     assert [m["content"] for m in sent(route)["messages"]] == ["sys", "two"]
 
 
+@pytest.mark.unit
 def test_retry_resends_the_last_question(api: respx.MockRouter) -> None:
     route = api.post(COMPLETIONS).mock(
         side_effect=[stream_response([reply_body("bad")]), stream_response([reply_body("good")])]
@@ -405,12 +421,14 @@ def test_retry_resends_the_last_question(api: respx.MockRouter) -> None:
     assert s.conversation.turns == [Message("user", "q"), Message("assistant", "good")]
 
 
+@pytest.mark.unit
 def test_retry_with_nothing_says_so() -> None:
     err = io.StringIO()
     session(io.StringIO(), err).handle("/retry")
     assert "nothing to retry" in err.getvalue()
 
 
+@pytest.mark.unit
 def test_save_then_load_round_trips(api: respx.MockRouter, tmp_path: Path) -> None:
     api.post(COMPLETIONS).mock(return_value=stream_response([reply_body("Paris.")]))
     out = io.StringIO()
@@ -431,6 +449,7 @@ def test_save_then_load_round_trips(api: respx.MockRouter, tmp_path: Path) -> No
     assert "loaded 3 messages" in out.getvalue()
 
 
+@pytest.mark.unit
 def test_load_rejects_a_bad_file_in_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text('[{"role": "wizard", "content": "x"}]')
@@ -442,6 +461,7 @@ def test_load_rejects_a_bad_file_in_one_line(tmp_path: Path) -> None:
     assert "cannot read" in err.getvalue()
 
 
+@pytest.mark.unit
 def test_set_changes_the_request_and_checks_values(api: respx.MockRouter) -> None:
     route = api.post(COMPLETIONS).mock(return_value=stream_response([reply_body("ok")]))
     err = io.StringIO()
@@ -460,6 +480,7 @@ def test_set_changes_the_request_and_checks_values(api: respx.MockRouter) -> Non
     assert "/set knows temperature, top_p, max_tokens" in err.getvalue()
 
 
+@pytest.mark.unit
 def test_error_in_a_turn_is_one_line_and_the_chat_goes_on(api: respx.MockRouter) -> None:
     route = api.post(COMPLETIONS).mock(
         side_effect=[
@@ -488,6 +509,7 @@ class _InterruptingOutput(PlainOutput):
         raise KeyboardInterrupt
 
 
+@pytest.mark.unit
 def test_ctrl_c_during_a_reply_keeps_the_partial_and_closes_the_stream(
     api: respx.MockRouter,
 ) -> None:
@@ -499,6 +521,7 @@ def test_ctrl_c_during_a_reply_keeps_the_partial_and_closes_the_stream(
     assert s.conversation.turns[-1] == Message("assistant", "Paris")
 
 
+@pytest.mark.unit
 def test_read_message_joins_triple_quoted_lines() -> None:
     lines = iter(['"""', "first", "", "second", '"""', '"""one line"""', "plain"])
 
@@ -510,6 +533,7 @@ def test_read_message_joins_triple_quoted_lines() -> None:
     assert chat.read_message(read) == "plain"
 
 
+@pytest.mark.unit
 def test_run_interactive_stops_at_eof() -> None:
     out = io.StringIO()
     s = session(out, io.StringIO())
@@ -528,6 +552,7 @@ def test_run_interactive_stops_at_eof() -> None:
 # --- which server ---------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_plan_server_order() -> None:
     none = lambda: None  # noqa: E731
     model = Path("/m.gguf")
@@ -551,6 +576,7 @@ def test_plan_server_order() -> None:
     )
 
 
+@pytest.mark.fake
 def test_session_server_starts_waits_healthy_and_stops(monkeypatch: pytest.MonkeyPatch) -> None:
     spawned: list[list[str]] = []
     real_spawn = proc.spawn
@@ -570,6 +596,7 @@ def test_session_server_starts_waits_healthy_and_stops(monkeypatch: pytest.Monke
     assert not proc.pid_alive(pid)
 
 
+@pytest.mark.fake
 def test_sigterm_stops_the_session_server_gracefully() -> None:
     script = f"""
 import sys, time
@@ -600,6 +627,7 @@ with chat.session_server("m.gguf", sys.stderr) as url:
     assert not proc.pid_alive(pid)
 
 
+@pytest.mark.fake
 def test_session_server_that_dies_quotes_its_log(monkeypatch: pytest.MonkeyPatch) -> None:
     real_spawn = proc.spawn
 
@@ -620,6 +648,7 @@ def invoke(*args: str, input: str | None = None) -> Any:
     return CliRunner().invoke(cli, ["chat", "--url", URL, *args], input=input)
 
 
+@pytest.mark.unit
 def test_one_shot_prints_only_the_answer_plain(api: respx.MockRouter) -> None:
     route = api.post(COMPLETIONS).mock(
         return_value=stream_response(split_every(reply_body("**Paris** ", "is the capital."), 4))
@@ -633,6 +662,7 @@ def test_one_shot_prints_only_the_answer_plain(api: respx.MockRouter) -> None:
     assert body["temperature"] == 0.0 and body["model"] == "fake-model"
 
 
+@pytest.mark.unit
 def test_one_shot_reads_the_question_from_piped_stdin(api: respx.MockRouter) -> None:
     route = api.post(COMPLETIONS).mock(return_value=stream_response([reply_body("Paris.")]))
     result = invoke("--max-tokens", "32", input="What is the capital of France?\n")
@@ -645,6 +675,7 @@ def test_one_shot_reads_the_question_from_piped_stdin(api: respx.MockRouter) -> 
     assert sent(route)["max_tokens"] == 32
 
 
+@pytest.mark.unit
 def test_json_prints_the_whole_response(api: respx.MockRouter) -> None:
     route = api.post(COMPLETIONS).respond(200, json=completion("Paris."))
     result = invoke("--json", "-p", "q")
@@ -653,6 +684,7 @@ def test_json_prints_the_whole_response(api: respx.MockRouter) -> None:
     assert sent(route)["stream"] is False
 
 
+@pytest.mark.unit
 def test_no_stream_prints_the_text_and_empty_system_sends_none(api: respx.MockRouter) -> None:
     route = api.post(COMPLETIONS).respond(200, json=completion("Paris."))
     result = invoke("--no-stream", "--system", "", "-p", "q")
@@ -660,6 +692,7 @@ def test_no_stream_prints_the_text_and_empty_system_sends_none(api: respx.MockRo
     assert sent(route)["messages"] == [{"role": "user", "content": "q"}]
 
 
+@pytest.mark.unit
 def test_api_key_from_env(api: respx.MockRouter, monkeypatch: pytest.MonkeyPatch) -> None:
     route = api.post(COMPLETIONS).mock(side_effect=lambda _r: stream_response([reply_body("ok")]))
     monkeypatch.setenv("OPENAI_API_KEY", "from-openai")
@@ -670,6 +703,7 @@ def test_api_key_from_env(api: respx.MockRouter, monkeypatch: pytest.MonkeyPatch
     assert keys == ["Bearer from-openai", "Bearer from-llamactl"]
 
 
+@pytest.mark.unit
 def test_one_shot_errors_exit_non_zero_with_one_line(api: respx.MockRouter) -> None:
     api.post(COMPLETIONS).respond(401, json={"error": {"message": "Invalid API Key"}})
     result = invoke("-p", "q")
@@ -678,6 +712,7 @@ def test_one_shot_errors_exit_non_zero_with_one_line(api: respx.MockRouter) -> N
     assert "Traceback" not in result.output
 
 
+@pytest.mark.unit
 def test_one_shot_stream_cut_exits_non_zero(api: respx.MockRouter) -> None:
     api.post(COMPLETIONS).mock(return_value=stream_response([sse(chunk("Par"), done=False)]))
     result = invoke("-p", "q")
@@ -686,6 +721,7 @@ def test_one_shot_stream_cut_exits_non_zero(api: respx.MockRouter) -> None:
     assert "closed the stream mid-reply" in result.stderr
 
 
+@pytest.mark.fake
 def test_dead_server_exits_non_zero_without_traceback() -> None:
     url = f"http://127.0.0.1:{closed_port()}"
     result = CliRunner().invoke(cli, ["chat", "--url", url, "-p", "hi"])
@@ -694,6 +730,7 @@ def test_dead_server_exits_non_zero_without_traceback() -> None:
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+@pytest.mark.unit
 def test_empty_question_and_bad_options_are_usage_errors() -> None:
     assert invoke(input="  \n").exit_code == UsageError.exit_code
     assert invoke("-p", "q", "--top-p", "3").exit_code == UsageError.exit_code
@@ -842,6 +879,7 @@ class Pty:
         os.close(self.fd)
 
 
+@pytest.mark.fake
 def test_interactive_chat_through_a_pseudo_terminal(
     fake_server: _FakeServer, llamactl_home: Path
 ) -> None:
@@ -918,7 +956,7 @@ def real(
         popen = proc.spawn(argv, stdout=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        chat.wait_healthy(url, popen, log_path, deadline_s=120)
+        chat.wait_for_server(port, popen, log_path, deadline_s=120)
         yield RealServer(url, log_path)
     finally:
         proc.stop_group(popen.pid, popen=popen)

@@ -13,6 +13,8 @@ from llamactl.errors import ModelError
 from llamactl.models.gguf import GGML_TYPES, ArraySummary, format_count, read_gguf
 from llamactl.paths import REPO_DIR
 
+pytestmark = pytest.mark.unit
+
 # GGUF value type ids (gguf-py GGUFValueType).
 TYPES = {"u8": 0, "i8": 1, "u16": 2, "i16": 3, "u32": 4, "i32": 5, "f32": 6, "bool": 7}
 TYPES.update({"str": 8, "arr": 9, "u64": 10, "i64": 11, "f64": 12})

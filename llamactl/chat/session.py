@@ -1,9 +1,10 @@
-"""`llamactl chat`: an OpenAI-compatible chat client, interactive (Markdown, history, slash
-commands) or one-shot (plain answer on stdout), optionally with a server for the session."""
+"""`llamactl chat`: the conversation loop (interactive with history and slash commands, or
+one-shot with the plain answer on stdout), and the server a session starts for itself. The
+HTTP client is client.py, the SSE parser sse.py; drawing on a terminal comes in through the
+Renderer protocol (llamactl.cli.chat_render)."""
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import dataclasses
 import json
@@ -12,24 +13,27 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol, TextIO
+from typing import IO, Any, Protocol, TextIO
 
 import httpx
 
-from llamactl import paths, proc
-from llamactl.errors import LlamactlError, ServerError, ServerStartError, UsageError
-from llamactl.net import free_port
-
-if TYPE_CHECKING:
-    from rich.console import Console, ConsoleOptions, RenderResult
+from llamactl import net, paths, proc
+from llamactl.chat.client import (
+    ChatClient,
+    Message,
+    Reply,
+    ReplyStream,
+    Settings,
+    api_base,
+    reply_from_body,
+    resolve_api_key,
+)
+from llamactl.errors import LlamactlError, ServerStartError, UsageError
 
 DEFAULT_URL = "http://127.0.0.1:8080"
-#: Time to first token includes prompt processing, minutes for a long context on a CPU.
-READ_TIMEOUT_S = 600.0
 #: A 7B model from a cold disk can take a minute or two to load before /health says ok.
 START_DEADLINE_S = 300.0
 #: Sent when --system is not given. Small instruct models answer far worse with the chat
@@ -60,59 +64,6 @@ class ChatSpec:
     json_output: bool = False
     prompt: str | None = None
     model_file: str | None = None
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The request parameters a session can change with /model and /set."""
-
-    model: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
-
-
-@dataclass(frozen=True)
-class Message:
-    """One chat message."""
-
-    role: str
-    content: str
-
-
-@dataclass(frozen=True)
-class Timings:
-    """The `timings` object llama-server adds to its last chunk (absent on other servers)."""
-
-    predicted_n: int
-    predicted_per_second: float
-    prompt_n: int = 0
-    prompt_ms: float = 0.0
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Timings | None:
-        """Read llama-server's timings; None when the fields are missing."""
-        try:
-            return cls(
-                predicted_n=int(data["predicted_n"]),
-                predicted_per_second=float(data["predicted_per_second"]),
-                prompt_n=int(data.get("prompt_n", 0)),
-                prompt_ms=float(data.get("prompt_ms", 0.0)),
-            )
-        except (KeyError, TypeError, ValueError):
-            return None
-
-
-@dataclass(frozen=True)
-class Reply:
-    """A finished (or interrupted) assistant reply and how it went."""
-
-    text: str
-    finish_reason: str | None = None
-    timings: Timings | None = None
-    completion_tokens: int | None = None
-    first_token_s: float | None = None
-    elapsed_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -154,420 +105,6 @@ def stats_line(reply: Reply) -> str:
     if reply.first_token_s is not None:
         parts.append(f"first token {reply.first_token_s:.2f} s")
     return " · ".join(parts)
-
-
-# --- server-sent events ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SSEEvent:
-    """One dispatched server-sent event."""
-
-    event: str
-    data: str
-
-
-class SSEDecoder:
-    """Incremental text/event-stream parser: bytes in any chunking, events out."""
-
-    def __init__(self) -> None:
-        # An incremental decoder, because a network chunk can end inside a UTF-8 character.
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._buffer = ""
-        self._event = ""
-        self._data: list[str] = []
-
-    def feed(self, chunk: bytes) -> list[SSEEvent]:
-        """Parse a chunk; return the events it completed."""
-        return self._lines(self._utf8.decode(chunk), final=False)
-
-    def close(self) -> list[SSEEvent]:
-        """End of stream: parse what is left, including a last event with no blank line."""
-        events = self._lines(self._utf8.decode(b"", final=True), final=True)
-        if self._data:
-            events.append(self._dispatch())
-        return events
-
-    def _lines(self, text: str, *, final: bool) -> list[SSEEvent]:
-        self._buffer += text
-        events: list[SSEEvent] = []
-        while True:
-            cut = _line_end(self._buffer, final=final)
-            if cut is None:
-                return events
-            end, width = cut
-            line = self._buffer[:end]
-            self._buffer = self._buffer[end + width :]
-            event = self._line(line)
-            if event is not None:
-                events.append(event)
-
-    def _line(self, line: str) -> SSEEvent | None:
-        if not line:
-            return self._dispatch() if self._data else None
-        if line.startswith(":"):  # a comment; llama-server sends ":" as a keep-alive ping
-            return None
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "data":
-            self._data.append(value)
-        elif name == "event":
-            self._event = value
-        elif name == "error":
-            # Older llama-server wrote `error: {...}` lines instead of `data: {"error": ...}`.
-            self._event = "error"
-            self._data.append(value)
-        return None
-
-    def _dispatch(self) -> SSEEvent:
-        event = SSEEvent(self._event or "message", "\n".join(self._data))
-        self._event, self._data = "", []
-        return event
-
-
-def _line_end(buffer: str, *, final: bool) -> tuple[int, int] | None:
-    """Where the first line ends and how wide its terminator is (\\r\\n, \\n or \\r)."""
-    for i, ch in enumerate(buffer):
-        if ch == "\n":
-            return i, 1
-        if ch == "\r":
-            if i + 1 < len(buffer):
-                return i, 2 if buffer[i + 1] == "\n" else 1
-            # A lone \r at the end of a chunk may be the first half of \r\n: wait for more.
-            return (i, 1) if final else None
-    if final and buffer:
-        return len(buffer), 0
-    return None
-
-
-# --- errors from the server -----------------------------------------------------------------
-
-
-def _error_fields(body: Any) -> tuple[str, str, dict[str, Any]]:
-    """(message, type, the whole error object) from an OpenAI-style error body."""
-    err = body.get("error") if isinstance(body, dict) else None
-    if isinstance(err, dict):
-        return str(err.get("message") or ""), str(err.get("type") or ""), err
-    if isinstance(err, str):
-        return err, "", {}
-    if isinstance(body, dict) and "message" in body:
-        return str(body["message"]), str(body.get("type") or ""), body
-    if isinstance(body, str):
-        return body.strip()[:300], "", {}
-    return "", "", {}
-
-
-def error_from_body(status: int | None, body: Any, *, url: str, model: str | None) -> ServerError:
-    """Turn an HTTP status and error body (or an in-stream error event) into one clear error."""
-    message, kind, err = _error_fields(body)
-    if status is None:
-        code = err.get("code")
-        status = code if isinstance(code, int) else None
-    low = f"{kind} {message}".lower()
-    if kind == "exceed_context_size_error" or (
-        "context" in low and any(w in low for w in ("exceed", "too long", "larger than", "length"))
-    ):
-        n_prompt, n_ctx = err.get("n_prompt_tokens"), err.get("n_ctx")
-        size = f" ({n_prompt} tokens, context size {n_ctx})" if n_prompt and n_ctx else ""
-        return ServerError(
-            f"the conversation no longer fits in the model's context{size}",
-            hint="send less (in a chat, /clear starts over), or serve with a larger --ctx-size",
-        )
-    if status in (401, 403) or kind == "authentication_error":
-        return ServerError(
-            f"the server at {url} refused the request: {message or 'HTTP ' + str(status)}",
-            hint="pass the right key with --api-key or set LLAMACTL_API_KEY",
-        )
-    if status == 404 or kind == "not_found_error" or ("model" in low and "not found" in low):
-        if "model" in low or (model and kind == "not_found_error"):
-            name = repr(model) if model else "the requested model"
-            return ServerError(
-                f"the server at {url} has no model {name}: {message or 'HTTP 404'}",
-                hint="/model (or GET /v1/models) lists the models it has",
-            )
-        return ServerError(
-            f"{url} has no OpenAI chat endpoint (HTTP 404): is it an OpenAI-compatible server?",
-            hint="--url takes the server's base address, e.g. http://127.0.0.1:8080",
-        )
-    label = f"HTTP {status}" if status else "error"
-    return ServerError(f"the server at {url} answered {label}: {message or 'no details'}")
-
-
-def _transport_error(url: str, exc: httpx.TransportError) -> ServerError:
-    if isinstance(exc, httpx.ConnectError):
-        reason = "connection refused" if "refused" in str(exc).lower() else str(exc)
-        return ServerError(
-            f"cannot reach a server at {url}: {reason}",
-            hint="start one with `llamactl serve`, or pass --url URL or -m MODEL",
-        )
-    if isinstance(exc, httpx.TimeoutException):
-        return ServerError(f"the server at {url} did not answer in time ({type(exc).__name__})")
-    return ServerError(f"the connection to {url} failed: {exc}")
-
-
-def _stream_cut(url: str, received: int, detail: str = "") -> ServerError:
-    why = f" ({detail})" if detail else ""
-    return ServerError(
-        f"the server at {url} closed the stream mid-reply after {received} characters{why}",
-        hint="the server may have crashed or restarted; `llamactl logs` shows why",
-    )
-
-
-# --- the HTTP client ------------------------------------------------------------------------
-
-
-def api_base(url: str) -> str:
-    """The `/v1` base for a server address given with or without `/v1`."""
-    url = url.strip().rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        raise UsageError(f"--url needs http:// or https://, got {url!r}")
-    return url if url.endswith("/v1") else f"{url}/v1"
-
-
-def resolve_api_key(given: str | None, env: Mapping[str, str]) -> str | None:
-    """--api-key, else LLAMACTL_API_KEY, else OPENAI_API_KEY."""
-    return given or env.get("LLAMACTL_API_KEY") or env.get("OPENAI_API_KEY") or None
-
-
-def build_request(
-    messages: Sequence[Message], settings: Settings, *, stream: bool
-) -> dict[str, Any]:
-    """The /v1/chat/completions body; unset options are left to the server's defaults."""
-    body: dict[str, Any] = {
-        "messages": [{"role": m.role, "content": m.content} for m in messages],
-        "stream": stream,
-    }
-    if settings.model is not None:
-        body["model"] = settings.model
-    for name in ("temperature", "top_p", "max_tokens"):
-        value = getattr(settings, name)
-        if value is not None:
-            body[name] = value
-    return body
-
-
-class ReplyStream:
-    """One streamed reply: iterate for text pieces, then `result()`; `close()` stops it."""
-
-    def __init__(
-        self,
-        http: httpx.Client,
-        request: httpx.Request,
-        *,
-        url: str,
-        model: str | None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._http, self._request, self._url, self._model = http, request, url, model
-        self._clock = clock
-        self._response: httpx.Response | None = None
-        self._pieces: list[str] = []
-        self._finish: str | None = None
-        self._timings: Timings | None = None
-        self._tokens: int | None = None
-        self._first: float | None = None
-        self._elapsed: float | None = None
-
-    @property
-    def text(self) -> str:
-        """What arrived so far."""
-        return "".join(self._pieces)
-
-    def __iter__(self) -> Iterator[str]:
-        started = self._clock()
-        try:
-            self._response = self._http.send(self._request, stream=True)
-        except httpx.TransportError as exc:
-            raise _transport_error(self._url, exc) from None
-        response = self._response
-        if response.status_code >= 400:
-            response.read()
-            raise error_from_body(
-                response.status_code, _body(response), url=self._url, model=self._model
-            )
-        if "text/event-stream" not in response.headers.get("content-type", "text/event-stream"):
-            # A server that ignores "stream": true answers with one JSON document.
-            response.read()
-            reply = _reply_from_body(_body(response), url=self._url, model=self._model)
-            self._pieces.append(reply.text)
-            self._finish, self._timings = reply.finish_reason, reply.timings
-            self._tokens = reply.completion_tokens
-            if reply.text:
-                yield reply.text
-            return
-        decoder = SSEDecoder()
-        done = False
-        try:
-            for chunk in response.iter_bytes():
-                for event in decoder.feed(chunk):
-                    done = yield from self._event(event, started)
-                    if done:
-                        break
-                if done:
-                    break
-            if not done:
-                for event in decoder.close():
-                    done = yield from self._event(event, started)
-        except httpx.TransportError as exc:
-            if isinstance(exc, httpx.ReadTimeout):
-                raise _transport_error(self._url, exc) from None
-            raise _stream_cut(self._url, len(self.text), type(exc).__name__) from None
-        finally:
-            self._elapsed = self._clock() - started
-            self.close()
-        # A stream that ends without [DONE] and without a finish_reason was cut off.
-        if not done and self._finish is None:
-            raise _stream_cut(self._url, len(self.text))
-
-    def _event(self, event: SSEEvent, started: float) -> Generator[str, None, bool]:
-        """Handle one event, yielding its text; the generator returns True at [DONE]."""
-        if event.data.strip() == "[DONE]":
-            return True
-        try:
-            obj = json.loads(event.data)
-        except json.JSONDecodeError:
-            raise ServerError(
-                f"the server at {self._url} sent an event that is not JSON: {event.data[:80]!r}"
-            ) from None
-        if event.event == "error" or (isinstance(obj, dict) and "error" in obj):
-            body = obj if isinstance(obj, dict) and "error" in obj else {"error": obj}
-            raise error_from_body(None, body, url=self._url, model=self._model)
-        if not isinstance(obj, dict):
-            return False
-        if isinstance(obj.get("timings"), dict):
-            self._timings = Timings.from_json(obj["timings"])
-        usage = obj.get("usage")
-        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-            self._tokens = usage["completion_tokens"]
-        for choice in obj.get("choices") or []:
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue
-            if choice.get("finish_reason"):
-                self._finish = str(choice["finish_reason"])
-            delta = choice.get("delta") or {}
-            piece = delta.get("content") if isinstance(delta, dict) else None
-            if isinstance(piece, str) and piece:
-                if self._first is None:
-                    self._first = self._clock() - started
-                self._pieces.append(piece)
-                yield piece
-        return False
-
-    def close(self) -> None:
-        """Close the connection: llama-server stops generating when its client goes away."""
-        if self._response is not None:
-            self._response.close()
-
-    def result(self) -> Reply:
-        """The reply as received so far."""
-        return Reply(
-            text=self.text,
-            finish_reason=self._finish,
-            timings=self._timings,
-            completion_tokens=self._tokens,
-            first_token_s=self._first,
-            elapsed_s=self._elapsed,
-        )
-
-
-def _body(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return response.text
-
-
-def _reply_from_body(body: Any, *, url: str, model: str | None) -> Reply:
-    if isinstance(body, dict) and "error" in body:
-        raise error_from_body(None, body, url=url, model=model)
-    try:
-        choice = body["choices"][0]
-        text = choice["message"].get("content") or ""
-    except (KeyError, IndexError, TypeError, AttributeError):
-        raise ServerError(f"the server at {url} answered without a chat completion") from None
-    usage = body.get("usage") or {}
-    timings = body.get("timings")
-    return Reply(
-        text=text,
-        finish_reason=choice.get("finish_reason"),
-        timings=Timings.from_json(timings) if isinstance(timings, dict) else None,
-        completion_tokens=usage.get("completion_tokens"),
-    )
-
-
-class ChatClient:
-    """An OpenAI-compatible /v1 client: models, one completion, one streamed completion."""
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        api_key: str | None = None,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        self.url = url.rstrip("/")
-        self.base = api_base(url)
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(
-            headers=headers,
-            timeout=httpx.Timeout(10.0, read=READ_TIMEOUT_S),
-            transport=transport,
-        )
-
-    def close(self) -> None:
-        """Release the connection pool."""
-        self.http.close()
-
-    def models(self) -> list[str]:
-        """The model ids the server lists at /v1/models."""
-        try:
-            response = self.http.get(f"{self.base}/models")
-        except httpx.TransportError as exc:
-            raise _transport_error(self.url, exc) from None
-        body = _body(response)
-        if response.status_code >= 400:
-            raise error_from_body(response.status_code, body, url=self.url, model=None)
-        data = body.get("data") if isinstance(body, dict) else None
-        return [str(m["id"]) for m in data or [] if isinstance(m, dict) and "id" in m]
-
-    def default_model(self) -> str | None:
-        """The first listed model, or None when the server lists none or has no /models
-        (llama-server ignores the name; other OpenAI servers need one)."""
-        try:
-            response = self.http.get(f"{self.base}/models")
-        except httpx.TransportError as exc:
-            raise _transport_error(self.url, exc) from None
-        if response.status_code in (401, 403):
-            raise error_from_body(response.status_code, _body(response), url=self.url, model=None)
-        body = _body(response) if response.status_code < 400 else None
-        data = body.get("data") if isinstance(body, dict) else None
-        names = [str(m["id"]) for m in data or [] if isinstance(m, dict) and "id" in m]
-        return names[0] if names else None
-
-    def complete(self, messages: Sequence[Message], settings: Settings) -> dict[str, Any]:
-        """One non-streamed completion: the server's whole JSON answer."""
-        body = build_request(messages, settings, stream=False)
-        try:
-            response = self.http.post(f"{self.base}/chat/completions", json=body)
-        except httpx.TransportError as exc:
-            raise _transport_error(self.url, exc) from None
-        data = _body(response)
-        if response.status_code >= 400:
-            raise error_from_body(response.status_code, data, url=self.url, model=settings.model)
-        _reply_from_body(data, url=self.url, model=settings.model)  # raises on an error body
-        assert isinstance(data, dict)
-        return data
-
-    def stream(self, messages: Sequence[Message], settings: Settings) -> ReplyStream:
-        """A streamed completion, not yet started (iterate the result to start it)."""
-        body = build_request(messages, settings, stream=True)
-        request = self.http.build_request(
-            "POST",
-            f"{self.base}/chat/completions",
-            json=body,
-            headers={"Accept": "text/event-stream"},
-        )
-        return ReplyStream(self.http, request, url=self.url, model=settings.model)
 
 
 # --- conversation and slash commands --------------------------------------------------------
@@ -675,6 +212,20 @@ class Output(Protocol):
         """The stats line after a reply."""
         ...
 
+    def aside(self, text: str) -> None:
+        """A line that should not draw the eye (dim on a terminal): the chat's banner."""
+        ...
+
+
+class Renderer(Protocol):
+    """Draws a chat on a terminal. The chat core never imports a terminal library: the CLI
+    passes one in (llamactl.cli.chat_render.RichRenderer: Markdown as it streams)."""
+
+    def terminal_output(self, term: Terminal, *, show_stats: bool, input_fd: int | None) -> Output:
+        """An Output drawing on `term`'s stdout; `input_fd` is the keyboard while a reply
+        streams (interactive), None for a one-shot answer."""
+        ...
+
 
 class PlainOutput:
     """Plain text, flushed as it arrives: no terminal codes (pipes, files, tests)."""
@@ -709,104 +260,8 @@ class PlainOutput:
             self.err.write(line + "\n")
             self.err.flush()
 
-
-class _MarkdownTail:
-    """The reply as Markdown; while streaming only its last screenful, so that Live never has
-    to redraw lines that scrolled away (which is what makes long replies flicker and repeat)."""
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.full = False
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        from rich.markdown import Markdown
-        from rich.segment import Segment
-        from rich.text import Text
-
-        if not self.text:
-            if not self.full:
-                yield Text("…", style="dim")
-            return
-        markdown = Markdown(self.text)
-        if self.full:
-            yield markdown
-            return
-        lines = console.render_lines(markdown, options.update(height=None), pad=False)
-        for line in lines[-max(1, console.size.height - 2) :]:
-            yield from line
-            yield Segment.line()
-
-
-@contextlib.contextmanager
-def _echo_off(fd: int | None) -> Iterator[None]:
-    """Keys typed while a reply streams would be echoed into Live's region and garble it;
-    with echo off they wait, unseen, for the next prompt. Ctrl-C still works (ISIG stays)."""
-    try:
-        import termios
-    except ImportError:  # pragma: no cover - not on Windows
-        termios = None  # type: ignore[assignment]
-    if fd is None or termios is None:
-        yield
-        return
-    try:
-        saved = termios.tcgetattr(fd)
-    except termios.error:
-        yield
-        return
-    quiet = list(saved)
-    quiet[3] &= ~termios.ECHO
-    # TCSANOW, not TCSAFLUSH: flushing would drop what the person already typed.
-    termios.tcsetattr(fd, termios.TCSANOW, quiet)
-    try:
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSANOW, saved)
-
-
-class RichOutput:
-    """A terminal: replies rendered as Markdown while they stream, a dim stats line."""
-
-    #: Often enough to look live, rarely enough that re-rendering Markdown costs nothing.
-    REFRESH_PER_SECOND = 10
-
-    def __init__(
-        self, console: Console, *, show_stats: bool = True, input_fd: int | None = None
-    ) -> None:
-        self.console, self.show_stats, self.input_fd = console, show_stats, input_fd
-
-    def reply(self, stream: ReplyStream) -> Reply:
-        from rich.live import Live
-
-        view = _MarkdownTail()
-        with (
-            _echo_off(self.input_fd),
-            Live(
-                view,
-                console=self.console,
-                refresh_per_second=self.REFRESH_PER_SECOND,
-                vertical_overflow="visible",
-            ),
-        ):
-            try:
-                for piece in stream:
-                    view.text += piece
-            finally:
-                # Live's last refresh (on exit, also after Ctrl-C) prints the whole reply.
-                view.full = True
-        return stream.result()
-
-    def info(self, text: str) -> None:
-        self.console.print(text, markup=False, highlight=False)
-
-    def error(self, text: str) -> None:
-        from rich.text import Text
-
-        self.console.print(Text.assemble(("error: ", "bold red"), text))
-
-    def stats(self, reply: Reply) -> None:
-        line = stats_line(reply)
-        if self.show_stats and line:
-            self.console.print(line, style="dim", markup=False, highlight=False)
+    def aside(self, text: str) -> None:
+        self.info(text)
 
 
 class ChatSession:
@@ -1040,7 +495,7 @@ def running_serve_url() -> str | None:
 def default_model_path() -> Path | None:
     """The default model when it is in the cache (so a chat can start a server for it)."""
     try:
-        from llamactl.models.catalog import DEFAULT_MODEL
+        from llamactl.models.default import DEFAULT_MODEL
     except ImportError:  # the models module may not be there yet
         return None
     path = paths.models_dir() / DEFAULT_MODEL.filename
@@ -1095,41 +550,32 @@ def _log_tail(path: Path, lines: int = 8) -> str:
         return "(no log)"
 
 
-def wait_healthy(
-    url: str,
+def wait_for_server(
+    port: int,
     popen: subprocess.Popen[bytes],
     log_path: Path,
     *,
     deadline_s: float = START_DEADLINE_S,
-    clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    """Poll /health until 200, the process dies, or the deadline passes."""
-    deadline = clock() + deadline_s
-    while True:
-        code = popen.poll()
-        if code is not None:
-            raise ServerStartError(
-                f"the server for this chat exited with code {code}:\n{_log_tail(log_path)}",
-                hint=f"full log: {log_path}",
-            )
-        try:
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass  # not listening yet
-        if clock() > deadline:
-            raise ServerStartError(
-                f"the server for this chat was not healthy after {deadline_s:g} s:\n"
-                f"{_log_tail(log_path)}",
-                hint=f"full log: {log_path}",
-            )
-        time.sleep(0.1)
+    """Wait until the server on 127.0.0.1:`port` answers /health with 200; ServerStartError,
+    quoting its log, when it exits first or the deadline passes."""
+    try:
+        net.wait_ready("127.0.0.1", port, deadline_s=deadline_s, exited=popen.poll)
+    except net.NotReady as exc:
+        if exc.exit_code is not None:
+            what = f"exited with code {exc.exit_code}"
+        else:
+            what = f"was not healthy after {deadline_s:g} s"
+        raise ServerStartError(
+            f"the server for this chat {what}:\n{_log_tail(log_path)}",
+            hint=f"full log: {log_path}",
+        ) from None
 
 
 @contextlib.contextmanager
 def session_server(model: str, say: TextIO) -> Iterator[str]:
     """Start `llamactl serve -m MODEL` on a free port for this chat; stop it at the end."""
-    port = free_port()
+    port = net.free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = paths.ensure_private_dir(paths.logs_dir()) / f"chat-serve-{port}.log"
     argv = [sys.executable, "-m", "llamactl", "serve", "-m", model, "--port", str(port)]
@@ -1139,7 +585,7 @@ def session_server(model: str, say: TextIO) -> Iterator[str]:
         with open(log_path, "ab") as log:
             popen = proc.spawn(argv, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_healthy(url, popen, log_path)
+            wait_for_server(port, popen, log_path)
             yield url
         finally:
             say.write("stopping the server started for this chat\n")
@@ -1188,14 +634,13 @@ def _one_shot_question(spec: ChatSpec, term: Terminal) -> str:
     return question.strip()
 
 
-def _console(term: Terminal) -> Console:
-    from rich.console import Console
-
-    return Console(file=term.stdout, highlight=False)
-
-
 def one_shot(
-    client: ChatClient, spec: ChatSpec, settings: Settings, term: Terminal, question: str
+    client: ChatClient,
+    spec: ChatSpec,
+    settings: Settings,
+    term: Terminal,
+    question: str,
+    renderer: Renderer | None = None,
 ) -> None:
     """Answer one question on stdout: plain when piped, Markdown on a terminal, or --json."""
     conversation = Conversation(system=system_prompt(spec), turns=[Message("user", question)])
@@ -1205,13 +650,13 @@ def one_shot(
         if spec.json_output:
             text = json.dumps(body, indent=2, ensure_ascii=False)
         else:
-            text = _reply_from_body(body, url=client.url, model=settings.model).text
+            text = reply_from_body(body, url=client.url, model=settings.model).text
         term.stdout.write(text if text.endswith("\n") else text + "\n")
         term.stdout.flush()
         return
     output: Output
-    if term.stdout_tty:
-        output = RichOutput(_console(term), show_stats=False)
+    if term.stdout_tty and renderer is not None:
+        output = renderer.terminal_output(term, show_stats=False, input_fd=None)
     else:
         output = PlainOutput(term.stdout, term.stderr, show_stats=False)
     stream = client.stream(messages, settings)
@@ -1221,24 +666,37 @@ def one_shot(
         stream.close()
 
 
-def interactive(client: ChatClient, spec: ChatSpec, settings: Settings, term: Terminal) -> None:
+def interactive(
+    client: ChatClient,
+    spec: ChatSpec,
+    settings: Settings,
+    term: Terminal,
+    renderer: Renderer | None = None,
+) -> None:
     """The terminal chat."""
-    console = _console(term)
-    output = RichOutput(console, input_fd=term.stdin.fileno())
+    output: Output
+    if renderer is not None:
+        output = renderer.terminal_output(term, show_stats=True, input_fd=term.stdin.fileno())
+    else:
+        output = PlainOutput(term.stdout, term.stderr)
     session = ChatSession(client, output, settings, Conversation(system=system_prompt(spec)))
     model = settings.model or "the server's model"
-    console.print(
-        f"chatting with {model} at {client.url} · /help for commands · Ctrl-D or /bye to leave",
-        style="dim",
-        markup=False,
-        highlight=False,
+    output.aside(
+        f"chatting with {model} at {client.url} · /help for commands · Ctrl-D or /bye to leave"
     )
     with line_history(history_path()):
         run_interactive(session, input)
 
 
-def run(spec: ChatSpec, term: Terminal, *, env: Mapping[str, str] | None = None) -> None:
-    """Run `llamactl chat`: pick or start the server, then chat or answer once."""
+def run(
+    spec: ChatSpec,
+    term: Terminal,
+    *,
+    env: Mapping[str, str] | None = None,
+    renderer: Renderer | None = None,
+) -> None:
+    """Run `llamactl chat`: pick or start the server, then chat or answer once (drawn by
+    `renderer` on a terminal, plain text otherwise)."""
     env = os.environ if env is None else env
     if spec.url and spec.model_file:
         raise UsageError("--url and -m contradict: -m starts a server of its own")
@@ -1270,6 +728,6 @@ def run(spec: ChatSpec, term: Terminal, *, env: Mapping[str, str] | None = None)
             max_tokens=spec.max_tokens,
         )
         if question is None:
-            interactive(client, spec, settings, term)
+            interactive(client, spec, settings, term, renderer)
         else:
-            one_shot(client, spec, settings, term, question)
+            one_shot(client, spec, settings, term, question, renderer)

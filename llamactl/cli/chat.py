@@ -1,4 +1,4 @@
-"""`llamactl chat`: options -> ChatSpec -> llamactl.chat.session.run."""
+"""`llamactl chat`: options -> ChatSpec -> llamactl.chat.session.run, drawn by chat_render."""
 
 from __future__ import annotations
 
@@ -64,4 +64,6 @@ def chat(
         prompt=prompt,
         model_file=model_file,
     )
-    run(spec, Terminal.from_streams(sys.stdin, sys.stdout, sys.stderr))
+    from llamactl.cli.chat_render import RichRenderer
+
+    run(spec, Terminal.from_streams(sys.stdin, sys.stdout, sys.stderr), renderer=RichRenderer())

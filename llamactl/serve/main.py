@@ -249,9 +249,7 @@ def resolve_binary(
     return binary, backend
 
 
-def resolve_model_args(
-    spec: ServeSpec, console: Callable[[], Any] = _console
-) -> tuple[tuple[str, ...], str]:
+def resolve_model_args(spec: ServeSpec) -> tuple[tuple[str, ...], str]:
     """The llama-server flags with the model resolved to a path, and a label for it."""
     if spec.model is not None:
         path = Path(spec.model).expanduser()
@@ -267,9 +265,10 @@ def resolve_model_args(
     if default_model.default_model_present():
         path = default_model.default_model_path()
     else:
-        from llamactl.models import catalog as models
+        from llamactl.models import pull
 
-        path = models.ensure_default_model(console=console())
+        # Plain lines, like serve's other progress lines: the first fetch is a one-off.
+        path = pull.ensure_default_model(progress=pull.LineProgress(sys.stderr))
     return ("-m", str(path), *spec.passthrough), path.name
 
 
