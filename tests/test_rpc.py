@@ -369,3 +369,26 @@ def test_head_refuses_a_worker_of_another_version_at_once() -> None:
             sleep=clock.sleep,
         )
     assert clock.now == 0
+
+
+def test_a_head_log_that_says_a_worker_was_lost_is_no_crash_of_its_own() -> None:
+    from llamactl.serve.supervisor import Instance, InstanceConfig, Supervisor
+
+    class Tail:
+        def __init__(self, lines: list[str]) -> None:
+            self.lines = lines
+
+        def tail(self, n: int = 20) -> list[str]:
+            return self.lines[-n:]
+
+    def inst(lines: list[str], workers: tuple[Endpoint, ...]) -> Instance:
+        config = InstanceConfig("m", Path("/x"), (), Path("/l"), rpc_workers=workers)
+        return Instance(config=config, process=Tail(lines))  # type: ignore[arg-type]
+
+    sup = Supervisor()
+    crashed = ["...", "Remote RPC server crashed or returned malformed response", "abort"]
+    one = (Endpoint("h", 1),)
+    assert sup._lost_worker(inst(crashed, one)) == "an RPC worker was lost"
+    assert sup._lost_worker(inst(["Failed to connect to h:1"], one)) is not None
+    assert sup._lost_worker(inst(["segfault"], one)) is None
+    assert sup._lost_worker(inst(crashed, ())) is None  # not an RPC-backed instance

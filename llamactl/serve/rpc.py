@@ -16,6 +16,7 @@ TCP connect succeeds (the kernel's backlog) but the hello waits unanswered.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import struct
@@ -201,6 +202,18 @@ _BUSY = (
 )
 
 
+def _reset_on_close(sock: socket.socket) -> None:
+    """Make close() send a reset instead of an orderly FIN.
+
+    A probe given up while the worker is busy leaves its connection, hello sent, in the
+    worker's accept queue. After an orderly close, the worker would later read that hello and
+    write its reply to a closed peer: its second write then raises SIGPIPE (ggml's transport
+    sends with no MSG_NOSIGNAL), which kills ggml-rpc-server. After a reset, its first read
+    fails and it goes back to accept()."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 def probe(endpoint: Endpoint, timeout: float = 3.0) -> Probe:
     """Connect and exchange the hello (blocking, bounded by `timeout` in all)."""
     deadline = time.monotonic() + timeout
@@ -208,24 +221,26 @@ def probe(endpoint: Endpoint, timeout: float = 3.0) -> Probe:
         sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
     except OSError as exc:
         return Probe(endpoint, problem=_problem_for(exc))
+    data = b""
     with sock:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.sendall(hello_request())
-            data = b""
             want = _SIZE.size + HELLO_REPLY_SIZE
             while len(data) < want:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return Probe(endpoint, problem=_BUSY, busy=True)
+                    raise TimeoutError
                 sock.settimeout(left)
                 chunk = sock.recv(want - len(data))
                 if not chunk:
                     return Probe(endpoint, problem=_closed(data))
                 data += chunk
         except TimeoutError:
+            _reset_on_close(sock)
             return Probe(endpoint, problem=_BUSY, busy=True)
         except OSError as exc:
+            _reset_on_close(sock)
             return Probe(endpoint, problem=_problem_for(exc))
     return _parsed(endpoint, data)
 
@@ -250,6 +265,10 @@ async def probe_async(endpoint: Endpoint, timeout: float = 3.0) -> Probe:
                 reader.readexactly(_SIZE.size + HELLO_REPLY_SIZE), timeout=timeout
             )
         except asyncio.TimeoutError:
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                _reset_on_close(sock)
+            writer.transport.abort()
             return Probe(endpoint, problem=_BUSY, busy=True)
         except asyncio.IncompleteReadError as exc:
             return Probe(endpoint, problem=_closed(exc.partial))

@@ -268,10 +268,14 @@ class Supervisor:
             # Warnings: serve logs at WARNING, and whoever runs it should see each failure.
             log.warning("instance %s: %s; restarting it", inst.name, reason)
             inst.last_error = reason
+            lost = self._lost_worker(inst)
             await self._stop_process(inst, reason)
-            if not await self._wait_for_workers(inst, reason):
-                # A head that died with its worker is not a crash of its own: a worker lost and
-                # back is waited for, not counted against the crash-loop budget.
+            if lost:
+                reason = f"{reason}: {lost}"
+                inst.last_error = reason
+            if not (await self._wait_for_workers(inst, reason) or lost):
+                # A head that died with its worker is not a crash of its own: a worker lost is
+                # waited for (or is back already), not counted against the crash-loop budget.
                 inst.failures.append(down_since)
             while not self._stopping:
                 recent = self._recent_failures(inst)
@@ -311,6 +315,16 @@ class Supervisor:
                     inst.last_error = exc.message
                     if not await self._wait_for_workers(inst, reason):
                         inst.failures.append(self._clock())
+
+    def _lost_worker(self, inst: Instance) -> str | None:
+        """Why the head of an RPC-backed instance died, when its log says a worker was lost
+        (ggml-rpc.cpp aborts with these lines); None otherwise."""
+        if not inst.config.rpc_workers or inst.process is None:
+            return None
+        for line in reversed(inst.process.tail(80)):
+            if "Remote RPC server crashed" in line or "Failed to connect to" in line:
+                return "an RPC worker was lost"
+        return None
 
     async def _wait_for_workers(self, inst: Instance, reason: str) -> bool:
         """When a worker of the instance does not answer its hello, wait (state BACKOFF, named
