@@ -34,6 +34,8 @@ OWN_OPTIONS = {
     "--queue-timeout": "Seconds a request waits for a starting model before 503 (default 120).",
     "--start-timeout": "Seconds of no loading progress before a start fails (default 120).",
     "--max-body-size": "Largest request body accepted, e.g. 64M (default 64M); larger: 413.",
+    "--remote": "URL of another llamactl serve or llama-server to use as a replica "
+    "(repeatable; key from LLAMACTL_REMOTE_API_KEY; with no -m, no local model).",
 }
 #: llama-server flags that llamactl takes for the proxy instead of passing them on.
 TAKEN_FLAGS = ("--host", "--port", "--api-key", "--api-key-file", "-m", "--model")
@@ -60,6 +62,7 @@ class ServeSpec:
     start_timeout: float = 120.0
     max_body_bytes: int = DEFAULT_MAX_BODY
     show_help: bool = False
+    remotes: tuple[str, ...] = ()  # --remote URLs, in order
     env_overrides: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -96,6 +99,7 @@ def parse_serve_args(argv: list[str], environ: dict[str, str] | None = None) -> 
     env = dict(os.environ if environ is None else environ)
     values: dict[str, Any] = {}
     keys: list[str] = []
+    remotes: list[str] = []
     passthrough: list[str] = []
     i = 0
 
@@ -146,6 +150,8 @@ def parse_serve_args(argv: list[str], environ: dict[str, str] | None = None) -> 
             values[flag[2:].replace("-", "_")] = seconds
         elif flag == "--max-body-size":
             values["max_body_bytes"] = parse_size(take(flag, inline))
+        elif flag == "--remote":
+            remotes.append(take(flag, inline))
         else:
             passthrough.append(arg)
         i += 1
@@ -160,7 +166,9 @@ def parse_serve_args(argv: list[str], environ: dict[str, str] | None = None) -> 
             if env.get(name):
                 keys.extend(k for k in env[name].split(",") if k)
                 break
-    return ServeSpec(api_keys=tuple(keys), passthrough=tuple(passthrough), **values)
+    return ServeSpec(
+        api_keys=tuple(keys), passthrough=tuple(passthrough), remotes=tuple(remotes), **values
+    )
 
 
 HELP = """Usage: llamactl serve [-m MODEL] [--host HOST] [--port PORT] [--api-key KEY]
@@ -300,6 +308,17 @@ def serve(spec: ServeSpec) -> int:
     if spec.show_help:
         print(help_text())
         return 0
+    if spec.remotes:
+        from llamactl.serve import remote
+
+        remotes = remote.remotes_from_args(spec.remotes, dict(os.environ))
+        if spec.model is None and not spec.has_model_source:
+            return remote.serve_remote_only(spec, remotes)
+        raise UsageError(
+            "--remote beside a local model (-m) is not supported yet",
+            hint="serve the local model with its own `llamactl serve --port N` and add it "
+            "as one more --remote http://127.0.0.1:N",
+        )
     args, model_label = resolve_model_args(spec)
     binary, backend = resolve_binary(spec)
     workers: tuple[Any, ...] = ()

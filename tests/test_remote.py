@@ -1,0 +1,245 @@
+"""Remote upstreams: URL rules, the circuit breaker and the choice of a replica (unit), and
+`serve --remote` in front of fake llama-servers (fake): load shared, a dead replica routed
+around, a request that got no byte sent again elsewhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llamactl.errors import UsageError
+from llamactl.net import free_port, wait_ready
+from llamactl.proc import stop_group
+from llamactl.serve import remote
+from llamactl.serve.remote import Breaker, BreakerState, RemoteSpec, Replica, choose
+
+FAKE = str(Path(__file__).parent / "fakes" / "fake_llama_server.py")
+HANG = 60.0
+
+
+# -- unit --------------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_urls_parsed_and_bad_ones_refused() -> None:
+    assert remote.parse_url("http://10.0.0.2:8080/v1").base == "http://10.0.0.2:8080"
+    assert remote.parse_url("https://models.example.com").port == 443
+    assert remote.parse_url("http://[::1]:9").base == "http://[::1]:9"
+    for bad in ("10.0.0.2:8080", "ftp://x", "http://x/prefix", "http://u:p@x", "http://x:99999"):
+        with pytest.raises(UsageError):
+            remote.parse_url(bad)
+
+
+@pytest.mark.unit
+def test_remote_key_from_the_environment_and_no_duplicates() -> None:
+    specs = remote.remotes_from_args(
+        ["http://a:1", "http://b:2/"], {remote.REMOTE_KEY_ENV: "sekrit"}
+    )
+    assert [s.url for s in specs] == ["http://a:1", "http://b:2"]
+    assert all(s.api_key == "sekrit" and s.verify_tls for s in specs)
+    with pytest.raises(UsageError, match="twice"):
+        remote.remotes_from_args(["http://a:1", "http://a:1/v1"], {})
+
+
+@pytest.mark.unit
+def test_models_and_slots_read_from_answers() -> None:
+    assert remote.models_in({"data": [{"id": "a"}, {"id": "b"}, {"x": 1}]}) == ("a", "b")
+    assert remote.models_in([1, 2]) == ()
+    assert remote.total_slots_in({"total_slots": 4}) == 4
+    assert remote.total_slots_in({"total_slots": True}) is None
+    assert remote.total_slots_in({"total_slots": 0}) is None
+
+
+@pytest.mark.unit
+def test_breaker_opens_cools_down_tries_once_and_closes() -> None:
+    b = Breaker(threshold=2, cooldown=1.0, max_cooldown=4.0)
+    assert b.allows(0) and not b.failure(0)
+    assert b.failure(0.1) and b.state is BreakerState.OPEN
+    assert not b.allows(0.5)
+    assert b.allows(1.2) and b.state is BreakerState.HALF_OPEN
+    b.on_trial()
+    assert not b.allows(1.3)  # one trial at a time
+    assert b.failure(1.4) and b.current_cooldown == 2.0  # a failed trial doubles the wait
+    assert not b.allows(3.0) and b.allows(3.5)
+    b.on_trial()
+    b.success()
+    assert b.state is BreakerState.CLOSED and b.allows(3.6)
+
+
+def replica(name: str, *, slots: int = 1, busy: int = 0, models: tuple[str, ...] = ()) -> Replica:
+    r = Replica(
+        spec=RemoteSpec(url=f"http://{name}:1"),
+        address=remote.parse_url(f"http://{name}:1"),
+        name=name,
+        healthy=True,
+        checked=True,
+        models=models,
+        total_slots=slots,
+    )
+    r.in_flight = busy
+    return r
+
+
+@pytest.mark.unit
+def test_the_replica_with_most_free_slots_wins_and_equals_take_turns() -> None:
+    a, b = replica("a", slots=4, busy=3), replica("b", slots=2)
+    assert choose([a, b], None, 0) is b
+    c, d = replica("c"), replica("d")
+    assert [choose([c, d], None, 0, turn=t).name for t in range(4)] == ["c", "d", "c", "d"]  # type: ignore[union-attr]
+
+
+@pytest.mark.unit
+def test_unhealthy_open_and_other_model_replicas_are_passed_over() -> None:
+    a, b, c = replica("a"), replica("b", models=("m1",)), replica("c")
+    a.healthy = False
+    c.breaker.trip(0)
+    assert choose([a, b, c], "m1", 0.5) is b
+    assert choose([a, b, c], "m2", 0.5) is None
+    assert choose([a, c], None, 0.5) is None
+
+
+@pytest.mark.unit
+def test_a_replica_that_just_failed_is_avoided_unless_it_is_the_only_one() -> None:
+    a, b = replica("a"), replica("b")
+    assert choose([a, b], None, 0, avoid=["a"]) is b
+    assert choose([a], None, 0, avoid=["a"]) is a
+
+
+# -- fake: serve --remote in front of fake llama-servers ---------------------------------------
+
+
+class Fake:
+    def __init__(self, tmp: Path, port: int = 0) -> None:
+        self.port = port or free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, FAKE, "--port", str(self.port), "--load-time", "0"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_ready("127.0.0.1", self.port, deadline_s=HANG)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def requests(self) -> int:
+        stats = httpx.get(f"{self.url}/debug/stats", timeout=5).json()
+        return int(stats["requests"])
+
+    def kill(self) -> None:
+        stop_group(self.proc.pid, grace=0.1, popen=self.proc)
+
+
+@pytest.fixture
+def fakes(tmp_path: Path) -> Iterator[list[Fake]]:
+    made = [Fake(tmp_path), Fake(tmp_path)]
+    yield made
+    for f in made:
+        f.kill()
+
+
+def front(
+    home: Path, *urls: str, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], int]:
+    port = free_port()
+    args = [a for u in urls for a in ("--remote", u)]
+    err = open(home.parent / f"front-{port}.err", "w")  # noqa: SIM115 - closed with the test
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llamactl", "serve", *args, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=err,
+        text=True,
+        env={**os.environ, "LLAMACTL_HOME": str(home), **(extra_env or {})},
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("listening at"), (home.parent / f"front-{port}.err").read_text()
+    return proc, port
+
+
+ASK = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.mark.fake
+def test_two_replicas_share_load_and_a_dead_one_is_routed_around(
+    fakes: list[Fake], llamactl_home: Path
+) -> None:
+    proc, port = front(llamactl_home, *(f.url for f in fakes))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/health", timeout=HANG).status_code == 200
+        before = [f.requests() for f in fakes]
+        for _ in range(10):
+            r = httpx.post(f"{url}/v1/chat/completions", json=ASK, timeout=HANG)
+            assert r.status_code == 200, r.text
+        shares = [f.requests() - b for f, b in zip(fakes, before, strict=True)]
+        assert all(s >= 3 for s in shares), shares  # both took part (health checks add a few)
+
+        ps = subprocess.run(
+            [sys.executable, "-m", "llamactl", "ps", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "LLAMACTL_HOME": str(llamactl_home)},
+            check=True,
+        )
+        rows = json.loads(ps.stdout)
+        assert sorted(r["where"] for r in rows) == sorted(f.url for f in fakes)
+
+        fakes[0].kill()
+        answered = 0
+        for _ in range(10):
+            r = httpx.post(f"{url}/v1/chat/completions", json=ASK, timeout=HANG)
+            answered += r.status_code == 200
+        assert answered == 10
+    finally:
+        stop_group(proc.pid, grace=10, popen=proc)
+    assert proc.returncode == 128 + signal.SIGTERM
+
+
+@pytest.mark.fake
+def test_front_with_no_answering_remote_fails_naming_them(llamactl_home: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    out = subprocess.run(
+        [sys.executable, "-m", "llamactl", "serve", "--remote", dead, "--start-timeout", "1"],
+        capture_output=True,
+        text=True,
+        timeout=HANG,
+        env={**os.environ, "LLAMACTL_HOME": str(llamactl_home), "LLAMACTL_NO_PORT": "1"},
+        check=False,
+    )
+    assert out.returncode == 6, out.stderr
+    assert dead in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.fake
+def test_a_request_waits_for_a_replica_that_comes_back(
+    fakes: list[Fake], llamactl_home: Path, tmp_path: Path
+) -> None:
+    proc, port = front(llamactl_home, fakes[0].url)
+    pool = ThreadPoolExecutor(1)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        fakes[0].kill()
+        # The front notices (a health check, or the refused request itself), then waits.
+        pending = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=ASK, timeout=HANG)
+        time.sleep(0.5)  # let the request reach the front while nothing answers
+        assert not pending.done()
+        back = Fake(tmp_path, port=fakes[0].port)
+        fakes.append(back)
+        assert pending.result(timeout=HANG).status_code == 200
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        stop_group(proc.pid, grace=10, popen=proc)
