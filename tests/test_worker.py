@@ -13,11 +13,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
+from support.workers import Worker
+from support.workers import launch as launch_worker
 
 from llamactl.net import free_port
 from llamactl.proc import stop_group
@@ -29,31 +30,6 @@ pytestmark = pytest.mark.fake
 FAKE_RPC = Path(__file__).parent / "fakes" / "fake_rpc_server.py"
 DEADLINE = 30.0
 WORKER = (sys.executable, "-m", "llamactl", "worker", "--rpc-bin", str(FAKE_RPC))
-
-
-@dataclass
-class Worker:
-    proc: subprocess.Popen[str]
-    port: int
-    err: Path
-    home: Path
-
-    def stderr(self) -> str:
-        return self.err.read_text(errors="replace")
-
-    def wait_for(self, text: str, timeout: float = DEADLINE) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.stderr():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"no {text!r} in the worker's output:\n{self.stderr()}")
-            time.sleep(0.02)
-
-    def rpc_children(self) -> list[psutil.Process]:
-        try:
-            kids = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-        return [k for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
 
 
 def llamactl(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -68,19 +44,7 @@ def llamactl(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def launch(home: Path, *args: str, env: dict[str, str] | None = None) -> Worker:
-    port = free_port()
-    err = home.parent / f"worker-{port}.err"
-    home.mkdir(parents=True, exist_ok=True)
-    with open(err, "w") as fh:
-        proc = subprocess.Popen(
-            [*WORKER, "--port", str(port), *args],
-            stdout=subprocess.DEVNULL,
-            stderr=fh,
-            text=True,
-            env={**os.environ, "LLAMACTL_HOME": str(home), **(env or {})},
-            start_new_session=True,
-        )
-    return Worker(proc, port, err, home)
+    return launch_worker(home, *args, rpc_bin=FAKE_RPC, env=env)
 
 
 @pytest.fixture
