@@ -46,7 +46,7 @@ def workers(
     yield make
     for w in started:
         w.stop()
-        report = getattr(request.node, "rep_call", None)
+        report = getattr(request.node, "report_call", None)
         if report is not None and report.failed:
             print(f"\n--- worker {w.port} ---\n{w.stderr()[-3000:]}")
 
