@@ -177,3 +177,38 @@ def test_async_probe_names_another_version(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def ns_flags(address: str) -> list[str]:
+    return ["--host", address, "--i-understand-no-auth"]
+
+
+def test_a_worker_on_a_host_of_its_own_answers_across_the_link(
+    llamactl_home: Path, tmp_path: Path
+) -> None:
+    from support.netns import host_namespace
+
+    with host_namespace() as ns:
+        if ns is None:
+            pytest.skip("no network namespaces here (needs root and iproute2)")
+        port = free_port()
+        err = tmp_path / "ns-worker.err"
+        with open(err, "w") as fh:
+            proc = subprocess.Popen(
+                [*ns.prefix(), *WORKER, "--port", str(port), *ns_flags(ns.address)],
+                stdout=subprocess.DEVNULL,
+                stderr=fh,
+                env={**os.environ, "LLAMACTL_HOME": str(llamactl_home)},
+                start_new_session=True,
+            )
+        try:
+            endpoint = Endpoint(ns.address, port)
+            deadline = time.monotonic() + DEADLINE
+            while not (found := rpc.probe(endpoint, timeout=1)).ok:
+                assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+            assert found.version == RpcVersion(7, 0, 0)
+            assert "anyone who can reach that address" in err.read_text()
+            # Not on this side's loopback: the worker is on its own host.
+            assert not rpc.probe(Endpoint("127.0.0.1", port), timeout=1).ok
+        finally:
+            stop_group(proc.pid, grace=5, popen=proc)
