@@ -79,8 +79,12 @@ def get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
 
 
 def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start a target through llamactl.proc (own session, dies with the benchmark), its output
+    to `log`."""
+    from llamactl import proc as procs
+
     with open(log, "ab") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return procs.spawn(argv, stdout=out, stderr=subprocess.STDOUT)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -362,18 +366,25 @@ def static_proxy(server: str, model: str, port: int, upstream_port: int) -> int:
     """Start llama-server and the proxy in front of it; serve until SIGTERM."""
     # llama-server first: its load overlaps the proxy's imports, as it would in a serve that
     # starts the model before anything else.
-    proc = subprocess.Popen(
-        [server, "-m", model, "--host", "127.0.0.1", "--port", str(upstream_port)]
+    from llamactl import net
+    from llamactl import proc as procs
+
+    proc = procs.spawn(
+        [server, "-m", model, "--host", "127.0.0.1", "--port", str(upstream_port)],
+        stdout=None,
+        stderr=None,
     )
     from llamactl.serve.proxy import Proxy, ProxyConfig, Upstream
-    from llamactl.serve.proxy import run as run_loop
+    from llamactl.serve.runner import run as run_loop
 
     class Static:
         def __init__(self) -> None:
             self.upstream = Upstream("bench", "127.0.0.1", upstream_port, None, 1)
             self.ready = asyncio.Event()
 
-        async def acquire(self, model: str | None) -> Upstream:
+        async def acquire(
+            self, model: str | None, method: bytes = b"GET", path: bytes = b"/"
+        ) -> Upstream:
             if not self.ready.is_set():
                 await self.ready.wait()
             return self.upstream
@@ -381,22 +392,19 @@ def static_proxy(server: str, model: str, port: int, upstream_port: int) -> int:
         def release(self, upstream: Upstream, outcome: int) -> None:
             pass
 
-    async def health_ok() -> bool:
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", upstream_port)
-        except OSError:
-            return False
-        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = await reader.read()
-        writer.close()
-        return data.startswith(b"HTTP/1.1 200")
-
     async def main() -> None:
         provider = Static()
         proxy = Proxy(ProxyConfig(port=port), provider)
         await proxy.start()
-        while not await health_ok():
-            await asyncio.sleep(0.005)
+        # The one readiness loop (llamactl.net), in a thread: the proxy already listens.
+        await asyncio.to_thread(
+            net.wait_ready,
+            "127.0.0.1",
+            upstream_port,
+            deadline_s=180,
+            exited=proc.poll,
+            interval_s=0.005,
+        )
         provider.ready.set()
         stopped = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -407,8 +415,7 @@ def static_proxy(server: str, model: str, port: int, upstream_port: int) -> int:
     try:
         run_loop(main())
     finally:
-        proc.terminate()
-        proc.wait()
+        procs.stop_group(proc.pid, grace=10, popen=proc)
     return 0
 
 

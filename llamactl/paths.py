@@ -74,6 +74,11 @@ def downloads_dir() -> Path:
     return cache_dir() / "downloads"
 
 
+def toolkits_dir() -> Path:
+    """Toolkits llamactl installs itself (the CUDA toolkit from PyPI wheels)."""
+    return cache_dir() / "toolkits"
+
+
 def run_dir() -> Path:
     """One JSON record per running `serve`."""
     return state_dir() / "run"

@@ -28,12 +28,7 @@ import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from llamactl.serve import proxy as proxy_mod
-from llamactl.serve.proxy import ProxyConfig, Upstream
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_proxy import (
+from support.proxyharness import (
     ProxyThread,
     error_of,
     fake_server,
@@ -42,7 +37,11 @@ from test_proxy import (
     running_proxy,
 )
 
-pytestmark = pytest.mark.timeout(120)
+from llamactl.serve import http as http_rules
+from llamactl.serve import proxy as proxy_mod
+from llamactl.serve.proxy import ProxyConfig, Upstream
+
+pytestmark = [pytest.mark.fake, pytest.mark.timeout(120)]
 
 FUZZ_EXAMPLES = int(os.environ.get("LLAMACTL_FUZZ_EXAMPLES", "40"))
 
@@ -877,7 +876,7 @@ def expected_refusal(body: bytes) -> str | None:
     except UnicodeDecodeError:
         return "invalid_body"
     try:
-        obj = json.JSONDecoder(parse_constant=proxy_mod._reject_constant).decode(text)
+        obj = json.JSONDecoder(parse_constant=http_rules._reject_constant).decode(text)
     except (ValueError, RecursionError):
         return "invalid_json"
     if type(obj) is not dict:

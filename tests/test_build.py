@@ -18,9 +18,13 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from llamactl.build import buildlog, progress
 from llamactl.build import cache as builds
 from llamactl.build import plan as b
-from llamactl.build.hardware import GPU, Decision, Detection, Tool
+from llamactl.build import run as brun
+from llamactl.build import toolchain as tc
+from llamactl.build.decision import Decision
+from llamactl.build.detection import GPU, Detection, Tool
 from llamactl.build.source import SourceTree
 from llamactl.errors import BuildError
 
@@ -67,7 +71,7 @@ def tree(path: str = "/src/llama.cpp", commit: str = COMMIT) -> SourceTree:
     return SourceTree(path=Path(path), commit=commit, origin="test", pinned=True)
 
 
-def tools(**kw: Any) -> b.Toolchain:
+def tools(**kw: Any) -> tc.Toolchain:
     base: dict[str, Any] = {
         "cmake": "/usr/bin/cmake",
         "cmake_version": "3.25.1",
@@ -79,7 +83,7 @@ def tools(**kw: Any) -> b.Toolchain:
         "available_mib": 64_000,
     }
     base.update(kw)
-    return b.Toolchain(**base)
+    return tc.Toolchain(**base)
 
 
 def make_plan(
@@ -87,7 +91,7 @@ def make_plan(
     detection: Detection | None = None,
     dec: Decision | None = None,
     source: SourceTree | None = None,
-    toolchain: b.Toolchain | None = None,
+    toolchain: tc.Toolchain | None = None,
     root: Path = Path("/cache/builds"),
 ) -> b.BuildPlan:
     return b.plan(
@@ -110,6 +114,7 @@ def define(p: b.BuildPlan, name: str) -> str | None:
 # --------------------------------------------------------------------------- plans
 
 
+@pytest.mark.unit
 def test_cpu_plan_is_exactly_the_documented_command() -> None:
     p = make_plan()
     build_dir = f"/cache/builds/{p.key}"
@@ -145,6 +150,7 @@ def test_cpu_plan_is_exactly_the_documented_command() -> None:
     assert p.key.startswith("0c1e57098bba-cpu-")
 
 
+@pytest.mark.unit
 def test_version_names_the_pinned_commit_but_a_checkout_keeps_its_own() -> None:
     # Without this, llama.cpp's git query answers for the repository around vendor/: llamactl's.
     pinned = make_plan()
@@ -156,6 +162,7 @@ def test_version_names_the_pinned_commit_but_a_checkout_keeps_its_own() -> None:
     assert mine.cmake_args[-1] == "-DLLAMA_BUILD_COMMIT=mine"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("backend", ["cpu", "cuda", "hip", "vulkan", "metal", "sycl", "musa"])
 def test_no_plan_uses_deprecated_or_network_switches(backend: str) -> None:
     p = make_plan(b.BuildSpec(backend=backend), det(os_name="linux"))
@@ -166,6 +173,7 @@ def test_no_plan_uses_deprecated_or_network_switches(backend: str) -> None:
     assert "CMAKE_CUDA_ARCHITECTURES=native" not in joined
 
 
+@pytest.mark.unit
 def test_cuda_architectures_come_from_the_detected_gpus() -> None:
     d = det(nvidia("9.0"), nvidia("8.6", 1))
     p = make_plan(
@@ -176,6 +184,7 @@ def test_cuda_architectures_come_from_the_detected_gpus() -> None:
     assert not p.problems
 
 
+@pytest.mark.unit
 def test_cuda_architectures_from_the_decision_win() -> None:
     d = det(nvidia("9.0"))
     dec = decision("cuda", cuda_architectures=("90",))
@@ -184,6 +193,7 @@ def test_cuda_architectures_from_the_decision_win() -> None:
     assert define(p, "CMAKE_CUDA_ARCHITECTURES") == "90"
 
 
+@pytest.mark.unit
 def test_blackwell_uses_the_arch_specific_real_target() -> None:
     p = make_plan(
         b.BuildSpec(backend="cuda"),
@@ -193,6 +203,7 @@ def test_blackwell_uses_the_arch_specific_real_target() -> None:
     assert define(p, "CMAKE_CUDA_ARCHITECTURES") == "120a-real"
 
 
+@pytest.mark.unit
 def test_cuda_without_gpu_uses_ggml_generic_list_not_native() -> None:
     p13 = make_plan(
         b.BuildSpec(backend="cuda"), toolchain=tools(nvcc="/x/nvcc", nvcc_version="13.0")
@@ -207,12 +218,14 @@ def test_cuda_without_gpu_uses_ggml_generic_list_not_native() -> None:
     assert "120a" not in archs12
 
 
+@pytest.mark.unit
 def test_explicit_cuda_architectures_override_detection() -> None:
     spec = b.BuildSpec(backend="cuda", cuda_architectures=b.parse_list("8.6, 89"))
     p = make_plan(spec, det(nvidia("9.0")), toolchain=tools(nvcc="/x/nvcc", nvcc_version="12.4"))
     assert define(p, "CMAKE_CUDA_ARCHITECTURES") == "86;89"
 
 
+@pytest.mark.unit
 def test_cuda13_refuses_architectures_it_dropped() -> None:
     p = make_plan(
         b.BuildSpec(backend="cuda"),
@@ -222,6 +235,7 @@ def test_cuda13_refuses_architectures_it_dropped() -> None:
     assert p.problems and "61" in p.problems[0].message
 
 
+@pytest.mark.unit
 def test_cuda_host_compiler_when_gcc_is_newer_than_nvcc_supports() -> None:
     tc = tools(
         nvcc="/x/nvcc",
@@ -245,11 +259,13 @@ def test_cuda_host_compiler_when_gcc_is_newer_than_nvcc_supports() -> None:
     assert stuck.problems and "g++-12" in (stuck.problems[0].hint or "")
 
 
+@pytest.mark.unit
 def test_cuda_without_nvcc_is_a_problem() -> None:
     p = make_plan(b.BuildSpec(backend="cuda"), det(nvidia("9.0")))
     assert any("nvcc" in pr.message for pr in p.problems)
 
 
+@pytest.mark.unit
 def test_hip_plan_sets_targets_and_the_documented_environment() -> None:
     tc = tools(hip_clang_dir="/opt/rocm/llvm/bin", hip_root="/opt/rocm")
     p = make_plan(
@@ -266,6 +282,7 @@ def test_hip_plan_sets_targets_and_the_documented_environment() -> None:
     assert any("hipconfig" in pr.message for pr in missing.problems)
 
 
+@pytest.mark.unit
 def test_vulkan_plan_and_its_preflight() -> None:
     good = make_plan(
         b.BuildSpec(backend="vulkan"),
@@ -281,6 +298,7 @@ def test_vulkan_plan_and_its_preflight() -> None:
     assert any("glslc" in pr.message for pr in no_glslc.problems)
 
 
+@pytest.mark.unit
 def test_metal_plans() -> None:
     mac = det(os_name="darwin", arch="arm64", features=("neon",))
     metal = make_plan(b.BuildSpec(), mac, decision("metal"))
@@ -291,6 +309,7 @@ def test_metal_plans() -> None:
     assert linux.problems
 
 
+@pytest.mark.unit
 def test_sycl_and_musa_plans() -> None:
     sycl = make_plan(b.BuildSpec(backend="sycl"), toolchain=tools(icpx="/opt/intel/bin/icpx"))
     assert sycl.cmake_args[-3:] == (
@@ -305,6 +324,7 @@ def test_sycl_and_musa_plans() -> None:
     assert define(musa, "MUSA_ARCHITECTURES") == "31"
 
 
+@pytest.mark.unit
 def test_options_ui_rpc_native_generator_extra() -> None:
     no_npm = make_plan(toolchain=tools(npm=None))
     assert "-DLLAMA_BUILD_UI=ON" not in no_npm.cmake_args and not no_npm.ui
@@ -325,6 +345,7 @@ def test_options_ui_rpc_native_generator_extra() -> None:
     assert make_plan(b.BuildSpec(jobs=3)).build[-2:] == ("-j", "3")
 
 
+@pytest.mark.unit
 def test_unknown_backend_is_a_build_error() -> None:
     with pytest.raises(BuildError):
         make_plan(b.BuildSpec(backend="opencl"))
@@ -333,6 +354,7 @@ def test_unknown_backend_is_a_build_error() -> None:
 # --------------------------------------------------------------------------- cache keys
 
 
+@pytest.mark.unit
 def test_cache_key_same_config_same_key_and_source_path_does_not_matter() -> None:
     a = make_plan(source=tree("/home/a/llamactl/vendor/llama.cpp"))
     c = make_plan(source=tree("/tmp/other-clone/vendor/llama.cpp"))
@@ -341,6 +363,7 @@ def test_cache_key_same_config_same_key_and_source_path_does_not_matter() -> Non
     assert make_plan().key == make_plan().key
 
 
+@pytest.mark.unit
 def test_cache_key_changes_with_what_changes_the_binaries() -> None:
     base = make_plan().key
     assert make_plan(b.BuildSpec(extra_cmake_args=("-DGGML_BLAS=ON",))).key != base
@@ -361,6 +384,7 @@ def test_cache_key_changes_with_what_changes_the_binaries() -> None:
     )
 
 
+@pytest.mark.unit
 def test_cache_key_format() -> None:
     key = b.cache_key(COMMIT, "cuda", ["-DGGML_CUDA=ON"], [], b.TARGETS)
     commit, backend, digest = key.split("-")
@@ -370,6 +394,7 @@ def test_cache_key_format() -> None:
 # --------------------------------------------------------------------------- jobs
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("backend", "threads", "avail", "expected"),
     [
@@ -386,6 +411,7 @@ def test_default_jobs(backend: str, threads: int | None, avail: int | None, expe
     assert b.default_jobs(backend, threads, avail) == expected
 
 
+@pytest.mark.unit
 def test_plan_jobs_follow_detection() -> None:
     p = make_plan(b.BuildSpec(backend="cuda"), det(threads=32, avail_mib=10_000))
     assert p.jobs == 4
@@ -394,25 +420,27 @@ def test_plan_jobs_follow_detection() -> None:
 # --------------------------------------------------------------------------- progress
 
 
+@pytest.mark.unit
 def test_parse_ninja_progress() -> None:
-    s = b.parse_progress(
+    s = progress.parse_progress(
         "[93/222] Building CXX object common/CMakeFiles/llama-common.dir/x/y.cpp.o\n"
     )
-    assert s == b.Step(93, 222, "Building y.cpp")
-    s = b.parse_progress("[11/222] Linking CXX shared library bin/libggml-base.so.0.25.3")
-    assert s == b.Step(11, 222, "Linking libggml-base.so.0.25.3")
-    s = b.parse_progress("[12/222] Creating library symlink bin/libggml-base.so.0 bin/x.so")
+    assert s == progress.Step(93, 222, "Building y.cpp")
+    s = progress.parse_progress("[11/222] Linking CXX shared library bin/libggml-base.so.0.25.3")
+    assert s == progress.Step(11, 222, "Linking libggml-base.so.0.25.3")
+    s = progress.parse_progress("[12/222] Creating library symlink bin/libggml-base.so.0 bin/x.so")
     assert s is not None and (s.done, s.total) == (12, 222)
-    assert b.parse_progress("[ 42%] Building C object ggml/src/x.c.o") == b.Step(
+    assert progress.parse_progress("[ 42%] Building C object ggml/src/x.c.o") == progress.Step(
         42, 100, "Building x.c"
     )
-    assert b.parse_progress("-- Including CPU backend") is None
-    assert b.parse_progress("In file included from /usr/lib/gcc/x.h:49,") is None
+    assert progress.parse_progress("-- Including CPU backend") is None
+    assert progress.parse_progress("In file included from /usr/lib/gcc/x.h:49,") is None
 
 
 # --------------------------------------------------------------------------- failures
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("log", "expect"),
     [
@@ -442,14 +470,16 @@ def test_parse_ninja_progress() -> None:
     ],
 )
 def test_failure_hints(log: str, expect: str) -> None:
-    hint = b.failure_hint(log)
+    hint = buildlog.failure_hint(log)
     assert hint is not None and expect in hint
 
 
+@pytest.mark.unit
 def test_unknown_failure_has_no_hint() -> None:
-    assert b.failure_hint("something odd happened") is None
+    assert buildlog.failure_hint("something odd happened") is None
 
 
+@pytest.mark.unit
 def test_error_lines_pick_the_relevant_lines() -> None:
     log = "\n".join(
         [
@@ -461,13 +491,14 @@ def test_error_lines_pick_the_relevant_lines() -> None:
             "ninja: build stopped: subcommand failed.",
         ]
     )
-    lines = b.error_lines(log)
+    lines = buildlog.error_lines(log)
     assert lines == [
         "FAILED: ggml/src/ggml-vulkan.cpp.o",
         "ggml-vulkan.cpp:5214:22: error: 'LayerSettingEXT' is not a member of 'vk'",
     ]
 
 
+@pytest.mark.unit
 def test_error_lines_keep_cmake_messages() -> None:
     log = (
         "-- Configuring done\n"
@@ -479,7 +510,7 @@ def test_error_lines_keep_cmake_messages() -> None:
         "  but the target was not found.  Possible reasons include:\n"
         "-- Generating done\n"
     )
-    assert b.error_lines(log) == [
+    assert buildlog.error_lines(log) == [
         "CMake Error at ggml/src/ggml-cuda/CMakeLists.txt:178 (target_link_libraries):",
         '  Target "ggml-cuda" links to:',
         "    CUDA::cublas",
@@ -487,12 +518,15 @@ def test_error_lines_keep_cmake_messages() -> None:
     ]
 
 
+@pytest.mark.unit
 def test_included_backends_and_devices() -> None:
     configure = "-- Including CPU backend\n-- Using RPC backend\n-- Including RPC backend\n"
-    assert b.included_backends(configure) == ("CPU", "RPC")
+    assert buildlog.included_backends(configure) == ("CPU", "RPC")
     out = "Available devices:\n  CUDA0: NVIDIA H100 80GB HBM3 (81079 MiB, 80500 MiB free)\n"
-    assert b.parse_devices(out) == ("CUDA0: NVIDIA H100 80GB HBM3 (81079 MiB, 80500 MiB free)",)
-    assert b.parse_devices("Available devices:\n  (none)\n") == ()
+    assert buildlog.parse_devices(out) == (
+        "CUDA0: NVIDIA H100 80GB HBM3 (81079 MiB, 80500 MiB free)",
+    )
+    assert buildlog.parse_devices("Available devices:\n  (none)\n") == ()
 
 
 # --------------------------------------------------------------------------- manifest and cache
@@ -523,9 +557,10 @@ def manifest_for(
     )
 
 
+@pytest.mark.unit
 def test_manifest_round_trip(tmp_path: Path) -> None:
     m = manifest_for(tmp_path / "k1")
-    b.write_manifest(m)
+    builds.write_manifest(m)
     data = json.loads((tmp_path / "k1" / builds.MANIFEST_NAME).read_text())
     assert data["commit"] == COMMIT and data["binaries"]["llama-server"] == "bin/llama-server"
     assert "created_iso" in data and data["llamactl_version"] == "0.1.0"
@@ -535,9 +570,10 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     assert not list((tmp_path / "k1").glob(".*.tmp"))
 
 
+@pytest.mark.unit
 def test_find_builds_ignores_incomplete_and_sorts_newest_first(tmp_path: Path) -> None:
-    b.write_manifest(manifest_for(tmp_path / "old", created=100.0))
-    b.write_manifest(manifest_for(tmp_path / "new", created=200.0))
+    builds.write_manifest(manifest_for(tmp_path / "old", created=100.0))
+    builds.write_manifest(manifest_for(tmp_path / "new", created=200.0))
     (tmp_path / "half-done" / "bin").mkdir(parents=True)  # no manifest: not a build
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / builds.MANIFEST_NAME).write_text("{not json")
@@ -554,45 +590,65 @@ def builds_root(llamactl_home: Path) -> Path:
     return root
 
 
+@pytest.mark.unit
 def test_find_server_binary_choices(builds_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(builds, "current_commit", lambda: COMMIT)
     with pytest.raises(BuildError) as err:
         builds.find_server_binary()
     assert "llamactl build" in (err.value.hint or "")
 
-    b.write_manifest(manifest_for(builds_root / "other-commit", commit="f" * 40, created=900.0))
+    builds.write_manifest(
+        manifest_for(builds_root / "other-commit", commit="f" * 40, created=900.0)
+    )
     with pytest.raises(BuildError):
         builds.find_server_binary()
 
-    b.write_manifest(manifest_for(builds_root / "cpu-old", created=100.0))
+    builds.write_manifest(manifest_for(builds_root / "cpu-old", created=100.0))
     assert builds.find_server_binary() == builds_root / "cpu-old" / "bin" / "llama-server"
 
-    b.write_manifest(manifest_for(builds_root / "cuda-new", backend="cuda", created=300.0))
-    b.write_manifest(manifest_for(builds_root / "cpu-mid", created=200.0))
+    builds.write_manifest(manifest_for(builds_root / "cuda-new", backend="cuda", created=300.0))
+    builds.write_manifest(manifest_for(builds_root / "cpu-mid", created=200.0))
 
-    class FakePlan:
-        key = "cpu-old"
-
-    # The build a plain `llamactl build` would make here wins over newer ones...
-    monkeypatch.setattr(b, "resolve_plan", lambda spec, **kw: FakePlan())
-    assert builds.find_server_binary() == builds_root / "cpu-old" / "bin" / "llama-server"
-    # ...and without one, the newest complete build of this commit.
-    FakePlan.key = "nothing-matches"
+    # Without a recorded choice: the newest complete build of this commit (of that backend).
     assert builds.find_server_binary() == builds_root / "cuda-new" / "bin" / "llama-server"
     assert builds.find_server_binary("cpu") == builds_root / "cpu-mid" / "bin" / "llama-server"
-    # What a plain `llamactl build` chose last is taken without asking the probes again.
-    builds.remember_auto(COMMIT, "cpu-mid")
-
-    def no_probes(spec: Any, **kw: Any) -> Any:
-        raise AssertionError("the remembered choice must spare the hardware probes")
-
-    monkeypatch.setattr(b, "resolve_plan", no_probes)
+    # What a plain `llamactl build` chose last wins over newer builds, from the cache alone:
+    # serve never runs the planner or the hardware probes to pick its binary.
+    builds.remember_auto(COMMIT, "cpu-old")
+    assert builds.find_server_binary() == builds_root / "cpu-old" / "bin" / "llama-server"
+    builds.remember_preferred(COMMIT, "cpu-mid", "cpu", plain=True)
     assert builds.find_server_binary() == builds_root / "cpu-mid" / "bin" / "llama-server"
     assert builds.find_server_binary("cuda") == builds_root / "cuda-new" / "bin" / "llama-server"
-    monkeypatch.setattr(b, "resolve_plan", lambda spec, **kw: FakePlan())
+    # `llamactl build --backend cpu` records the cpu build serve takes with --backend cpu.
+    builds.remember_preferred(COMMIT, "cpu-old", "cpu", plain=False)
+    assert builds.find_server_binary("cpu") == builds_root / "cpu-old" / "bin" / "llama-server"
+    assert builds.find_server_binary() == builds_root / "cpu-mid" / "bin" / "llama-server"
     # A manifest whose binary was deleted does not count.
     (builds_root / "cpu-mid" / "bin" / "llama-server").unlink()
     assert builds.find_server_binary() == builds_root / "cuda-new" / "bin" / "llama-server"
+
+
+@pytest.mark.unit
+def test_the_cache_imports_neither_the_planner_nor_the_probes() -> None:
+    # serve finds its binary through the cache alone; an import of plan, hardware, decision or
+    # toolchain would put the probes back on its path (issue 12).
+    import ast
+
+    import llamactl.build.cache as cache_module
+
+    tree = ast.parse(Path(cache_module.__file__).read_text())
+    imported = {
+        node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+    } | {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    forbidden = {
+        f"llamactl.build.{m}" for m in ("plan", "hardware", "decision", "toolchain", "run")
+    }
+    assert not imported & forbidden, imported & forbidden
 
 
 # --------------------------------------------------------------------------- run_build (fakes)
@@ -674,11 +730,12 @@ def real_plan(tmp_path: Path, spec: b.BuildSpec | None = None, **kw: Any) -> b.B
     return make_plan(spec, source=tree(str(src)), root=tmp_path / "builds", **kw)
 
 
+@pytest.mark.unit
 def test_run_build_streams_progress_logs_and_writes_the_manifest(tmp_path: Path) -> None:
     p = real_plan(tmp_path)
     spawn = FakeSpawn()
-    steps: list[b.Step] = []
-    m = b.run_build(p, on_step=steps.append, spawn=spawn, runner=fake_runner)
+    steps: list[progress.Step] = []
+    m = brun.run_build(p, on_step=steps.append, spawn=spawn, runner=fake_runner)
     assert [c[:2] for c in spawn.calls] == [["cmake", "-S"], ["cmake", "--build"]]
     assert spawn.envs[1]["NINJA_STATUS"] == "[%f/%t] "
     assert (steps[-1].done, steps[-1].total) == (3, 3)
@@ -689,6 +746,7 @@ def test_run_build_streams_progress_logs_and_writes_the_manifest(tmp_path: Path)
     assert "$ cmake -S" in log and "[3/3] Linking CXX executable bin/llama-bench" in log
 
 
+@pytest.mark.unit
 def test_run_build_failure_quotes_errors_and_hints(tmp_path: Path) -> None:
     p = real_plan(tmp_path)
     lines = [
@@ -699,7 +757,7 @@ def test_run_build_failure_quotes_errors_and_hints(tmp_path: Path) -> None:
     ]
     spawn = FakeSpawn(build_lines=lines, build_rc=1, make_binaries=False)
     with pytest.raises(BuildError) as err:
-        b.run_build(p, spawn=spawn, runner=fake_runner)
+        brun.run_build(p, spawn=spawn, runner=fake_runner)
     text = err.value.format_message()
     assert "Killed signal terminated program cc1plus" in text
     assert str(p.log_path) in text
@@ -707,6 +765,7 @@ def test_run_build_failure_quotes_errors_and_hints(tmp_path: Path) -> None:
     assert builds.load_manifest(p.build_dir) is None  # a failed build is never complete
 
 
+@pytest.mark.unit
 def test_run_build_refuses_a_gpu_request_that_ends_cpu_only(tmp_path: Path) -> None:
     p = real_plan(
         tmp_path,
@@ -714,11 +773,12 @@ def test_run_build_refuses_a_gpu_request_that_ends_cpu_only(tmp_path: Path) -> N
         toolchain=tools(glslc="/usr/bin/glslc", vulkan_header_version=290),
     )
     with pytest.raises(BuildError) as err:
-        b.run_build(p, spawn=FakeSpawn(), runner=fake_runner)
+        brun.run_build(p, spawn=FakeSpawn(), runner=fake_runner)
     assert "did not include the Vulkan backend" in err.value.message
     assert builds.load_manifest(p.build_dir) is None
 
 
+@pytest.mark.unit
 def test_run_build_records_a_gpu_backend_and_warns_without_device(tmp_path: Path) -> None:
     p = real_plan(
         tmp_path,
@@ -726,11 +786,12 @@ def test_run_build_records_a_gpu_backend_and_warns_without_device(tmp_path: Path
         toolchain=tools(nvcc="/x/nvcc", nvcc_version="13.0"),
     )
     configure = [*CONFIGURE_OUT, "-- Including CUDA backend\n"]
-    m = b.run_build(p, spawn=FakeSpawn(configure=configure), runner=fake_runner)
+    m = brun.run_build(p, spawn=FakeSpawn(configure=configure), runner=fake_runner)
     assert "CUDA" in m.backends_included
     assert m.warnings and "no CUDA device" in m.warnings[0]
 
 
+@pytest.mark.unit
 def test_run_build_preflight_problems_stop_before_cmake(tmp_path: Path) -> None:
     p = real_plan(
         tmp_path,
@@ -739,18 +800,20 @@ def test_run_build_preflight_problems_stop_before_cmake(tmp_path: Path) -> None:
     )
     spawn = FakeSpawn()
     with pytest.raises(BuildError) as err:
-        b.run_build(p, spawn=spawn, runner=fake_runner)
+        brun.run_build(p, spawn=spawn, runner=fake_runner)
     assert "too old" in err.value.message and spawn.calls == []
 
 
+@pytest.mark.unit
 def test_run_build_fails_when_npm_did_not_build_the_ui(tmp_path: Path) -> None:
     p = real_plan(tmp_path)
     lines = ["[1/2] Provisioning UI assets\n", "-- UI: npm ci failed (1)\n", "[2/2] Linking x\n"]
     with pytest.raises(BuildError) as err:
-        b.run_build(p, spawn=FakeSpawn(build_lines=lines), runner=fake_runner)
+        brun.run_build(p, spawn=FakeSpawn(build_lines=lines), runner=fake_runner)
     assert "--no-ui" in (err.value.hint or "")
 
 
+@pytest.mark.unit
 def test_reset_stale_cache_from_another_clone(tmp_path: Path) -> None:
     build_dir = tmp_path / "build"
     (build_dir / "CMakeFiles").mkdir(parents=True)
@@ -758,7 +821,7 @@ def test_reset_stale_cache_from_another_clone(tmp_path: Path) -> None:
     cache.write_text(
         "CMAKE_HOME_DIRECTORY:INTERNAL=/elsewhere/llama.cpp\nCMAKE_GENERATOR:INTERNAL=Ninja\n"
     )
-    b._reset_stale_cache(build_dir, tmp_path / "src", "Ninja")
+    brun._reset_stale_cache(build_dir, tmp_path / "src", "Ninja")
     assert not cache.exists() and not (build_dir / "CMakeFiles").exists()
 
 
@@ -769,11 +832,11 @@ def test_reset_stale_cache_from_another_clone(tmp_path: Path) -> None:
 def fake_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """This machine kind as data: no GPU, nvcc 13.0, Ninja, npm; the pinned source."""
     monkeypatch.delenv("LLAMACTL_SOURCE", raising=False)
-    monkeypatch.setattr(b, "_detect", lambda: det(threads=2, avail_mib=22_000))
+    monkeypatch.setattr(brun, "_detect", lambda: det(threads=2, avail_mib=22_000))
     monkeypatch.setattr(
-        b,
+        tc,
         "probe_toolchain",
-        lambda detection, backend: tools(
+        lambda detection, backend, **kw: tools(
             cpu_count=2,
             nvcc="/usr/local/bin/nvcc" if backend == "cuda" else None,
             nvcc_version="13.0",
@@ -781,18 +844,19 @@ def fake_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+@pytest.mark.unit
 def test_build_is_a_noop_when_the_manifest_exists(
     fake_machine: None, builds_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = b.BuildSpec(backend="cpu")
-    the_plan = b.resolve_plan(spec, fetch=False)
-    b.write_manifest(manifest_for(the_plan.build_dir))
+    the_plan = brun.resolve_plan(spec, fetch=False)
+    builds.write_manifest(manifest_for(the_plan.build_dir))
 
     def no_build(*a: Any, **kw: Any) -> None:
         raise AssertionError("a no-op build must not run cmake")
 
-    monkeypatch.setattr(b, "run_build", no_build)
-    outcome = b.build_llama(spec)
+    monkeypatch.setattr(brun, "run_build", no_build)
+    outcome = brun.build_llama(spec)
     assert outcome.state == "up-to-date" and outcome.plan.build_dir == the_plan.build_dir
 
     result = CliRunner().invoke(b_cli().build, ["--backend", "cpu"])
@@ -800,41 +864,46 @@ def test_build_is_a_noop_when_the_manifest_exists(
     assert result.output.strip() == f"up to date: {the_plan.build_dir}"
 
 
+@pytest.mark.unit
 def test_a_plain_build_is_remembered_for_serve(fake_machine: None, builds_root: Path) -> None:
-    the_plan = b.resolve_plan(b.BuildSpec(), fetch=False)
-    b.write_manifest(manifest_for(the_plan.build_dir))
-    outcome = b.build_llama(b.BuildSpec())
+    the_plan = brun.resolve_plan(b.BuildSpec(), fetch=False)
+    builds.write_manifest(manifest_for(the_plan.build_dir))
+    outcome = brun.build_llama(b.BuildSpec())
     assert outcome.state == "up-to-date" and outcome.manifest is not None
     assert builds._remembered_auto(COMMIT) == the_plan.key
-    other = b.resolve_plan(b.BuildSpec(backend="cpu", native=False), fetch=False)
-    b.write_manifest(manifest_for(other.build_dir))
-    b.build_llama(b.BuildSpec(backend="cpu", native=False))  # a chosen backend is not "plain"
+    other = brun.resolve_plan(b.BuildSpec(backend="cpu", native=False), fetch=False)
+    builds.write_manifest(manifest_for(other.build_dir))
+    brun.build_llama(b.BuildSpec(backend="cpu", native=False))  # a chosen backend is not "plain"
     assert builds._remembered_auto(COMMIT) == the_plan.key
 
 
+@pytest.mark.unit
 def test_clean_removes_the_build_dir_first(
     fake_machine: None, builds_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = b.BuildSpec(backend="cpu", clean=True)
-    the_plan = b.resolve_plan(spec, fetch=False)
-    b.write_manifest(manifest_for(the_plan.build_dir))
+    the_plan = brun.resolve_plan(spec, fetch=False)
+    builds.write_manifest(manifest_for(the_plan.build_dir))
     (the_plan.build_dir / "stale.o").write_text("")
     seen: list[bool] = []
     monkeypatch.setattr(
         "llamactl.build.source.ensure_source", lambda *a, **kw: the_plan_source(the_plan)
     )
     monkeypatch.setattr(
-        b, "run_build", lambda p, **kw: seen.append(p.build_dir.exists()) or "built-manifest"
+        brun,
+        "run_build",
+        lambda p, **kw: seen.append(p.build_dir.exists()) or manifest_for(p.build_dir),
     )
-    outcome = b.build_llama(spec)
+    outcome = brun.build_llama(spec)
     assert outcome.state == "built" and seen == [False]
 
 
+@pytest.mark.unit
 def test_two_builds_of_one_configuration_run_one_after_the_other(
     fake_machine: None, builds_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = b.BuildSpec(backend="cpu")
-    the_plan = b.resolve_plan(spec, fetch=False)
+    the_plan = brun.resolve_plan(spec, fetch=False)
     monkeypatch.setattr(
         "llamactl.build.source.ensure_source", lambda *a, **kw: the_plan_source(the_plan)
     )
@@ -848,16 +917,16 @@ def test_two_builds_of_one_configuration_run_one_after_the_other(
         entered.set()
         time.sleep(0.5)
         manifest = manifest_for(p.build_dir)
-        b.write_manifest(manifest)
+        builds.write_manifest(manifest)
         inside.pop()
         return manifest
 
-    monkeypatch.setattr(b, "run_build", slow_build)
-    outcomes: list[b.BuildOutcome] = []
-    first = threading.Thread(target=lambda: outcomes.append(b.build_llama(spec)))
+    monkeypatch.setattr(brun, "run_build", slow_build)
+    outcomes: list[brun.BuildOutcome] = []
+    first = threading.Thread(target=lambda: outcomes.append(brun.build_llama(spec)))
     first.start()
     assert entered.wait(10)
-    second = b.build_llama(spec)  # waits for the first, then finds its manifest
+    second = brun.build_llama(spec)  # waits for the first, then finds its manifest
     first.join(10)
     assert [o.state for o in outcomes] == ["built"] and second.state == "up-to-date"
     assert overlap == [False]
@@ -873,6 +942,7 @@ def b_cli() -> Any:
     return cli_build
 
 
+@pytest.mark.unit
 def test_cli_dry_run_cuda_on_a_machine_without_gpu(fake_machine: None, builds_root: Path) -> None:
     result = CliRunner().invoke(b_cli().build, ["--backend", "cuda", "--dry-run"])
     assert result.exit_code == 0, result.output
@@ -886,6 +956,7 @@ def test_cli_dry_run_cuda_on_a_machine_without_gpu(fake_machine: None, builds_ro
     assert not list(builds_root.iterdir())  # a dry run changes nothing
 
 
+@pytest.mark.unit
 def test_cli_passes_extra_cmake_args_and_options(fake_machine: None, builds_root: Path) -> None:
     args = [
         "--dry-run",
@@ -911,17 +982,19 @@ def test_cli_passes_extra_cmake_args_and_options(fake_machine: None, builds_root
     assert build_line.endswith("--target llama-server llama-bench -j 3")
 
 
+@pytest.mark.unit
 def test_cli_rejects_stray_arguments(fake_machine: None) -> None:
     result = CliRunner().invoke(b_cli().build, ["--dry-run", "oops"])
     assert result.exit_code == 2 and "after `--`" in result.output
 
 
+@pytest.mark.unit
 def test_cli_which_and_list(builds_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(builds, "current_commit", lambda: COMMIT)
     runner = CliRunner()
     missing = runner.invoke(b_cli().which, [])
     assert missing.exit_code == 4 and "llamactl build" in missing.output
-    b.write_manifest(manifest_for(builds_root / "only"))
+    builds.write_manifest(manifest_for(builds_root / "only"))
     result = runner.invoke(b_cli().which, [])
     assert result.exit_code == 0
     assert result.output.splitlines()[-1] == str(builds_root / "only" / "bin" / "llama-server")
@@ -965,10 +1038,11 @@ def test_real_cpu_build_then_noop(real_cache: Path) -> None:
     assert elapsed < 1.0, f"a no-op build took {elapsed:.2f} s"
 
 
+@pytest.mark.fake
 def test_stream_writes_everything_to_the_log() -> None:
     log = io.StringIO()
     seen: list[str] = []
-    rc = b._stream(
+    rc = brun._stream(
         ["cmake", "--version"],
         env={},
         log=log,
@@ -979,6 +1053,7 @@ def test_stream_writes_everything_to_the_log() -> None:
     assert log.getvalue() == "$ cmake --version\nerror: x\n"
 
 
+@pytest.mark.fake
 def test_ctrl_c_stops_the_whole_build_process_group() -> None:
     from llamactl import proc
 
@@ -992,7 +1067,7 @@ def test_ctrl_c_stops_the_whole_build_process_group() -> None:
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         # The shell's child `sleep` stands for a compiler that Ninja started.
-        b._stream(
+        brun._stream(
             ["sh", "-c", "sleep 30 & echo $!; wait"],
             env=dict(os.environ),
             log=log,
@@ -1010,7 +1085,7 @@ def test_ctrl_c_stops_the_whole_build_process_group() -> None:
 _BUILD_SCRIPT = """
 import os, sys
 from llamactl import proc
-from llamactl.build import plan as build
+from llamactl.build import run as build
 build._stream(
     ["sh", "-c", "sleep 300 & echo started; wait"],
     env=dict(os.environ), log=open(os.devnull, "w"),
@@ -1019,6 +1094,7 @@ build._stream(
 """
 
 
+@pytest.mark.fake
 def test_sigterm_during_a_build_stops_the_whole_build(tmp_path: Path) -> None:
     # A `serve` stopped while it builds must not leave Ninja and compilers running: the
     # parent-death signal alone reaches only CMake, not its children.

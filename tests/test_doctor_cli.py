@@ -11,6 +11,8 @@ from click.testing import CliRunner
 from llamactl.build.hardware import FIXTURE_ENV
 from llamactl.cli import cli
 
+pytestmark = pytest.mark.unit
+
 PROBES = Path(__file__).parent / "fixtures" / "probes"
 
 

@@ -346,9 +346,10 @@ def test_real_llama_server_on_a_taken_port_is_started_again_on_another(
     import asyncio
     import dataclasses
 
+    from llamactl.serve import server
     from llamactl.serve import supervisor as sv
 
-    real = sv.private_spec
+    real = server.private_spec
     given: list[int] = []
 
     def clashing(*args: Any, **kwargs: Any) -> Any:
@@ -373,7 +374,7 @@ def test_real_llama_server_on_a_taken_port_is_started_again_on_another(
         recovery("private port taken (start -> ready on another port)", time.monotonic() - t0)
         try:
             assert inst.state is sv.State.READY and not inst.failures
-            assert inst.process is not None and inst.process.spec.port == given[-1] != taken
+            assert inst.process is not None and inst.process.port == given[-1] != taken
             assert await inst.process.health() == 200
         finally:
             await sup.close()
@@ -382,7 +383,7 @@ def test_real_llama_server_on_a_taken_port_is_started_again_on_another(
         occupier.bind(("127.0.0.1", 0))
         occupier.listen()
         taken = occupier.getsockname()[1]
-        monkeypatch.setattr(sv, "private_spec", clashing)
+        monkeypatch.setattr(server, "private_spec", clashing)
         asyncio.run(asyncio.wait_for(main(), timeout=HANG))
     assert given[0] == taken and len(given) == 2
     log = (tmp_path / "default.log").read_text()

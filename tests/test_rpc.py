@@ -383,7 +383,7 @@ def test_a_head_log_that_says_a_worker_was_lost_is_no_crash_of_its_own() -> None
 
     def inst(lines: list[str], workers: tuple[Endpoint, ...]) -> Instance:
         config = InstanceConfig("m", Path("/x"), (), Path("/l"), rpc_workers=workers)
-        return Instance(config=config, process=Tail(lines))  # type: ignore[arg-type]
+        return Instance(config=config, backend=Tail(lines))  # type: ignore[arg-type]
 
     sup = Supervisor()
     crashed = ["...", "Remote RPC server crashed or returned malformed response", "abort"]

@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from support.proxyharness import fake_server, request, running_proxy
 from support.serve import Serve, start, stop
-from test_proxy import fake_server, request, running_proxy
 
 from llamactl.net import free_port
 from llamactl.serve.proxy import ProxyError, is_public

@@ -9,7 +9,9 @@ import pytest
 
 from llamactl.build.source import default_tree_path
 from llamactl.errors import UsageError
-from llamactl.serve.main import OWN_OPTIONS, ServeSpec, parse_serve_args, parse_size
+from llamactl.serve.args import OWN_OPTIONS, ServeSpec, parse_serve_args, parse_size
+
+pytestmark = pytest.mark.unit
 
 
 def test_defaults_match_llama_server() -> None:

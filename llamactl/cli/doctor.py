@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from llamactl.build.hardware import BACKENDS, Decision, Detection
+from llamactl.build.decision import Decision
+from llamactl.build.detection import BACKENDS, Detection
 from llamactl.cli import Command
 
 if TYPE_CHECKING:
@@ -102,6 +103,8 @@ def render(console: Console, detection: Detection, decision: Decision) -> None:
     console.print(f"reason:  {decision.reason}", highlight=False)
     if decision.cuda_architectures:
         console.print(f"CUDA architectures: {';'.join(decision.cuda_architectures)}")
+    if decision.cuda_toolkit:
+        console.print(f"CUDA toolkit: {decision.cuda_toolkit}", highlight=False)
     if decision.gpu_targets:
         console.print(f"GPU targets: {';'.join(decision.gpu_targets)}")
     for hint in decision.hints:
@@ -122,7 +125,8 @@ def doctor(as_json: bool, backend: str) -> None:
     """Show what was detected and which backend fits, and why.
 
     Set LLAMACTL_PROBE_FIXTURE to a recorded probe folder to replay another machine."""
-    from llamactl.build.hardware import decide, detect
+    from llamactl.build.decision import decide
+    from llamactl.build.hardware import detect
 
     detection = detect()
     decision = decide(detection, backend)

@@ -1,12 +1,15 @@
 """Rich rendering for the core's progress protocols: the CLI is the only package that draws
 on a terminal, and the core reports through small protocols (llamactl.models.pull's
-PullProgress) that these classes implement."""
+PullProgress, llamactl.build.progress's Step callback) that these classes implement: a bar
+on a terminal, plain throttled lines when the output goes to a file or a pipe."""
 
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO
 
+from llamactl.build.progress import LineReporter, Step
 from llamactl.models.pull import LineProgress, PullProgress
 
 if TYPE_CHECKING:
@@ -70,3 +73,91 @@ def pull_progress(console: Console | None = None) -> PullProgress:
     if not console.is_terminal:
         return LineProgress(console.file)
     return RichPullProgress(console)
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def plain_stream(stdout: TextIO | None = None, stderr: TextIO | None = None) -> TextIO | None:
+    """Where plain progress lines go, or None when both streams are terminals (draw a bar).
+
+    A redirected stream is what a log keeps: `llamactl build > log` gets its lines on stdout,
+    `2> log` or `> log 2>&1` on stderr."""
+    out = stdout if stdout is not None else sys.stdout
+    err = stderr if stderr is not None else sys.stderr
+    if not _isatty(err):
+        return err
+    if not _isatty(out):
+        return out
+    return None
+
+
+class BuildProgress:
+    """A Reporter for build Steps; a context manager that stops the bar on exit.
+
+    rich is imported only when a step arrives on a terminal, so the no-op build stays light."""
+
+    def __init__(
+        self,
+        console: Callable[[], Console],
+        *,
+        lines: TextIO | None = None,
+        bar: bool | None = None,
+    ) -> None:
+        self._console = console
+        # Lines to `lines` when given, else to a redirected stdout/stderr, else a bar (`bar`
+        # True forces the bar).
+        target = lines if lines is not None else (None if bar else plain_stream())
+        self._lines = LineReporter(target) if target is not None else None
+        self._progress: Any = None
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> BuildProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def __call__(self, step: Step) -> None:
+        if self._lines is not None:
+            self._lines(step)
+            return
+        if step.phase == "message":
+            self._console().print(step.description, highlight=False)
+            return
+        progress = self._bar()
+        task = self._tasks.get(step.phase)
+        if task is None:
+            task = progress.add_task(step.description[:48], total=None)
+            self._tasks[step.phase] = task
+        total = step.total or None
+        progress.update(task, completed=step.done, total=total, description=step.description[:48])
+
+    def _bar(self) -> Any:
+        if self._progress is None:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}", style="cyan"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self._console(),
+                transient=False,
+            )
+            self._progress.start()
+        return self._progress

@@ -30,9 +30,10 @@ def fetch(method: str, force: bool) -> None:
     from rich.console import Console
 
     from llamactl.build.source import fetch as fetch_source
+    from llamactl.cli.render import BuildProgress
 
-    console = Console(stderr=True)
-    tree = fetch_source(method=method, force=force, console=console)
+    with BuildProgress(lambda: Console(stderr=True)) as report:
+        tree = fetch_source(method=method, force=force, report=report)
     click.echo(f"llama.cpp {tree.commit[:12]} from {tree.origin} at {tree.path}")
 
 

@@ -8,22 +8,30 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import socket
 import sys
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from email.utils import formatdate
 from functools import partial
-from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Any
 
 import httptools
 
 from llamactl.serve import listen
+from llamactl.serve.http import BODY_METHODS as _BODY_METHODS
+from llamactl.serve.http import CONNECTION_WORDS as _CONNECTION_WORDS
+from llamactl.serve.http import JSON_ROUTES as _JSON_ROUTES
+from llamactl.serve.http import REQ_SPECIAL as _REQ_SPECIAL
+from llamactl.serve.http import RESP_SPECIAL as _RESP_SPECIAL
+from llamactl.serve.http import error_response, is_public, model_of
+from llamactl.serve.http import origin_allowed as _origin_allowed
+from llamactl.serve.http import query_model as _query_model
+from llamactl.serve.http import sse_error_event as _sse_error_event
 from llamactl.serve.listen import ProxyBindError
+from llamactl.serve.runner import run
+from llamactl.serve.upstream import ProxyError, Upstream, UpstreamProvider
 
 log = logging.getLogger(__name__)
 
@@ -35,70 +43,8 @@ __all__ = [
     "ProxyStats",
     "Upstream",
     "UpstreamProvider",
-    "install_uvloop",
     "run",
 ]
-
-
-# -- the contract with the supervisor ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Upstream:
-    """One llama-server the proxy may send requests to."""
-
-    name: str
-    host: str
-    port: int
-    #: Full Authorization header value of the private llama-server key, e.g. b"Bearer abc".
-    auth: bytes | None = None
-    #: Changes when the instance restarts: pooled connections of an older generation are dropped.
-    generation: int = 0
-
-
-class UpstreamProvider(Protocol):
-    """What the proxy needs from the supervisor."""
-
-    async def acquire(self, model: str | None) -> Upstream:
-        """The upstream for a request; waits while it starts (its own bound); raises ProxyError."""
-        ...
-
-    def release(self, upstream: Upstream, outcome: int) -> None:
-        """Called once per acquire: the upstream's HTTP status, 0 for a transport failure,
-        499 when the client went away before the upstream answered."""
-        ...
-
-
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    408: "invalid_request_error",
-    413: "invalid_request_error",
-    431: "invalid_request_error",
-    501: "not_supported_error",
-    503: "unavailable_error",
-}
-
-
-class ProxyError(Exception):
-    """An error the proxy answers itself, in the OpenAI shape {"error": {message, type, code}}."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str | None = None,
-        code: str | None = None,
-        retry_after: int | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type or _ERROR_TYPES.get(status, "server_error")
-        self.code = code
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -143,173 +89,8 @@ class ProxyStats:
     upstream_idle: int
 
 
-# -- small pure helpers -----------------------------------------------------------------------
-
-# Hop-by-hop request headers (RFC 9110 7.6.1) plus the ones the proxy rewrites itself.
-_REQ_SPECIAL = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-        b"expect",
-        b"authorization",
-        b"x-api-key",
-        b"content-type",
-        b"host",
-        b"origin",
-    }
-)
-_RESP_SPECIAL = frozenset(
-    {
-        b"connection",
-        b"x-accel-buffering",  # llama-server sends it on SSE too: written once, by us
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-        b"content-type",
-    }
-)
-_STATIC_SUFFIXES = (
-    b".html", b".js", b".mjs", b".css", b".svg", b".png", b".ico", b".webp", b".jpg", b".jpeg",
-    b".gif", b".woff", b".woff2", b".ttf", b".json", b".webmanifest", b".txt", b".map", b".wasm",
-)  # fmt: skip
-_CONNECTION_WORDS = frozenset({b"keep-alive", b"close", b"upgrade", b""})
-_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
-# llama-server's routes that parse their POST body as JSON whatever it is (server.cpp): it
-# answers an empty one with 500, a server error that is the client's; the proxy says 400.
-# (Others take an empty body: POST /slots/0?action=erase, /health.)
-_JSON_ROUTES = frozenset(
-    {
-        b"/completion", b"/completions", b"/v1/completions", b"/chat/completions",
-        b"/v1/chat/completions", b"/infill", b"/embedding", b"/embeddings", b"/v1/embeddings",
-        b"/rerank", b"/reranking", b"/v1/rerank", b"/v1/reranking", b"/tokenize",
-        b"/detokenize", b"/apply-template", b"/v1/messages", b"/v1/messages/count_tokens",
-        b"/v1/responses",
-    }
-)  # fmt: skip
-
 # Response framings towards the client.
 _NONE, _LENGTH, _CHUNKED, _CLOSE = 0, 1, 2, 3
-
-
-def is_public(method: bytes, path: bytes) -> bool:
-    """Whether llama-server serves this request without an API key (tools/server/server-http.cpp:
-    /health, /v1/health, every embedded web UI asset, and OPTIONS preflights)."""
-    if path == b"/health" or path == b"/v1/health" or method == b"OPTIONS":
-        return True
-    if method != b"GET" and method != b"HEAD":
-        return False
-    if path == b"/" or path == b"/index.html":
-        return True
-    # The UI's assets (index.html, _app/..., sw.js, manifest.webmanifest, build.json) are files;
-    # no API route has a file suffix. No dot segments or escapes: the name must be literal.
-    if b"/." in path or b"%" in path or b"\\" in path:
-        return False
-    return path.startswith(b"/_app/") or path.rsplit(b"/", 1)[-1].endswith(_STATIC_SUFFIXES)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-_decode_json = json.JSONDecoder(parse_constant=_reject_constant).decode
-
-
-def model_of(body: bytes) -> str | None:
-    """The `model` of a JSON request body; ProxyError 400 unless it is a UTF-8 JSON object
-    whose `model`, if any, is a string. Raw llama-server answers malformed JSON with 500."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ProxyError(400, f"request body is not UTF-8: {exc}", code="invalid_body") from None
-    try:
-        obj = _decode_json(text)
-    except (ValueError, RecursionError) as exc:
-        raise ProxyError(
-            400, f"request body is not valid JSON: {exc}", code="invalid_json"
-        ) from None
-    if type(obj) is not dict:
-        raise ProxyError(400, "request body must be a JSON object", code="invalid_body")
-    model = obj.get("model")
-    if model is None or type(model) is str:
-        return model
-    raise ProxyError(400, "`model` must be a string", code="invalid_model")
-
-
-def _query_model(url: bytes) -> str | None:
-    """`?model=` of a GET, as llama-server's router mode reads it (e.g. GET /props?model=X)."""
-    from urllib.parse import parse_qs
-
-    query = url.partition(b"?")[2]
-    values = parse_qs(query.decode("latin-1")).get("model")
-    return values[0] if values else None
-
-
-def _origin_allowed(setting: str, origin: bytes) -> bool:
-    """llama-server's CORS rules (--cors-origins) applied to the proxy's own answers."""
-    if setting == "*":
-        return True
-    text = origin.decode("latin-1")
-    if setting == "localhost":
-        from urllib.parse import urlsplit
-
-        return urlsplit(text).hostname in ("localhost", "127.0.0.1", "::1")
-    return text in {o.strip() for o in setting.split(",")}
-
-
-def error_response(
-    err: ProxyError,
-    *,
-    keep_alive: bool = True,
-    http10: bool = False,
-    head_only: bool = False,
-    extra: bytes = b"",
-) -> bytes:
-    """A complete HTTP response for an error the proxy answers itself."""
-    body = json.dumps(
-        {"error": {"message": err.message, "type": err.type, "code": err.code}}
-    ).encode()
-    try:
-        reason = HTTPStatus(err.status).phrase.encode()
-    except ValueError:
-        reason = b"Error"
-    parts = [
-        b"HTTP/1.1 %d %s\r\n" % (err.status, reason),
-        b"Date: %s\r\n" % formatdate(usegmt=True).encode(),
-        b"Content-Type: application/json; charset=utf-8\r\n",
-        b"Content-Length: %d\r\n" % len(body),
-    ]
-    if err.retry_after is not None:
-        parts.append(b"Retry-After: %d\r\n" % err.retry_after)
-    if err.status == 401:
-        parts.append(b"WWW-Authenticate: Bearer\r\n")
-    if not keep_alive:
-        parts.append(b"Connection: close\r\n")
-    elif http10:
-        parts.append(b"Connection: keep-alive\r\n")
-    parts.append(extra)
-    parts.append(b"\r\n")
-    if not head_only:
-        parts.append(body)
-    return b"".join(parts)
-
-
-def _sse_error_event(message: str) -> bytes:
-    """The event llama-server itself sends when a stream fails (server-context.cpp format_error):
-    `data: {"error": {...}}` and no [DONE]."""
-    payload = {"error": {"message": message, "type": "server_error", "code": 502}}
-    return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
 #: How long a request whose upstream refuses connections keeps asking for the upstream again
@@ -737,8 +518,9 @@ class _ClientConn(asyncio.Protocol):
     def _acquire(self, ex: _Exchange) -> None:
         """Ask the provider for the upstream of ex.model, then send."""
         model = ex.model
+        path = ex.url.partition(b"?")[0]
         loop = asyncio.get_running_loop()
-        coro = self.proxy.provider.acquire(model)
+        coro = self.proxy.provider.acquire(model, ex.method, path)
         if _EAGER_TASKS:
             # A ready instance answers in the first step, run right here (no scheduling).
             task: asyncio.Task[Upstream] = asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
@@ -761,7 +543,7 @@ class _ClientConn(asyncio.Protocol):
                 # inside a real one.
                 yielded = _NEEDS_TASK
             if yielded is _NEEDS_TASK:
-                task = loop.create_task(self.proxy.provider.acquire(model))
+                task = loop.create_task(self.proxy.provider.acquire(model, ex.method, path))
             else:
                 task = loop.create_task(_resume(coro, yielded))
         ex.acquire_task = task
@@ -1436,22 +1218,3 @@ class Proxy:
         conns = self._idle.get(conn.key)
         if conns and conn in conns:
             conns.remove(conn)
-
-
-def install_uvloop() -> bool:
-    """Use uvloop's event loop policy when it is installed; say whether it is."""
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
-
-
-def run(main: Coroutine[Any, Any, Any]) -> Any:
-    """asyncio.run on uvloop when available (the proxy is about twice as fast on it)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)

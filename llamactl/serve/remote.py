@@ -24,7 +24,7 @@ from llamactl.errors import UsageError
 if TYPE_CHECKING:
     import ssl
 
-    from llamactl.serve.proxy import Upstream
+    from llamactl.serve.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ class RemotePool:
         self, model: str | None, method: bytes = b"GET", path: bytes = b"/"
     ) -> Upstream:
         """A replica for the request, waiting (bounded) while none is usable."""
-        from llamactl.serve.proxy import ProxyError
+        from llamactl.serve.upstream import ProxyError
 
         deadline = self._clock() + self.policy.queue_timeout
         while True:
@@ -369,7 +369,7 @@ class RemotePool:
                 await asyncio.wait_for(self._changed.wait(), timeout=min(left, 0.25))
 
     def _lease(self, replica: Replica) -> Upstream:
-        from llamactl.serve.proxy import Upstream
+        from llamactl.serve.upstream import Upstream
 
         replica.breaker.on_trial()
         replica.in_flight += 1

@@ -27,6 +27,8 @@ from llamactl.net import free_port
 if TYPE_CHECKING:
     import asyncio
 
+    from llamactl.serve.supervisor import InstanceConfig
+
 log = logging.getLogger(__name__)
 
 #: Flags that name what llama-server loads; when one is given, serve adds no default model.
@@ -223,9 +225,10 @@ async def http_status(host: str, port: int, path: str, *, timeout: float = 3.0) 
     return None
 
 
-class ServerProcess:
-    """A running llama-server: spawned from an argument list in its own process group, its
-    output copied to a log file and a ring buffer, its health polled, stopped for sure."""
+class LocalServer:
+    """A llama-server on this machine, the first `Backend` (serve/backend.py): spawned from an
+    argument list in its own process group, its output copied to a log file and a ring buffer,
+    its health polled, stopped for sure."""
 
     def __init__(self, spec: ServerSpec, *, ring_size: int = 200) -> None:
         self.spec = spec
@@ -248,6 +251,42 @@ class ServerProcess:
     @property
     def url(self) -> str:
         return f"http://{self.spec.host}:{self.spec.port}"
+
+    @property
+    def host(self) -> str:
+        return self.spec.host
+
+    @property
+    def port(self) -> int:
+        return self.spec.port
+
+    @property
+    def api_key(self) -> str | None:
+        return self.spec.api_key
+
+    @property
+    def log_path(self) -> str:
+        return str(self.spec.log_path)
+
+    def describe_exit(self, code: int) -> str:
+        return describe_exit(code)
+
+    async def probe(self, auth: bytes | None) -> bool:
+        """One tiny real generation (`POST /completion`, one token): True when it answers 200.
+        httpx, imported here: only a server that failed many requests in a row is probed."""
+        import httpx
+
+        try:
+            async with httpx.AsyncClient(trust_env=False) as client:
+                resp = await client.post(
+                    f"{self.url}/completion",
+                    json={"prompt": "a", "n_predict": 1},
+                    headers={"Authorization": auth.decode()} if auth else None,
+                    timeout=60.0,
+                )
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
 
     @property
     def attached(self) -> bool:
@@ -431,3 +470,13 @@ class ServerProcess:
                 os.killpg(self.popen.pid, 9)
             except ProcessLookupError:
                 pass
+
+
+#: The name serve and the tests used before the Backend protocol existed.
+ServerProcess = LocalServer
+
+
+def local_backend(config: InstanceConfig) -> LocalServer:
+    """The supervisor's default BackendFactory: a fresh llama-server spec (new private port and
+    key) for the instance."""
+    return LocalServer(private_spec(config.binary, config.args, config.log_path))

@@ -1,8 +1,8 @@
-"""Supervised llama-server instances: named states, restart with backoff, crash loops, hangs,
-broken servers; and the proxy's view of them (acquire / release).
+"""Supervised instances: named states, restart with backoff, crash loops, hangs, broken
+servers; and the proxy's view of them (acquire / release, serve/upstream.py).
 
-Built to hold several instances (one per model), though serve starts one today.
-"""
+Instances are managed through the Backend protocol only (serve/backend.py), and time through
+the clock and sleep seams, so that tests drive it on a fake backend and a fake clock."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from pathlib import Path
 
 from llamactl.errors import ServerStartError
 from llamactl.serve import rpc
-from llamactl.serve.proxy import ProxyError, Upstream
+from llamactl.serve.backend import Backend, BackendFactory, Clock, Sleep
 from llamactl.serve.rpc import Endpoint
-from llamactl.serve.server import ServerProcess, describe_exit, private_spec
+from llamactl.serve.upstream import ProxyError, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +90,13 @@ class Instance:
     generation: int = 0
     last_error: str | None = None
     last_exit: int | None = None  # the exit code of the last failed start; None: never exited
-    process: ServerProcess | None = None
+    backend: Backend | None = None
     upstream: Upstream | None = None
     ready_at: float | None = None
     failures: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=64))
     consecutive_bad: int = 0
     in_flight: int = 0
-    last_ok: float = 0.0  # time.monotonic() of the last request answered below 500
+    last_ok: float = 0.0  # clock time of the last request answered below 500
     ready_event: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     broken: asyncio.Event = field(default_factory=asyncio.Event)
@@ -104,6 +104,11 @@ class Instance:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def process(self) -> Backend | None:
+        """The current backend (the name from when it could only be a local process)."""
+        return self.backend
 
     def set_state(self, state: State, reason: str) -> None:
         if state is not self.state:
@@ -123,20 +128,29 @@ class Supervisor:
         policy: Policy | None = None,
         *,
         on_change: Callable[[Supervisor], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        backend_factory: BackendFactory | None = None,
     ) -> None:
         self.policy = policy or Policy()
         self.instances: dict[str, Instance] = {}
         self._on_change = on_change
         self._clock = clock
+        self._sleep = sleep
+        if backend_factory is None:
+            from llamactl.serve.server import local_backend
+
+            backend_factory = local_backend
+        self._new_backend = backend_factory
         self._stopping = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def add(self, config: InstanceConfig, process: ServerProcess | None = None) -> Instance:
-        """A new instance; `process`, when given, is its llama-server already spawned (serve
-        spawns it before the event loop exists, to save start-up time), adopted by `start`."""
-        inst = Instance(config=config, process=process)
+    def add(self, config: InstanceConfig, process: Backend | None = None) -> Instance:
+        """A new instance; `process`, when given, is its backend already spawned (serve spawns
+        its llama-server before the event loop exists, to save start-up time), adopted by
+        `start`."""
+        inst = Instance(config=config, backend=process)
         self.instances[config.name] = inst
         return inst
 
@@ -168,7 +182,7 @@ class Supervisor:
                 )
                 inst.set_state(State.BACKOFF, f"killed while starting; again in {delay:.2f} s")
                 self._notify()
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
         inst.task = asyncio.get_running_loop().create_task(self._supervise(inst))
         return inst
 
@@ -187,15 +201,15 @@ class Supervisor:
         self._notify()
 
     async def _start_once(self, inst: Instance) -> None:
-        """Spawn llama-server on a fresh private port and wait until it is healthy; a port
-        taken meanwhile is no failure: another port, at once (policy.port_retries)."""
+        """Start a fresh backend (a new private port and key) and wait until it is healthy; a
+        port taken meanwhile is no failure: another port, at once (policy.port_retries)."""
         cfg = inst.config
         clashes = 0
         while True:
-            process = inst.process
+            process = inst.backend
             if process is None or process.attached:  # not a fresh pre-spawned one: a new one
-                process = ServerProcess(private_spec(cfg.binary, cfg.args, cfg.log_path))
-                inst.process = process
+                process = self._new_backend(cfg)
+                inst.backend = process
             inst.set_state(State.STARTING, "spawning llama-server")
             self._notify()
             process.start()
@@ -213,7 +227,7 @@ class Supervisor:
                         "instance %s: port %d was taken before llama-server could listen on "
                         "it; starting again on another port",
                         inst.name,
-                        process.spec.port,
+                        process.port,
                     )
                     await self._stop_process(inst, "its port was taken")
                     continue
@@ -223,24 +237,23 @@ class Supervisor:
             except BaseException:
                 await self._stop_process(inst, "start interrupted")
                 raise
-        spec = process.spec
-        key = spec.api_key
+        key = process.api_key
         inst.generation += 1
         inst.upstream = Upstream(
             name=cfg.name,
-            host=spec.host,
-            port=spec.port,
-            auth=f"Bearer {key}".encode(),
+            host=process.host,
+            port=process.port,
+            auth=f"Bearer {key}".encode() if key else None,
             generation=inst.generation,
         )
         inst.consecutive_bad = 0
         inst.broken.clear()
         inst.ready_at = self._clock()
-        inst.set_state(State.READY, f"healthy on port {spec.port}")
+        inst.set_state(State.READY, f"healthy on port {process.port}")
         self._notify()
 
     async def _stop_process(self, inst: Instance, reason: str) -> None:
-        process = inst.process
+        process = inst.backend
         if process is None:
             return
         inst.upstream = None
@@ -297,7 +310,7 @@ class Supervisor:
                 delay = self._backoff_delay(inst)
                 inst.set_state(State.BACKOFF, f"{reason}; restarting in {delay:.2f} s")
                 self._notify()
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
                 try:
                     await self._start_once(inst)
                     inst.restarts += 1
@@ -347,31 +360,32 @@ class Supervisor:
                 log.warning("instance %s: %s; waiting for it: %s", inst.name, reason, what)
             waited = True
             inst.last_error = f"waiting for {what}"
-            inst.set_state(
-                State.BACKOFF, f"waiting for {', '.join(str(p.endpoint) for p in missing)}"
-            )
+            names = ", ".join(str(p.endpoint) for p in missing)
+            inst.set_state(State.BACKOFF, f"waiting for {names}")
             self._notify()
-            await asyncio.sleep(self.policy.worker_poll)
+            await self._sleep(self.policy.worker_poll)
         return waited
 
     async def _watch(self, inst: Instance) -> str:
         """Wait until the instance needs a restart; say why."""
-        process = inst.process
+        process = inst.backend
         assert process is not None
         exited = asyncio.ensure_future(process.wait_exit())
         broken = asyncio.ensure_future(inst.broken.wait())
         misses = 0
         try:
             while True:
-                window = time.monotonic()
-                done, _ = await asyncio.wait(
-                    {exited, broken},
-                    timeout=self.policy.health_interval,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
+                window = self._clock()
+                tick = asyncio.ensure_future(self._sleep(self.policy.health_interval))
+                try:
+                    done, _ = await asyncio.wait(
+                        {exited, broken, tick}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    tick.cancel()
                 if exited in done:
                     code = exited.result()
-                    how = "?" if code is None else describe_exit(code)
+                    how = "?" if code is None else process.describe_exit(code)
                     return f"llama-server exited unexpectedly ({how})"
                 if broken in done:
                     return "llama-server answers /health but fails every request"
@@ -407,13 +421,15 @@ class Supervisor:
         except ProxyError:
             return False
 
-    async def acquire(self, model: str | None) -> Upstream:
+    async def acquire(
+        self, model: str | None, method: bytes = b"GET", path: bytes = b"/"
+    ) -> Upstream:
         """The upstream for a request, waiting (up to the queue bound) while it starts."""
         inst = self.pick(model)
         deadline = self._clock() + self.policy.queue_timeout
         while True:
             if inst.state is State.READY and inst.upstream is not None:
-                process = inst.process
+                process = inst.backend
                 if process is None or process.returncode is None:
                     inst.in_flight += 1
                     return inst.upstream
@@ -440,8 +456,7 @@ class Supervisor:
                     retry_after=5,
                 )
             # Ready wakes every waiter at once; a failure is noticed within half a second.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(inst.ready_event.wait(), timeout=min(remaining, 0.5))
+            await self._wait_event(inst.ready_event, min(remaining, 0.5))
 
     def release(self, upstream: Upstream, outcome: int) -> None:
         """Count the outcome: many 5xx or transport failures in a row on a server that still
@@ -453,7 +468,7 @@ class Supervisor:
         if upstream.generation != inst.generation:
             return
         if 0 < outcome < 500:
-            inst.last_ok = time.monotonic()
+            inst.last_ok = self._clock()
         if outcome == 0 or (outcome >= 500 and outcome != 503):
             inst.consecutive_bad += 1
             if inst.consecutive_bad == self.policy.broken_after:
@@ -462,24 +477,25 @@ class Supervisor:
             inst.consecutive_bad = 0
 
     async def _probe(self, inst: Instance, upstream: Upstream) -> None:
-        """One tiny real generation: the server is broken only if this fails too."""
-        import httpx
-
-        try:
-            async with httpx.AsyncClient(trust_env=False) as client:
-                resp = await client.post(
-                    f"http://{upstream.host}:{upstream.port}/completion",
-                    json={"prompt": "a", "n_predict": 1},
-                    headers={"Authorization": upstream.auth.decode()} if upstream.auth else None,
-                    timeout=60.0,
-                )
-            ok = resp.status_code == 200
-        except httpx.HTTPError:
-            ok = False
+        """One tiny real request: the server is broken only if this fails too."""
+        process = inst.backend
+        ok = process is not None and await process.probe(upstream.auth)
         if not ok and upstream.generation == inst.generation:
             inst.broken.set()
         else:
             inst.consecutive_bad = 0
+
+    async def _wait_event(self, event: asyncio.Event, timeout: float) -> None:
+        """Until `event` is set or `timeout` seconds pass on the supervisor's clock."""
+        if event.is_set():
+            return
+        waiter = asyncio.ensure_future(event.wait())
+        timer = asyncio.ensure_future(self._sleep(timeout))
+        try:
+            await asyncio.wait({waiter, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            timer.cancel()
 
     def _notify(self) -> None:
         if self._on_change is not None:

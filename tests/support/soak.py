@@ -632,12 +632,9 @@ def _summarise(outcomes: list[_Outcome], report: SoakReport) -> None:
 
 
 def _new_loop_runner() -> Callable[[Any], Any]:
-    try:
-        import uvloop
+    from llamactl.serve.runner import run
 
-        return uvloop.run
-    except ImportError:
-        return asyncio.run
+    return run
 
 
 def run_soak(

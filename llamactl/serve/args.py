@@ -1,0 +1,189 @@
+"""`llamactl serve`'s command line: a llama-server command line split into llamactl's part
+(host, port, keys, model, llamactl's own options) and the flags passed on to llama-server.
+
+Pure: no event loop, no process; serve imports it before llama-server is spawned."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llamactl.errors import UsageError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+
+#: llamactl's own options. None of these names is a llama-server flag (checked against the
+#: vendored common/arg.cpp by tests/test_serve_args.py), so no llama-server flag is shadowed.
+OWN_OPTIONS = {
+    "--server-bin": "Use this llama-server binary instead of llamactl's build.",
+    "--backend": "Use (and if needed build) this backend's build: cpu, cuda, hip, ...",
+    "--queue-timeout": "Seconds a request waits for a starting model before 503 (default 120).",
+    "--start-timeout": "Seconds of no loading progress before a start fails (default 120).",
+    "--max-body-size": "Largest request body accepted, e.g. 64M (default 64M); larger: 413.",
+    "--remote": "URL of another llamactl serve or llama-server to use as a replica "
+    "(repeatable; key from LLAMACTL_REMOTE_API_KEY; with no -m, no local model).",
+}
+#: llama-server flags that llamactl takes for the proxy instead of passing them on.
+TAKEN_FLAGS = ("--host", "--port", "--api-key", "--api-key-file", "-m", "--model")
+#: llama-server flags that cannot work behind the proxy, with the reason.
+REFUSED_FLAGS = {
+    "--ssl-key-file": "TLS is not supported by llamactl serve yet: put a TLS proxy in front",
+    "--ssl-cert-file": "TLS is not supported by llamactl serve yet: put a TLS proxy in front",
+}
+_NO_VALUE = frozenset({"-h", "--help"})
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    """Everything `serve` was asked to do."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_keys: tuple[str, ...] = ()
+    model: str | None = None
+    passthrough: tuple[str, ...] = ()  # llama-server flags, in the user's order
+    server_bin: Path | None = None
+    backend: str | None = None
+    queue_timeout: float = 120.0
+    start_timeout: float = 120.0
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    show_help: bool = False
+    remotes: tuple[str, ...] = ()  # --remote URLs, in order
+    env_overrides: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def has_model_source(self) -> bool:
+        from llamactl.serve.server import MODEL_SOURCE_FLAGS
+
+        return self.model is not None or any(
+            a.split("=", 1)[0] in MODEL_SOURCE_FLAGS for a in self.passthrough
+        )
+
+
+def parse_size(text: str) -> int:
+    """'64M' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)i?[bB]?\s*", text)
+    if not m:
+        raise UsageError(f"not a size: {text!r} (examples: 1048576, 512K, 64M, 1G)")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def _read_key_file(path: str) -> list[str]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read --api-key-file {path}: {exc.strerror}") from exc
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def parse_serve_args(argv: list[str], environ: dict[str, str] | None = None) -> ServeSpec:
+    """Split a llama-server command line into llamactl's part and llama-server's part.
+
+    Pure: no file is touched but an --api-key-file. Flags llamactl does not know are passed
+    on unchanged and in order, so `llama-server ARGS` and `llamactl serve ARGS` agree."""
+    env = dict(os.environ if environ is None else environ)
+    values: dict[str, Any] = {}
+    keys: list[str] = []
+    remotes: list[str] = []
+    passthrough: list[str] = []
+    i = 0
+
+    def take(flag: str, inline: str | None) -> str:
+        nonlocal i
+        if inline is not None:
+            return inline
+        if i + 1 >= len(argv):
+            raise UsageError(f"{flag} needs a value")
+        i += 1
+        return argv[i]
+
+    while i < len(argv):
+        arg = argv[i]
+        flag, eq, inline_value = arg.partition("=")
+        inline = inline_value if eq and flag.startswith("--") else None
+        if not (eq and flag.startswith("--")):
+            flag = arg
+        if flag in _NO_VALUE:
+            values["show_help"] = True
+        elif flag in REFUSED_FLAGS:
+            raise UsageError(f"{flag}: {REFUSED_FLAGS[flag]}")
+        elif flag == "--host":
+            values["host"] = take(flag, inline)
+        elif flag == "--port":
+            raw = take(flag, inline)
+            if not raw.isdigit() or not 0 < int(raw) < 65536:
+                raise UsageError(f"--port must be a number from 1 to 65535, not {raw!r}")
+            values["port"] = int(raw)
+        elif flag == "--api-key":
+            keys.extend(k for k in take(flag, inline).split(",") if k)
+        elif flag == "--api-key-file":
+            keys.extend(_read_key_file(take(flag, inline)))
+        elif flag in ("-m", "--model"):
+            values["model"] = take(flag, inline)
+        elif flag == "--server-bin":
+            values["server_bin"] = Path(take(flag, inline)).expanduser()
+        elif flag == "--backend":
+            values["backend"] = take(flag, inline)
+        elif flag in ("--queue-timeout", "--start-timeout"):
+            raw = take(flag, inline)
+            try:
+                seconds = float(raw)
+            except ValueError:
+                raise UsageError(f"{flag} takes seconds, not {raw!r}") from None
+            if seconds <= 0:
+                raise UsageError(f"{flag} must be positive")
+            values[flag[2:].replace("-", "_")] = seconds
+        elif flag == "--max-body-size":
+            values["max_body_bytes"] = parse_size(take(flag, inline))
+        elif flag == "--remote":
+            remotes.append(take(flag, inline))
+        else:
+            passthrough.append(arg)
+        i += 1
+
+    # llama-server reads these from the environment too; keep that working.
+    if "host" not in values and env.get("LLAMA_ARG_HOST"):
+        values["host"] = env["LLAMA_ARG_HOST"]
+    if "port" not in values and env.get("LLAMA_ARG_PORT", "").isdigit():
+        values["port"] = int(env["LLAMA_ARG_PORT"])
+    if not keys:
+        for name in ("LLAMACTL_API_KEY", "LLAMA_API_KEY"):
+            if env.get(name):
+                keys.extend(k for k in env[name].split(",") if k)
+                break
+    return ServeSpec(
+        api_keys=tuple(keys), passthrough=tuple(passthrough), remotes=tuple(remotes), **values
+    )
+
+
+HELP = """Usage: llamactl serve [-m MODEL] [--host HOST] [--port PORT] [--api-key KEY]
+                      [LLAMACTL OPTIONS] [ANY llama-server FLAG ...]
+
+  Serve a model through a supervised llama-server behind llamactl's proxy:
+  the OpenAI-compatible API, streaming and the web UI at http://HOST:PORT.
+  With no -m, serves the default model (SmolLM2-135M-Instruct), fetched once.
+
+  Taken by llamactl (same meaning as in llama-server):
+    -m, --model PATH|NAME   a GGUF file, or a model name (see `llamactl models`)
+    --host HOST             address to listen on (default 127.0.0.1)
+    --port PORT             port to listen on (default 8080)
+    --api-key KEY[,KEY]     required from clients (env LLAMACTL_API_KEY); /health stays open
+    --api-key-file FILE     keys, one per line
+
+  llamactl's own:
+{own}
+
+  Every other flag goes to llama-server unchanged (-ngl, -c, --alias, -t, ...):
+  see `$(llamactl which) --help`.
+"""
+
+
+def help_text() -> str:
+    own = "\n".join(f"    {name:<22}  {text}" for name, text in OWN_OPTIONS.items())
+    return HELP.format(own=own)

@@ -1,0 +1,191 @@
+"""The HTTP rules of the proxy, apart from its hot path: which headers are hop-by-hop, which
+paths are public, the `model` of a request (body or query), CORS on the proxy's own answers,
+and the OpenAI-style error responses and SSE error events the proxy writes itself.
+
+Pure functions and constants: no event loop, no socket."""
+
+from __future__ import annotations
+
+import json
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+
+from llamactl.serve.upstream import ProxyError
+
+__all__ = [
+    "BODY_METHODS",
+    "CONNECTION_WORDS",
+    "JSON_ROUTES",
+    "REQ_SPECIAL",
+    "RESP_SPECIAL",
+    "error_response",
+    "is_public",
+    "model_of",
+    "origin_allowed",
+    "query_model",
+    "sse_error_event",
+]
+
+# Hop-by-hop request headers (RFC 9110 7.6.1) plus the ones the proxy rewrites itself.
+REQ_SPECIAL = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"expect",
+        b"authorization",
+        b"x-api-key",
+        b"content-type",
+        b"host",
+        b"origin",
+    }
+)
+RESP_SPECIAL = frozenset(
+    {
+        b"connection",
+        b"x-accel-buffering",  # llama-server sends it on SSE too: written once, by us
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"content-type",
+    }
+)
+STATIC_SUFFIXES = (
+    b".html", b".js", b".mjs", b".css", b".svg", b".png", b".ico", b".webp", b".jpg", b".jpeg",
+    b".gif", b".woff", b".woff2", b".ttf", b".json", b".webmanifest", b".txt", b".map", b".wasm",
+)  # fmt: skip
+CONNECTION_WORDS = frozenset({b"keep-alive", b"close", b"upgrade", b""})
+BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+# llama-server's routes that parse their POST body as JSON whatever it is (server.cpp): it
+# answers an empty one with 500, a server error that is the client's; the proxy says 400.
+# (Others take an empty body: POST /slots/0?action=erase, /health.)
+JSON_ROUTES = frozenset(
+    {
+        b"/completion", b"/completions", b"/v1/completions", b"/chat/completions",
+        b"/v1/chat/completions", b"/infill", b"/embedding", b"/embeddings", b"/v1/embeddings",
+        b"/rerank", b"/reranking", b"/v1/rerank", b"/v1/reranking", b"/tokenize",
+        b"/detokenize", b"/apply-template", b"/v1/messages", b"/v1/messages/count_tokens",
+        b"/v1/responses",
+    }
+)  # fmt: skip
+
+
+def is_public(method: bytes, path: bytes) -> bool:
+    """Whether llama-server serves this request without an API key (tools/server/server-http.cpp:
+    /health, /v1/health, every embedded web UI asset, and OPTIONS preflights)."""
+    if path == b"/health" or path == b"/v1/health" or method == b"OPTIONS":
+        return True
+    if method != b"GET" and method != b"HEAD":
+        return False
+    if path == b"/" or path == b"/index.html":
+        return True
+    # The UI's assets (index.html, _app/..., sw.js, manifest.webmanifest, build.json) are files;
+    # no API route has a file suffix. No dot segments or escapes: the name must be literal.
+    if b"/." in path or b"%" in path or b"\\" in path:
+        return False
+    return path.startswith(b"/_app/") or path.rsplit(b"/", 1)[-1].endswith(STATIC_SUFFIXES)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_decode_json = json.JSONDecoder(parse_constant=_reject_constant).decode
+
+
+def model_of(body: bytes) -> str | None:
+    """The `model` of a JSON request body; ProxyError 400 unless it is a UTF-8 JSON object
+    whose `model`, if any, is a string. Raw llama-server answers malformed JSON with 500."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProxyError(400, f"request body is not UTF-8: {exc}", code="invalid_body") from None
+    try:
+        obj = _decode_json(text)
+    except (ValueError, RecursionError) as exc:
+        raise ProxyError(
+            400, f"request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
+    if type(obj) is not dict:
+        raise ProxyError(400, "request body must be a JSON object", code="invalid_body")
+    model = obj.get("model")
+    if model is None or type(model) is str:
+        return model
+    raise ProxyError(400, "`model` must be a string", code="invalid_model")
+
+
+def query_model(url: bytes) -> str | None:
+    """`?model=` of a GET, as llama-server's router mode reads it (e.g. GET /props?model=X)."""
+    from urllib.parse import parse_qs
+
+    query = url.partition(b"?")[2]
+    values = parse_qs(query.decode("latin-1")).get("model")
+    return values[0] if values else None
+
+
+def origin_allowed(setting: str, origin: bytes) -> bool:
+    """llama-server's CORS rules (--cors-origins) applied to the proxy's own answers."""
+    if setting == "*":
+        return True
+    text = origin.decode("latin-1")
+    if setting == "localhost":
+        from urllib.parse import urlsplit
+
+        return urlsplit(text).hostname in ("localhost", "127.0.0.1", "::1")
+    return text in {o.strip() for o in setting.split(",")}
+
+
+def error_response(
+    err: ProxyError,
+    *,
+    keep_alive: bool = True,
+    http10: bool = False,
+    head_only: bool = False,
+    extra: bytes = b"",
+) -> bytes:
+    """A complete HTTP response for an error the proxy answers itself."""
+    body = json.dumps(
+        {"error": {"message": err.message, "type": err.type, "code": err.code}}
+    ).encode()
+    try:
+        reason = HTTPStatus(err.status).phrase.encode()
+    except ValueError:
+        reason = b"Error"
+    parts = [
+        b"HTTP/1.1 %d %s\r\n" % (err.status, reason),
+        b"Date: %s\r\n" % formatdate(usegmt=True).encode(),
+        b"Content-Type: application/json; charset=utf-8\r\n",
+        b"Content-Length: %d\r\n" % len(body),
+    ]
+    if err.retry_after is not None:
+        parts.append(b"Retry-After: %d\r\n" % err.retry_after)
+    if err.status == 401:
+        parts.append(b"WWW-Authenticate: Bearer\r\n")
+    if not keep_alive:
+        parts.append(b"Connection: close\r\n")
+    elif http10:
+        parts.append(b"Connection: keep-alive\r\n")
+    parts.append(extra)
+    parts.append(b"\r\n")
+    if not head_only:
+        parts.append(body)
+    return b"".join(parts)
+
+
+def sse_error_event(message: str) -> bytes:
+    """The event llama-server itself sends when a stream fails (server-context.cpp format_error):
+    `data: {"error": {...}}` and no [DONE]."""
+    payload = {"error": {"message": message, "type": "server_error", "code": 502}}
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"

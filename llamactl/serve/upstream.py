@@ -1,0 +1,79 @@
+"""The contract between the proxy and whatever provides upstreams (the supervisor): the
+`Upstream` a request is sent to (also the lease handed back on release), the provider protocol,
+and `ProxyError`, an error the proxy answers itself.
+
+Imports nothing of llamactl: the proxy and the supervisor both depend on it, never on each
+other."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["ERROR_TYPES", "ProxyError", "Upstream", "UpstreamProvider"]
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One llama-server the proxy may send a request to, as leased by `acquire`.
+
+    It is the lease too: `release` gets it back, and its `generation` says which start of the
+    instance it came from, so that an outcome reported after a restart is not counted against
+    the successor (and pooled connections of an older generation are dropped)."""
+
+    name: str
+    host: str
+    port: int
+    #: Full Authorization header value of the private llama-server key, e.g. b"Bearer abc".
+    auth: bytes | None = None
+    #: Changes when the instance restarts.
+    generation: int = 0
+
+
+class UpstreamProvider(Protocol):
+    """What the proxy needs from the supervisor."""
+
+    async def acquire(
+        self, model: str | None, method: bytes = b"GET", path: bytes = b"/"
+    ) -> Upstream:
+        """The upstream for a request (`path` without the query); waits while it starts (its
+        own bound); raises ProxyError for an answer the proxy gives itself (404, 503, ...)."""
+        ...
+
+    def release(self, upstream: Upstream, outcome: int) -> None:
+        """Called once per acquire with the lease: the upstream's HTTP status, 0 for a
+        transport failure, 499 when the client went away before the upstream answered."""
+        ...
+
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    431: "invalid_request_error",
+    501: "not_supported_error",
+    503: "unavailable_error",
+}
+
+
+class ProxyError(Exception):
+    """An error the proxy answers itself, in the OpenAI shape {"error": {message, type, code}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or ERROR_TYPES.get(status, "server_error")
+        self.code = code
+        self.retry_after = retry_after
