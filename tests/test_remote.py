@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -243,3 +244,171 @@ def test_a_request_waits_for_a_replica_that_comes_back(
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         stop_group(proc.pid, grace=10, popen=proc)
+
+
+# -- a stub remote: answers health checks, and does with requests what the test says ----------
+
+
+class Stub:
+    """A remote server in a thread: /health, /props and /v1/models like llama-server; a POST
+    is dropped unanswered (`drop`), or answered with the Host header it got."""
+
+    def __init__(self, *, drop: bool, slots: int = 8, tls: Any = None) -> None:
+        import asyncio
+        import threading
+
+        self.drop = drop
+        self.slots = slots
+        self.tls = tls
+        self.posts = 0
+        self.hosts: list[str] = []
+        self.writers: list[Any] = []
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def serve() -> None:
+            self.server = await asyncio.start_server(
+                self.handle, "127.0.0.1", self.port, ssl=self.tls
+            )
+            ready.set()
+
+        self.thread = threading.Thread(
+            target=lambda: (self.loop.run_until_complete(serve()), self.loop.run_forever()),
+            daemon=True,
+        )
+        self.thread.start()
+        assert ready.wait(10)
+
+    async def handle(self, reader: Any, writer: Any) -> None:
+        self.writers.append(writer)
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                lines = head.split("\r\n")
+                method, target = lines[0].split(" ")[:2]
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (x.partition(":") for x in lines[1:] if x)
+                }
+                length = int(headers.get("content-length", "0"))
+                if length:
+                    await reader.readexactly(length)
+                if method == "POST":
+                    self.posts += 1
+                    self.hosts.append(headers.get("host", ""))
+                    if self.drop:
+                        writer.close()
+                        return
+                    body = {"choices": [{"message": {"content": "stub"}}]}
+                elif target == "/props":
+                    body = {"total_slots": self.slots}
+                elif target == "/v1/models":
+                    body = {"data": [{"id": "stub-model"}]}
+                else:
+                    body = {"status": "ok"}
+                data = json.dumps(body).encode()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
+                )
+                await writer.drain()
+        except Exception:
+            writer.close()
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        """As a killed server: the port closed, and every connection reset."""
+
+        def stop() -> None:
+            self.server.close()
+            for w in self.writers:
+                w.transport.abort()
+            # After the sockets are really closed (abort closes them in a callback).
+            self.loop.call_soon(self.loop.stop)
+
+        self.loop.call_soon_threadsafe(stop)
+        self.thread.join(timeout=10)
+
+
+@pytest.mark.fake
+def test_a_request_dropped_before_any_answer_byte_is_sent_to_another_replica(
+    fakes: list[Fake], llamactl_home: Path
+) -> None:
+    dropper = Stub(drop=True, slots=64)  # the most free slots: chosen first
+    proc, port = front(llamactl_home, dropper.url, fakes[0].url)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(5):
+            r = httpx.post(f"{url}/v1/chat/completions", json=ASK, timeout=HANG)
+            assert r.status_code == 200, r.text
+        assert dropper.posts >= 1  # it was tried, and its failures took it out
+    finally:
+        stop_group(proc.pid, grace=10, popen=proc)
+        dropper.close()
+
+
+@pytest.mark.fake
+def test_health_of_a_front_with_no_usable_replica_answers_at_once(llamactl_home: Path) -> None:
+    stub = Stub(drop=False)
+    proc, port = front(llamactl_home, stub.url)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/health", timeout=HANG).status_code == 200
+        stub.close()
+        deadline = time.monotonic() + HANG
+        while True:  # the health checks notice within a few seconds
+            r = httpx.get(f"{url}/health", timeout=10)  # never waits the queue bound
+            if r.status_code == 503:
+                break
+            assert time.monotonic() < deadline
+        assert "no remote server can take the request" in r.json()["error"]["message"]
+    finally:
+        stop_group(proc.pid, grace=10, popen=proc)
+
+
+@pytest.mark.fake
+def test_https_remote_verified_and_sent_its_own_host(llamactl_home: Path, tmp_path: Path) -> None:
+    import ssl
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    stub = Stub(drop=False, tls=ctx)
+    try:
+        # Not trusted: the front does not start, and says why.
+        out = subprocess.run(
+            [
+                *(sys.executable, "-m", "llamactl", "serve", "--remote", stub.url),
+                *("--start-timeout", "3", "--port", str(free_port())),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=HANG,
+            env={**os.environ, "LLAMACTL_HOME": str(llamactl_home)},
+            check=False,
+        )
+        assert out.returncode == 6 and "certificate" in out.stderr.lower(), out.stderr
+        # Trusted through the standard OpenSSL variable: served over TLS, with its own Host.
+        proc, port = front(llamactl_home, stub.url, extra_env={"SSL_CERT_FILE": str(cert)})
+        try:
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=ASK, timeout=HANG)
+            assert r.status_code == 200, r.text
+            assert stub.hosts[-1] == f"127.0.0.1:{stub.port}"
+        finally:
+            stop_group(proc.pid, grace=10, popen=proc)
+    finally:
+        stub.close()

@@ -58,6 +58,13 @@ class Address:
         return self.scheme == "https"
 
     @property
+    def host_header(self) -> bytes:
+        """The Host header for it: the name, and the port unless it is the scheme's."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.tls else 80
+        return (host if self.port == default else f"{host}:{self.port}").encode()
+
+    @property
     def base(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}"
@@ -340,7 +347,9 @@ class RemotePool:
         """A replica for the request, waiting (bounded) while none is usable."""
         from llamactl.serve.upstream import ProxyError
 
-        deadline = self._clock() + self.policy.queue_timeout
+        # A health check is answered at once: 503 when no replica can take requests now.
+        wait = 0.0 if path in (b"/health", b"/v1/health") else self.policy.queue_timeout
+        deadline = self._clock() + wait
         while True:
             now = self._clock()
             replica = choose(self.replicas, model, now, turn=self._turn)
@@ -374,12 +383,21 @@ class RemotePool:
         replica.breaker.on_trial()
         replica.in_flight += 1
         key = replica.spec.api_key
+        address = replica.address
+        tls = None
+        if address.tls:
+            tls = self._tls.get(replica.name)
+            if tls is None:
+                tls = self._tls[replica.name] = _tls_context(replica.spec)
         return Upstream(
             name=replica.name,
-            host=replica.address.host,
-            port=replica.address.port,
+            host=address.host,
+            port=address.port,
             auth=f"Bearer {key}".encode() if key else None,
             generation=replica.generation,
+            replicated=len(self.replicas) > 1,
+            tls=tls,
+            host_header=address.host_header,
         )
 
     def release(self, upstream: Upstream, outcome: int) -> None:
