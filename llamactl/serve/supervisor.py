@@ -278,14 +278,13 @@ class Supervisor:
             if self._stopping:
                 return
             down_since = self._clock()
+            lost = self._lost_worker(inst)
+            if lost:
+                reason = f"{reason}: {lost} (not counted as a crash)"
             # Warnings: serve logs at WARNING, and whoever runs it should see each failure.
             log.warning("instance %s: %s; restarting it", inst.name, reason)
             inst.last_error = reason
-            lost = self._lost_worker(inst)
             await self._stop_process(inst, reason)
-            if lost:
-                reason = f"{reason}: {lost}"
-                inst.last_error = reason
             if not (await self._wait_for_workers(inst, reason) or lost):
                 # A head that died with its worker is not a crash of its own: a worker lost is
                 # waited for (or is back already), not counted against the crash-loop budget.
