@@ -13,6 +13,7 @@ proxy costs without the supervisor). Needs wrk (Debian: apt-get install wrk).
 from __future__ import annotations
 
 import asyncio
+import functools
 import http.client
 import json
 import re
@@ -30,7 +31,10 @@ from pathlib import Path
 
 from llamactl.net import free_port
 
-TARGETS = ("direct", "router", "llamactl", "proxy")
+TARGETS = ("direct", "router", "llamactl", "proxy", "router2", "many")
+#: Targets that serve two names of the model (symlinks), loaded both, requests alternating.
+TWO_MODELS = ("router2", "many")
+TWO_NAMES = ("alpha", "beta")
 PROMPT = "Write a short story about a llama who learns to code."
 
 
@@ -46,6 +50,8 @@ class Result:
     tokenize_p99_ms: float = 0.0
     stream_tokens_per_s: float = 0.0
     stream_tokens: int = 0
+    #: Median time to the first streamed token of the concurrent streams (ms).
+    ttft_ms: float = 0.0
     #: Medians of the per-run ratios to direct (each run measures direct next to the target,
     #: which cancels most of the drift of a shared, noisy machine).
     tokenize_vs_direct: float = 0.0
@@ -94,43 +100,63 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     procs.stop_group(proc.pid, grace=10, popen=proc)
 
 
+def _names(name: str | None) -> list[str | None]:
+    """The model names a target answers to: one (or none), or two, comma-separated."""
+    return [n for n in name.split(",")] if name else [None]
+
+
 def wait_first_success(
     port: int, model: Callable[[], str | None], proc: subprocess.Popen[bytes], t0: float
 ) -> float:
-    """Seconds from t0 until POST /tokenize first answers 200 (polled every 5 ms)."""
+    """Seconds from t0 until POST /tokenize has answered 200 for every model name the target
+    serves (polled every 5 ms)."""
     deadline = t0 + 180
+    pending: list[str | None] | None = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"exited with {proc.returncode} while starting")
         try:
-            name = model()
+            if pending is None:
+                pending = _names(model())
+            name = pending[0]
             body = {"content": "hello"} if name is None else {"model": name, "content": "hello"}
-            status, _ = post(port, "/tokenize", body, timeout=30)
+            status, _ = post(port, "/tokenize", body, timeout=60)
             if status == 200:
-                return time.monotonic() - t0
+                pending.pop(0)
+                if not pending:
+                    return time.monotonic() - t0
+                continue
         except (OSError, http.client.HTTPException, LookupError, ValueError):
             pass
         time.sleep(0.005)
     raise TimeoutError("no successful request within 180 s")
 
 
-def router_model_name(port: int) -> str:
+def router_model_name(port: int, count: int = 1) -> str:
     status, data = get(port, "/v1/models")
     if status != 200:
         raise LookupError("router not up")
-    return str(json.loads(data)["data"][0]["id"])
+    return ",".join(str(m["id"]) for m in json.loads(data)["data"][:count])
 
 
 def run_wrk(port: int, model: str | None, duration: float, connections: int, tmp: Path) -> dict:
-    body = {"content": "Hello, world! The quick brown fox jumps over the lazy dog."}
-    if model is not None:
-        body["model"] = model
+    text = "Hello, world! The quick brown fox jumps over the lazy dog."
+    bodies = [{"content": text, **({"model": n} if n else {})} for n in _names(model)]
     script = tmp / "tokenize.lua"
-    script.write_text(
-        'wrk.method = "POST"\n'
-        f"wrk.body = {json.dumps(json.dumps(body))}\n"
-        'wrk.headers["Content-Type"] = "application/json"\n'
-    )
+    if len(bodies) == 1:
+        script.write_text(
+            'wrk.method = "POST"\n'
+            f"wrk.body = {json.dumps(json.dumps(bodies[0]))}\n"
+            'wrk.headers["Content-Type"] = "application/json"\n'
+        )
+    else:  # every other request names the other model: both stay in use
+        quoted = ", ".join(json.dumps(json.dumps(b)) for b in bodies)
+        script.write_text(
+            f"local bodies = {{{quoted}}}\nlocal i = 0\n"
+            'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+            "request = function()\n  i = i + 1\n"
+            "  return wrk.format(nil, nil, nil, bodies[(i % #bodies) + 1])\nend\n"
+        )
     out = subprocess.run(
         [
             "wrk",
@@ -165,9 +191,13 @@ def run_wrk(port: int, model: str | None, duration: float, connections: int, tmp
     }
 
 
-def run_streams(port: int, model: str | None, streams: int, max_tokens: int) -> tuple[int, float]:
-    """Total streamed tokens and seconds for `streams` concurrent streamed chat completions."""
+def run_streams(
+    port: int, model: str | None, streams: int, max_tokens: int
+) -> tuple[int, float, float]:
+    """Total streamed tokens, seconds, and the median time to first token (s) of `streams`
+    concurrent streamed chat completions (alternating between the target's model names)."""
     counts = [0] * streams
+    firsts: list[float] = []
     errors: list[str] = []
     body: dict = {
         "messages": [{"role": "user", "content": PROMPT}],
@@ -176,19 +206,19 @@ def run_streams(port: int, model: str | None, streams: int, max_tokens: int) -> 
         "ignore_eos": True,
         "temperature": 0,
     }
-    if model is not None:
-        body["model"] = model
-    payload = json.dumps(body)
+    names = _names(model)
+    payloads = [json.dumps({**body, **({"model": n} if n else {})}) for n in names]
     barrier = threading.Barrier(streams + 1)
 
     def one(i: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
         barrier.wait()
+        start = time.monotonic()
         try:
             conn.request(
                 "POST",
                 "/v1/chat/completions",
-                body=payload,
+                body=payloads[i % len(payloads)],
                 headers={"Content-Type": "application/json"},
             )
             resp = conn.getresponse()
@@ -199,6 +229,8 @@ def run_streams(port: int, model: str | None, streams: int, max_tokens: int) -> 
                 if line.startswith(b"data: {"):
                     choices = json.loads(line[6:]).get("choices") or [{}]
                     if choices[0].get("delta", {}).get("content"):
+                        if counts[i] == 0:
+                            firsts.append(time.monotonic() - start)
                         counts[i] += 1
         except (OSError, http.client.HTTPException) as exc:
             errors.append(repr(exc))
@@ -215,7 +247,7 @@ def run_streams(port: int, model: str | None, streams: int, max_tokens: int) -> 
     elapsed = time.monotonic() - t0
     if errors:
         raise RuntimeError(f"{len(errors)} streams failed: {errors[0]}")
-    return sum(counts), elapsed
+    return sum(counts), elapsed, statistics.median(firsts) if firsts else 0.0
 
 
 def paired_streams(direct_port: int, proxy_port: int, rounds: int, max_tokens: int) -> float:
@@ -266,6 +298,12 @@ def paired_streams(direct_port: int, proxy_port: int, rounds: int, max_tokens: i
     return statistics.mean(rates[proxy_port]) / statistics.mean(rates[direct_port])
 
 
+def _launcher() -> list[str]:
+    """The console command, as a user starts it (python -m adds runpy's few milliseconds)."""
+    command = Path(sys.executable).parent / "llamactl"
+    return [str(command)] if command.is_file() else [sys.executable, "-m", "llamactl"]
+
+
 def start_target(
     target: str, spec: BenchSpec, tmp: Path
 ) -> tuple[list[subprocess.Popen[bytes]], int, Callable[[], str | None], int | None]:
@@ -289,13 +327,30 @@ def start_target(
             log,
         )
         return [proc], port, lambda: router_model_name(port), None
+    if target in TWO_MODELS:
+        models_dir = tmp / "two-models"
+        models_dir.mkdir(exist_ok=True)
+        for n in TWO_NAMES:
+            link = models_dir / f"{n}.gguf"
+            if not link.exists():
+                link.symlink_to(Path(model).resolve())
+        if target == "router2":
+            proc = spawn(
+                [server, "--models-dir", str(models_dir), "--host", "127.0.0.1",
+                 "--port", str(port)],
+                log,
+            )  # fmt: skip
+            return [proc], port, lambda: router_model_name(port, 2), None
+        proc = spawn(
+            [*_launcher(), "serve", "--server-bin", server, "--models-dir", str(models_dir),
+             "--host", "127.0.0.1", "--port", str(port)],
+            log,
+        )  # fmt: skip
+        return [proc], port, lambda: ",".join(TWO_NAMES), None
     if target == "llamactl":
-        # The console command, as a user starts it (python -m adds runpy's few milliseconds).
-        command = Path(sys.executable).parent / "llamactl"
-        launcher = [str(command)] if command.is_file() else [sys.executable, "-m", "llamactl"]
         proc = spawn(
             [
-                *launcher,
+                *_launcher(),
                 "serve",
                 "--server-bin",
                 server,
@@ -335,8 +390,9 @@ def measure(target: str, spec: BenchSpec, tmp: Path) -> Result:
     try:
         result.ready_s = wait_first_success(port, model_name, procs[0], t0)
         name = model_name()
-        for _ in range(50):  # warm the connections and caches
-            post(port, "/tokenize", {"content": "warm up", **({"model": name} if name else {})})
+        for i in range(50):  # warm the connections and caches
+            n = _names(name)[i % len(_names(name))]
+            post(port, "/tokenize", {"content": "warm up", **({"model": n} if n else {})})
         wrk = run_wrk(port, name, spec.duration, spec.connections, tmp)
         if wrk["non2xx"]:
             result.errors.append(f"{wrk['non2xx']} non-2xx answers to /tokenize")
@@ -344,7 +400,8 @@ def measure(target: str, spec: BenchSpec, tmp: Path) -> Result:
         result.tokenize_mean_ms = wrk["mean"]
         result.tokenize_p50_ms = wrk["p50"]
         result.tokenize_p99_ms = wrk["p99"]
-        tokens, elapsed = run_streams(port, name, spec.streams, spec.max_tokens)
+        tokens, elapsed, ttft = run_streams(port, name, spec.streams, spec.max_tokens)
+        result.ttft_ms = ttft * 1000
         result.stream_tokens = tokens
         result.stream_tokens_per_s = tokens / elapsed
         if upstream_port is not None:
@@ -389,7 +446,7 @@ def static_proxy(server: str, model: str, port: int, upstream_port: int) -> int:
                 await self.ready.wait()
             return self.upstream
 
-        def release(self, upstream: Upstream, outcome: int) -> None:
+        def release(self, upstream: Upstream, outcome: int, elapsed: float = 0.0) -> None:
             pass
 
     async def main() -> None:
@@ -433,6 +490,7 @@ def median_result(target: str, results: list[Result]) -> Result:
         "tokenize_p99_ms",
         "stream_tokens_per_s",
         "paired_stream_ratio",
+        "ttft_ms",
     ):
         setattr(med, name, statistics.median(getattr(r, name) for r in ok))
     med.stream_tokens = ok[0].stream_tokens
@@ -446,11 +504,12 @@ def report(med: dict[str, Result], runs: int) -> str:
         " ratios to direct: medians of per-run ratios",
         "",
         f"{'target':<9} {'ready s':>8} {'req/s':>9} {'mean ms':>8} {'p50 ms':>7} {'p99 ms':>7}"
-        f" {'tok/s':>7}  vs direct (req/s, tok/s, ready)   vs router (req/s)",
+        f" {'tok/s':>7} {'ttft ms':>8}  vs direct (req/s, tok/s, ready)   vs router (req/s)",
     ]
     direct = med.get("direct")
-    router = med.get("router")
     for target, r in med.items():
+        # Two models are compared with router mode serving the same two.
+        router = med.get("router2" if target in TWO_MODELS else "router")
         vs_direct = vs_router = ""
         if direct and target != "direct" and direct.tokenize_rps:
             req_ratio = r.tokenize_vs_direct or r.tokenize_rps / direct.tokenize_rps
@@ -461,12 +520,12 @@ def report(med: dict[str, Result], runs: int) -> str:
                 f"{req_ratio:.2f}x, {tok_ratio * 100:.1f}%, "
                 f"{(r.ready_s - direct.ready_s) * 1000:+.0f} ms"
             )
-        if router and target != "router" and router.tokenize_rps:
-            vs_router = f"{r.tokenize_rps / router.tokenize_rps:.2f}x"
+        if router and target not in ("router", "router2") and router.tokenize_rps:
+            vs_router = f"{r.tokenize_rps / router.tokenize_rps:.2f}x ({router.target})"
         lines.append(
             f"{target:<9} {r.ready_s:8.3f} {r.tokenize_rps:9.0f} {r.tokenize_mean_ms:8.3f}"
             f" {r.tokenize_p50_ms:7.3f} {r.tokenize_p99_ms:7.2f} {r.stream_tokens_per_s:7.1f}"
-            f"  {vs_direct:<33} {vs_router}"
+            f" {r.ttft_ms:8.1f}  {vs_direct:<33} {vs_router}"
         )
     if direct:
         for target in ("llamactl", "proxy"):
@@ -520,6 +579,7 @@ class BenchSpec:
     max_tokens: int = 64
     paired_rounds: int = 4
     ready_rounds: int = 10  # alternating starts of direct and llamactl for time to ready
+    swap_rounds: int = 3  # forced swaps between two models under --models-max 1
 
 
 def run(spec: BenchSpec, progress: Callable[[str], None] = print) -> dict[str, list[Result]]:
@@ -568,6 +628,59 @@ def run_ready(spec: BenchSpec, progress: Callable[[str], None] = print) -> dict[
                 f"llamactl {ready['llamactl'][-1]:.3f} s"
             )
     return ready
+
+
+def run_swap(spec: BenchSpec, progress: Callable[[str], None] = print) -> dict[str, list[float]]:
+    """Forced swaps: `llamactl serve --models-dir` (two names) `--models-max 1` with one
+    model loaded, then a request for the other, timed to its answer; next to it, direct
+    llama-server's own time from start to its first answer (the load a swap cannot avoid)."""
+    out: dict[str, list[float]] = {"swap": [], "load": []}
+    with tempfile.TemporaryDirectory(prefix="llamactl-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        models_dir = tmp / "two-models"
+        models_dir.mkdir()
+        for n in TWO_NAMES:
+            (models_dir / f"{n}.gguf").symlink_to(Path(spec.model).resolve())
+        port = free_port()
+        proc = spawn(
+            [*_launcher(), "serve", "--server-bin", str(spec.server_bin), "--models-dir",
+             str(models_dir), "--models-max", "1", "--host", "127.0.0.1", "--port", str(port)],
+            tmp / "swap.log",
+        )  # fmt: skip
+        try:
+            wait_first_success(port, lambda: TWO_NAMES[0], proc, time.monotonic())
+            for round_no in range(spec.swap_rounds):
+                other: str = TWO_NAMES[(round_no + 1) % 2]
+                t0 = time.monotonic()
+                out["swap"].append(
+                    wait_first_success(port, functools.partial(str, other), proc, t0)
+                )
+                d0 = time.monotonic()
+                procs, dport, name, _ = start_target("direct", spec, tmp)
+                try:
+                    out["load"].append(wait_first_success(dport, name, procs[0], d0))
+                finally:
+                    for p in procs:
+                        stop(p)
+                progress(
+                    f"swap round {round_no + 1}: swap {out['swap'][-1]:.3f} s, "
+                    f"direct load {out['load'][-1]:.3f} s"
+                )
+        finally:
+            stop(proc)
+    return out
+
+
+def report_swap(swap: dict[str, list[float]]) -> str:
+    if not swap.get("swap"):
+        return ""
+    extra = [(s - d) * 1000 for s, d in zip(swap["swap"], swap["load"], strict=False)]
+    return (
+        f"forced swap (--models-max 1), {len(extra)} rounds: median "
+        f"{statistics.median(swap['swap']):.3f} s; "
+        f"direct load median {statistics.median(swap['load']):.3f} s; swap - load per round: "
+        f"median {statistics.median(extra):+.0f} ms (min {min(extra):+.0f}, max {max(extra):+.0f})"
+    )
 
 
 def report_ready(ready: dict[str, list[float]]) -> str:

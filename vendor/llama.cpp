@@ -1,1 +1,1 @@
-/work/main/vendor/llama.cpp
+/root/.cache/llamactl/vendor/llama.cpp

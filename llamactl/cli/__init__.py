@@ -62,6 +62,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Run a llama.cpp RPC worker for a head's serve --rpc.",
     ),
     "ps": ("llamactl.cli.ps", "ps", "List running servers and workers."),
+    "load": ("llamactl.cli.load", "load", "Load a model on a serve that routes several."),
+    "unload": ("llamactl.cli.load", "unload", "Unload a model from a running serve."),
     "stop": ("llamactl.cli.ps", "stop", "Stop running servers."),
     "logs": ("llamactl.cli.ps", "logs", "Show a server's llama-server log."),
     "chat": (

@@ -27,9 +27,25 @@ OWN_OPTIONS = {
     "--max-body-size": "Largest request body accepted, e.g. 64M (default 64M); larger: 413.",
     "--remote": "URL of another llamactl serve or llama-server to use as a replica "
     "(repeatable; key from LLAMACTL_REMOTE_API_KEY; with no -m, no local model).",
+    "--config": "A TOML file declaring models (default: serve.toml in the config directory).",
 }
-#: llama-server flags that llamactl takes for the proxy instead of passing them on.
-TAKEN_FLAGS = ("--host", "--port", "--api-key", "--api-key-file", "-m", "--model")
+#: llama-server flags that llamactl takes for the proxy instead of passing them on; the
+#: router-mode ones keep their meaning, but llamactl routes itself (serve/fleet.py).
+TAKEN_FLAGS = (
+    "--host",
+    "--port",
+    "--api-key",
+    "--api-key-file",
+    "-m",
+    "--model",
+    "--models-dir",
+    "--models-preset",
+    "--models-max",
+    "--models-autoload",
+    "--no-models-autoload",
+)
+#: llama-server's default for --models-max (common/common.h).
+DEFAULT_MODELS_MAX = 4
 #: llama-server flags that cannot work behind the proxy, with the reason.
 REFUSED_FLAGS = {
     "--ssl-key-file": "TLS is not supported by llamactl serve yet: put a TLS proxy in front",
@@ -45,7 +61,13 @@ class ServeSpec:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     api_keys: tuple[str, ...] = ()
-    model: str | None = None
+    model: str | None = None  # the first -m
+    models: tuple[str, ...] = ()  # every -m, in order
+    models_dir: Path | None = None
+    models_preset: Path | None = None
+    models_max: int = DEFAULT_MODELS_MAX
+    models_autoload: bool = True
+    config: Path | None = None
     passthrough: tuple[str, ...] = ()  # llama-server flags, in the user's order
     server_bin: Path | None = None
     backend: str | None = None
@@ -57,11 +79,19 @@ class ServeSpec:
     env_overrides: dict[str, str] = field(default_factory=dict)
 
     @property
+    def many_models(self) -> bool:
+        """Whether llamactl routes between several models (router mode's flags, several -m,
+        a config file) rather than serving one llama-server for every name."""
+        return bool(self.models_dir or self.models_preset or self.config or len(self.models) > 1)
+
+    @property
     def has_model_source(self) -> bool:
         from llamactl.serve.server import MODEL_SOURCE_FLAGS
 
-        return self.model is not None or any(
-            a.split("=", 1)[0] in MODEL_SOURCE_FLAGS for a in self.passthrough
+        return (
+            self.model is not None
+            or self.many_models
+            or any(a.split("=", 1)[0] in MODEL_SOURCE_FLAGS for a in self.passthrough)
         )
 
 
@@ -91,6 +121,7 @@ def parse_serve_args(argv: list[str], environ: dict[str, str] | None = None) -> 
     values: dict[str, Any] = {}
     keys: list[str] = []
     remotes: list[str] = []
+    models: list[str] = []
     passthrough: list[str] = []
     i = 0
 
@@ -125,7 +156,20 @@ def parse_serve_args(argv: list[str], environ: dict[str, str] | None = None) -> 
         elif flag == "--api-key-file":
             keys.extend(_read_key_file(take(flag, inline)))
         elif flag in ("-m", "--model"):
-            values["model"] = take(flag, inline)
+            models.append(take(flag, inline))
+        elif flag == "--models-dir":
+            values["models_dir"] = Path(take(flag, inline)).expanduser()
+        elif flag == "--models-preset":
+            values["models_preset"] = Path(take(flag, inline)).expanduser()
+        elif flag == "--config":
+            values["config"] = Path(take(flag, inline)).expanduser()
+        elif flag == "--models-max":
+            raw = take(flag, inline)
+            if not raw.isdigit():
+                raise UsageError(f"--models-max takes a number (0 = unlimited), not {raw!r}")
+            values["models_max"] = int(raw)
+        elif flag in ("--models-autoload", "--no-models-autoload"):
+            values["models_autoload"] = flag == "--models-autoload"
         elif flag == "--server-bin":
             values["server_bin"] = Path(take(flag, inline)).expanduser()
         elif flag == "--backend":
@@ -147,7 +191,23 @@ def parse_serve_args(argv: list[str], environ: dict[str, str] | None = None) -> 
             passthrough.append(arg)
         i += 1
 
+    if models:
+        values["model"] = models[0]
+        values["models"] = tuple(models)
     # llama-server reads these from the environment too; keep that working.
+    if "models_dir" not in values and env.get("LLAMA_ARG_MODELS_DIR"):
+        values["models_dir"] = Path(env["LLAMA_ARG_MODELS_DIR"]).expanduser()
+    if "models_preset" not in values and env.get("LLAMA_ARG_MODELS_PRESET"):
+        values["models_preset"] = Path(env["LLAMA_ARG_MODELS_PRESET"]).expanduser()
+    if "models_max" not in values and env.get("LLAMA_ARG_MODELS_MAX", "").isdigit():
+        values["models_max"] = int(env["LLAMA_ARG_MODELS_MAX"])
+    if "models_autoload" not in values and env.get("LLAMA_ARG_MODELS_AUTOLOAD"):
+        values["models_autoload"] = env["LLAMA_ARG_MODELS_AUTOLOAD"].lower() in (
+            "1",
+            "true",
+            "on",
+            "enabled",
+        )
     if "host" not in values and env.get("LLAMA_ARG_HOST"):
         values["host"] = env["LLAMA_ARG_HOST"]
     if "port" not in values and env.get("LLAMA_ARG_PORT", "").isdigit():
@@ -170,11 +230,18 @@ HELP = """Usage: llamactl serve [-m MODEL] [--host HOST] [--port PORT] [--api-ke
   With no -m, serves the default model (SmolLM2-135M-Instruct), fetched once.
 
   Taken by llamactl (same meaning as in llama-server):
-    -m, --model PATH|NAME   a GGUF file, or a model name (see `llamactl models`)
+    -m, --model PATH|NAME   a GGUF file, or a model name (see `llamactl models`);
+                            several -m serve several models, routed by `model`
     --host HOST             address to listen on (default 127.0.0.1)
     --port PORT             port to listen on (default 8080)
     --api-key KEY[,KEY]     required from clients (env LLAMACTL_API_KEY); /health stays open
     --api-key-file FILE     keys, one per line
+    --models-dir DIR        serve every .gguf in DIR, loaded on demand (router mode's flag;
+                            llamactl routes itself: one llama-server per loaded model)
+    --models-preset FILE    router mode's INI presets ([*] defaults, [name] per model)
+    --models-max N          at most N models loaded at once, least recently used evicted
+                            (default 4, 0 = unlimited)
+    --no-models-autoload    load models only through POST /models/load or `llamactl load`
 
   llamactl's own:
 {own}

@@ -6,17 +6,39 @@ and its tests run on a fake one (tests/support/fakebackend.py) with a fake clock
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from llamactl.errors import ServerStartError
-    from llamactl.serve.supervisor import InstanceConfig
+    from llamactl.serve.rpc import Endpoint
 
-__all__ = ["Backend", "BackendFactory", "Clock", "Sleep"]
+__all__ = ["Backend", "BackendFactory", "Clock", "InstanceConfig", "Sleep"]
 
 #: The supervisor's time seams: a monotonic clock in seconds, and an awaitable pause.
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass
+class InstanceConfig:
+    """What one instance runs: llama-server and its flags; the port is chosen per start."""
+
+    name: str
+    binary: Path
+    args: tuple[str, ...]
+    log_path: Path
+    model_label: str | None = None
+    #: With several models (serve/fleet.py): the model this instance serves, and what the
+    #: router needs to know of it.
+    model: str | None = None
+    pinned: bool = False
+    groups: tuple[str, ...] = ()
+    estimate_bytes: int = 0
+    #: The RPC workers its llama-server splits the model over (its --rpc flag): a head whose
+    #: worker is gone aborts, and cannot start again until the worker is back (RESOURCES.md).
+    rpc_workers: tuple[Endpoint, ...] = ()
 
 
 class Backend(Protocol):
@@ -114,4 +136,4 @@ class Backend(Protocol):
 
 
 #: Makes a fresh, unstarted backend for an instance (a new private port and key per call).
-BackendFactory = Callable[["InstanceConfig"], Backend]
+BackendFactory = Callable[[InstanceConfig], Backend]

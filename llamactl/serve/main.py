@@ -3,13 +3,11 @@ and run the proxy in front of it until Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,8 +30,6 @@ from llamactl.serve.args import (
 )
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from llamactl.serve.server import LocalServer
 
 __all__ = [
@@ -72,18 +68,7 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-@functools.cache
-def _console() -> Console:
-    # rich costs ~25 ms to import: not before llama-server is spawned, unless a download or
-    # a build needs a progress bar.
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False)
-
-
-def resolve_binary(
-    spec: ServeSpec, console: Callable[[], Any] = _console
-) -> tuple[Path, str | None]:
+def resolve_binary(spec: ServeSpec) -> tuple[Path, str | None]:
     """The llama-server to run and its backend: --server-bin, else a build, built if needed."""
     from llamactl.build import cache as builds
     from llamactl.errors import BuildError
@@ -100,8 +85,7 @@ def resolve_binary(
         from llamactl.build.progress import LineReporter
         from llamactl.build.run import build_llama
 
-        out = console()
-        out.print("[bold]No llama.cpp build for this machine yet: building it first.[/]")
+        _say("No llama.cpp build for this machine yet: building it first.")
         # Plain lines: serve's stderr is often a log (systemd, docker), never worth a bar.
         outcome = build_llama(
             BuildSpec(backend=spec.backend or "auto"), report=LineReporter(sys.stderr)
@@ -113,14 +97,17 @@ def resolve_binary(
 
 
 def resolve_model_args(spec: ServeSpec) -> tuple[tuple[str, ...], str]:
-    """The llama-server flags with the model resolved to a path, and a label for it."""
+    """The llama-server flags with the model resolved to a path, and a label for it.
+
+    The model is served under its name as `llamactl models` lists it (--alias NAME, unless the
+    user gave one: theirs wins, as in llama-server), not as the path of a file in the cache."""
     if spec.model is not None:
         path = Path(spec.model).expanduser()
         if not path.is_file():  # a name, or a bad path: the models module explains
             from llamactl.models import catalog as models
 
             path = models.resolve_model(spec.model)
-        return ("-m", str(path), *spec.passthrough), path.name
+        return ("-m", str(path), *_named(spec.passthrough, path)), path.name
     if spec.has_model_source:
         return spec.passthrough, "from llama-server flags"
     from llamactl.models import default as default_model
@@ -132,7 +119,16 @@ def resolve_model_args(spec: ServeSpec) -> tuple[tuple[str, ...], str]:
 
         # Plain lines, like serve's other progress lines: the first fetch is a one-off.
         path = pull.ensure_default_model(progress=pull.LineProgress(sys.stderr))
-    return ("-m", str(path), *spec.passthrough), path.name
+    return ("-m", str(path), *_named(spec.passthrough, path)), path.name
+
+
+def _named(passthrough: tuple[str, ...], path: Path) -> tuple[str, ...]:
+    """The flags plus `--alias NAME` when the user gave no alias (see resolve_model_args)."""
+    if any(a.split("=", 1)[0] in ("-a", "--alias") for a in passthrough):
+        return passthrough
+    stem = path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.name
+    name = re.sub(r"-\d{5}-of-\d{5}$", "", stem)
+    return (*passthrough, "--alias", name)
 
 
 def main(argv: list[str]) -> int:
@@ -174,6 +170,11 @@ def serve(spec: ServeSpec) -> int:
             hint="serve the local model with its own `llamactl serve --port N` and add it "
             "as one more --remote http://127.0.0.1:N",
         )
+    if spec.many_models or (not spec.has_model_source and _default_config_exists()):
+        from llamactl.serve.many import serve_many
+
+        binary, backend = resolve_binary(spec)
+        return serve_many(spec, binary, backend)
     args, model_label = resolve_model_args(spec)
     binary, backend = resolve_binary(spec)
     workers: tuple[Any, ...] = ()
@@ -220,6 +221,11 @@ def serve(spec: ServeSpec) -> int:
 
             assert process.popen is not None
             proc.stop_group(process.popen.pid, grace=5.0, popen=process.popen)
+
+
+def _default_config_exists() -> bool:
+    """Whether the config directory holds a serve.toml (then serve routes its models)."""
+    return (paths.config_dir() / "serve.toml").is_file()
 
 
 @dataclass

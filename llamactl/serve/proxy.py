@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from functools import partial
+from time import monotonic as _monotonic
 from typing import Any
 
 import httptools
@@ -164,6 +165,7 @@ class _Exchange:
         "requeue_until",
         "started",
         "status",
+        "t0",
         "timed_out",
         "upstream",
         "url",
@@ -205,6 +207,7 @@ class _Exchange:
         self.model: str | None = None
         self.requeue_until = 0.0  # loop time until which a refused connect waits for a restart
         self.status = 0
+        self.t0 = 0.0
         self.timed_out = False
         self.acquire_task: asyncio.Task[Upstream] | None = None
         self.connect_task: asyncio.Future[Any] | None = None
@@ -523,6 +526,7 @@ class _ClientConn(asyncio.Protocol):
         """Ask the provider for the upstream of ex.model, then send."""
         model = ex.model
         path = ex.url.partition(b"?")[0]
+        ex.t0 = _monotonic()
         loop = asyncio.get_running_loop()
         coro = self.proxy.provider.acquire(model, ex.method, path)
         if _EAGER_TASKS:
@@ -685,7 +689,7 @@ class _ClientConn(asyncio.Protocol):
     def _release(self, ex: _Exchange, outcome: int) -> None:
         if not ex.released and ex.upstream is not None:
             ex.released = True
-            self.proxy.provider.release(ex.upstream, outcome)
+            self.proxy.provider.release(ex.upstream, outcome, _monotonic() - ex.t0)
 
     def _reply_error(self, ex: _Exchange, err: ProxyError) -> None:
         extra = b""

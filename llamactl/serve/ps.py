@@ -72,6 +72,9 @@ def rows(now: float | None = None) -> list[dict[str, Any]]:
                     "restarts": inst.restarts,
                     "memory_bytes": memory,
                     "memory_human": human_bytes(memory),
+                    # Several models: the estimate from the GGUF header, and requests in flight.
+                    "memory_estimate_bytes": inst.memory,
+                    "in_flight": inst.in_flight,
                     "backend": rec.backend,
                     "log": inst.log_path,
                     "last_error": inst.last_error,

@@ -32,6 +32,8 @@ class InstanceRecord:
     last_error: str | None = None
     #: Where the model runs: "local", "rpc HOST:PORT,..." (split over RPC workers), ...
     where: str | None = None
+    memory: int | None = None  # estimated bytes (several models: from the GGUF header)
+    in_flight: int = 0
 
 
 @dataclass

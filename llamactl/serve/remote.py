@@ -400,7 +400,7 @@ class RemotePool:
             host_header=address.host_header,
         )
 
-    def release(self, upstream: Upstream, outcome: int) -> None:
+    def release(self, upstream: Upstream, outcome: int, elapsed: float = 0.0) -> None:
         """Count the outcome: a transport failure or a 5xx (but a 503, which is the remote's
         own back-pressure) is a failure for the breaker; anything else a success."""
         replica = self._by_name.get(upstream.name)

@@ -27,7 +27,7 @@ from llamactl.net import free_port
 if TYPE_CHECKING:
     import asyncio
 
-    from llamactl.serve.supervisor import InstanceConfig
+    from llamactl.serve.backend import InstanceConfig
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from llamactl.errors import ServerStartError
 from llamactl.serve import rpc
-from llamactl.serve.backend import Backend, BackendFactory, Clock, Sleep
-from llamactl.serve.rpc import Endpoint
+from llamactl.serve.backend import Backend, BackendFactory, Clock, InstanceConfig, Sleep
 from llamactl.serve.upstream import ProxyError, Upstream
 
 log = logging.getLogger(__name__)
@@ -67,20 +65,6 @@ class Policy:
 
 
 @dataclass
-class InstanceConfig:
-    """What one instance runs: llama-server and its flags; the port is chosen per start."""
-
-    name: str
-    binary: Path
-    args: tuple[str, ...]
-    log_path: Path
-    model_label: str | None = None
-    #: The RPC workers its llama-server splits the model over (its --rpc flag): a head whose
-    #: worker is gone aborts, and cannot start again until the worker is back (RESOURCES.md).
-    rpc_workers: tuple[Endpoint, ...] = ()
-
-
-@dataclass
 class Instance:
     """One supervised llama-server and its history."""
 
@@ -100,6 +84,9 @@ class Instance:
     ready_event: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     broken: asyncio.Event = field(default_factory=asyncio.Event)
+    last_used: float = 0.0  # clock time of the last request given to it
+    slots: int = 1 << 30  # parallel slots (llama-server's /props total_slots); unknown: many
+    failed_at: float | None = None  # clock time of its last failed load
 
     @property
     def name(self) -> str:
@@ -457,7 +444,20 @@ class Supervisor:
             # Ready wakes every waiter at once; a failure is noticed within half a second.
             await self._wait_event(inst.ready_event, min(remaining, 0.5))
 
-    def release(self, upstream: Upstream, outcome: int) -> None:
+    async def stop_instance(self, name: str, reason: str) -> None:
+        """Stop one instance for sure and leave it STOPPED (unloaded); it can start again."""
+        inst = self.instances[name]
+        task, inst.task = inst.task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self._stop_process(inst, reason)
+        inst.upstream = None
+        inst.set_state(State.STOPPED, reason)
+        self._notify()
+
+    def release(self, upstream: Upstream, outcome: int, elapsed: float = 0.0) -> None:
         """Count the outcome: many 5xx or transport failures in a row on a server that still
         answers /health make a probe; a failed probe means broken, and a restart."""
         inst = self.instances.get(upstream.name)

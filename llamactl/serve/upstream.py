@@ -48,9 +48,10 @@ class UpstreamProvider(Protocol):
         own bound); raises ProxyError for an answer the proxy gives itself (404, 503, ...)."""
         ...
 
-    def release(self, upstream: Upstream, outcome: int) -> None:
+    def release(self, upstream: Upstream, outcome: int, elapsed: float = 0.0) -> None:
         """Called once per acquire with the lease: the upstream's HTTP status, 0 for a
-        transport failure, 499 when the client went away before the upstream answered."""
+        transport failure, 499 when the client went away before the upstream answered; and
+        the seconds since the request was dispatched (for latency metrics)."""
         ...
 
 

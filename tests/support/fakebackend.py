@@ -85,6 +85,8 @@ class Script:
     hang: bool = False
     #: The one-token probe of a server that fails requests succeeds.
     probe_ok: bool = True
+    #: Models (InstanceConfig.model) whose every start fails with code 1.
+    fail_models: set[str] = field(default_factory=set)
 
 
 class FakeBackend:
@@ -137,6 +139,9 @@ class FakeBackend:
         elif script.fail_start is not None:
             self.lines.append("error loading model")
             self._end(script.fail_start)
+        elif getattr(self.config, "model", None) in script.fail_models:
+            self.lines.append("llama_model_load: error loading model: invalid magic")
+            self._end(1)
         if self.returncode is None:
             loaded = asyncio.ensure_future(self.clock.sleep(script.load_time))
             exited = asyncio.ensure_future(self._exited.wait())

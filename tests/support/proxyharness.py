@@ -79,7 +79,7 @@ class StaticProvider:
             raise self.error
         return self.upstream
 
-    def release(self, upstream: Upstream, outcome: int) -> None:
+    def release(self, upstream: Upstream, outcome: int, elapsed: float = 0.0) -> None:
         self.releases.append(outcome)
 
 

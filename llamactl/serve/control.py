@@ -1,0 +1,127 @@
+"""llamactl's own HTTP answers when it serves several models: /health, router mode's
+`GET /models`, `POST /models/load`, `POST /models/unload`, `/v1/models`, router-level `/props`
+and `/metrics`. A tiny keep-alive HTTP/1.1 server on a private loopback port with a private
+key: the proxy reaches it as one more upstream (serve/fleet.py routes these paths to it), so
+the hot path stays the same for every request.
+
+Its only client is llamactl's proxy, which always sends a Content-Length and the private key."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from llamactl.serve.upstream import ProxyError, Upstream
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CONTROL", "ControlServer", "Reply"]
+
+#: The upstream name of the control server (no model is called this: it has a NUL).
+CONTROL = "\0control"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An answer: status, body, content type."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json; charset=utf-8"
+
+    @classmethod
+    def json(cls, status: int, value: Any) -> Reply:
+        return cls(status, json.dumps(value).encode())
+
+    @classmethod
+    def error(cls, err: ProxyError) -> Reply:
+        body = {"error": {"message": err.message, "type": err.type, "code": err.code}}
+        return cls.json(err.status, body)
+
+
+#: method, path (no query), query string, body -> reply
+Handler = Callable[[str, str, str, bytes], Awaitable[Reply]]
+
+
+class ControlServer:
+    """Serves `handler` on 127.0.0.1 (a free port) until closed."""
+
+    def __init__(self, handler: Handler, *, max_body: int = 1 << 20) -> None:
+        self.handler = handler
+        self.max_body = max_body
+        self.key = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
+        self._server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    @property
+    def upstream(self) -> Upstream:
+        return Upstream(CONTROL, "127.0.0.1", self.port, f"Bearer {self.key}".encode(), 1)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                    return
+                lines = head.decode("latin-1").split("\r\n")
+                parts = lines[0].split(" ")
+                if len(parts) != 3:
+                    return
+                method, target, _ = parts
+                headers = {}
+                for line in lines[1:]:
+                    name, _, value = line.partition(":")
+                    if name:
+                        headers[name.strip().lower()] = value.strip()
+                length = int(headers.get("content-length", "0") or 0)
+                if length > self.max_body:
+                    return
+                body = await reader.readexactly(length) if length else b""
+                close = headers.get("connection", "").lower() == "close"
+                path, _, query = target.partition("?")
+                auth = headers.get("authorization", "").encode()
+                if not hmac.compare_digest(auth, f"Bearer {self.key}".encode()):
+                    reply = Reply.error(ProxyError(401, "Invalid API Key", code="invalid_api_key"))
+                else:
+                    try:
+                        reply = await self.handler(method, path, query, body)
+                    except ProxyError as err:
+                        reply = Reply.error(err)
+                    except Exception as exc:  # a bug: answered, logged, never a dead socket
+                        log.exception("control request %s %s failed", method, path)
+                        reply = Reply.error(ProxyError(500, f"internal error: {exc!r}"))
+                phrase = HTTPStatus(reply.status).phrase
+                writer.write(
+                    f"HTTP/1.1 {reply.status} {phrase}\r\nContent-Type: {reply.content_type}\r\n"
+                    f"Content-Length: {len(reply.body)}\r\n"
+                    f"{'Connection: close' + chr(13) + chr(10) if close else ''}\r\n".encode()
+                    + (b"" if method == "HEAD" else reply.body)
+                )
+                await writer.drain()
+                if close:
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            writer.close()

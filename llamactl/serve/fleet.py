@@ -1,0 +1,702 @@
+"""Several models behind one serve: each model is its own supervised llama-server (a private
+port and key), and every request goes straight to the right one by its `model`. Loads on
+demand (one start for every waiter), evicts least recently used first (never a pinned model,
+never while it generates: drained, bounded), unloads idle models after their TTL, spreads
+requests over replicas by free slots, and answers router mode's control API through the
+control server (serve/control.py).
+
+The decisions are router.route()'s (pure); this module carries them out and owns the effects.
+The proxy sees only the UpstreamProvider contract (serve/upstream.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from llamactl.errors import LlamactlError
+from llamactl.serve.backend import Clock, Sleep
+from llamactl.serve.config import Fleet, ModelDecl
+from llamactl.serve.control import CONTROL, ControlServer, Reply
+from llamactl.serve.metrics import Metrics, label_instance_metrics
+from llamactl.serve.router import Decision, Limits, Seen, expired, route
+from llamactl.serve.supervisor import Instance, InstanceConfig, State, Supervisor
+from llamactl.serve.upstream import ProxyError, Upstream
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CONTROL_PATHS", "ModelFleet"]
+
+#: Paths llamactl answers itself when it serves several models (router mode's own routes).
+CONTROL_PATHS = frozenset(
+    {b"/health", b"/v1/health", b"/models", b"/v1/models", b"/models/load", b"/models/unload"}
+)
+#: Paths llamactl answers itself when no model is named (router mode's /props and /metrics).
+CONTROL_UNNAMED = frozenset({b"/metrics", b"/props"})
+_LIVE = (State.STARTING, State.READY, State.BACKOFF, State.STOPPING)
+_ROUTER_STATE = {
+    State.READY: "loaded",
+    State.STARTING: "loading",
+    State.BACKOFF: "loading",
+    State.STOPPING: "unloading",
+    State.STOPPED: "unloaded",
+    State.FAILED: "unloaded",
+}
+
+
+class _Busy(Exception):
+    """A model to evict is still generating after the drain bound."""
+
+
+async def http_get(
+    host: str, port: int, path: str, auth: bytes | None, timeout: float = 5.0
+) -> tuple[int, bytes]:
+    """GET on a fresh connection: (status, body); (0, b"") when nothing answers."""
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        head = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
+        if auth:
+            head += f"Authorization: {auth.decode()}\r\n"
+        writer.write((head + "\r\n").encode())
+        data = await asyncio.wait_for(reader.read(), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return 0, b""
+    finally:
+        if writer is not None:
+            writer.close()
+    head_raw, _, body = data.partition(b"\r\n\r\n")
+    parts = head_raw.split(b" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        return 0, b""
+    if b"transfer-encoding: chunked" in head_raw.lower():
+        body = _unchunk(body)
+    return int(parts[1]), body
+
+
+def _unchunk(data: bytes) -> bytes:
+    out = []
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        try:
+            size = int(size_line.split(b";")[0], 16)
+        except ValueError:
+            break
+        if size == 0:
+            break
+        out.append(rest[:size])
+        data = rest[size + 2 :]
+    return b"".join(out)
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "unknown reason").splitlines()[0]
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.#" else "_" for c in name)[:80]
+
+
+class ModelFleet:
+    """The UpstreamProvider of a serve with several models."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        supervisor: Supervisor,
+        *,
+        binary: Path,
+        log_dir: Path,
+        record_id: str,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        memory: Callable[[], int | None] | None = None,
+        resolve: Callable[[ModelDecl], Path] | None = None,
+        estimate: Callable[[Path, tuple[str, ...]], int] | None = None,
+        fetch: Callable[..., Any] = http_get,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        self.fleet = fleet
+        self.supervisor = supervisor
+        self.binary = binary
+        self.log_dir = log_dir
+        self.record_id = record_id
+        self._clock = clock
+        self._sleep = sleep
+        self._memory = memory if memory is not None else _available_memory
+        self._resolve_source = resolve if resolve is not None else _resolve_source
+        self._estimate = estimate if estimate is not None else _estimate_bytes
+        self._fetch = fetch
+        self.drain_timeout = drain_timeout
+        self.decls = {d.name: d for d in fleet.models}
+        self._names = fleet.names()
+        if len(fleet.models) == 1:
+            self._names[None] = fleet.models[0]  # type: ignore[index]
+        self._ttl = {d.name: d.ttl for d in fleet.models if d.ttl is not None}
+        self._need: dict[str, int] = {}
+        self._paths: dict[str, Path] = {}
+        self._fast: dict[str | None, Instance] = {}
+        self._changed = asyncio.Event()
+        self._waiters = 0
+        self._queued: collections.Counter[str] = collections.Counter()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._unloading: set[str] = set()
+        self.metrics = Metrics()
+        self.control = ControlServer(self.handle_control)
+        self._control_upstream = self.control.upstream
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- life ------------------------------------------------------------------------------
+
+    async def start(self, *, control: bool = True) -> None:
+        """Start the control server (tests of the decisions go without), the idle reaper and
+        the models loaded at start-up."""
+        if control:
+            await self.control.start()
+            self._control_upstream = self.control.upstream
+        if self._ttl:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        for decl in self.fleet.models:
+            if decl.load_on_startup or decl.pinned:
+                self.request_load(decl.name, reason="load on start-up")
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.control.close()
+
+    def changed(self) -> None:
+        """Something changed state (the supervisor's on_change): drop the fast lookups and
+        wake every waiter to decide again."""
+        self._fast.clear()
+        self._pulse()
+
+    def _pulse(self) -> None:
+        ev = self._changed
+        self._changed = asyncio.Event()
+        ev.set()
+
+    async def _wait_change(self, timeout: float) -> None:
+        """Until something changes state, a request ends, or `timeout` passes (fake-able)."""
+        ev = self._changed
+        self._waiters += 1
+        waiter = asyncio.ensure_future(ev.wait())
+        timer = asyncio.ensure_future(self._sleep(timeout))
+        try:
+            await asyncio.wait({waiter, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._waiters -= 1
+            waiter.cancel()
+            timer.cancel()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- the proxy's side ------------------------------------------------------------------
+
+    async def acquire(
+        self, model: str | None, method: bytes = b"GET", path: bytes = b"/"
+    ) -> Upstream:
+        """The upstream for a request: llamactl's control server for its own paths, else the
+        model's instance (loaded on demand, waited for, bounded)."""
+        if path in CONTROL_PATHS or (model is None and path in CONTROL_UNNAMED):
+            return self._control_upstream
+        inst = self._fast.get(model)
+        if inst is not None and inst.state is State.READY and inst.in_flight < inst.slots:
+            upstream = inst.upstream
+            backend = inst.backend
+            if upstream is not None and (backend is None or backend.returncode is None):
+                inst.in_flight += 1
+                inst.last_used = self._clock()
+                return upstream
+        return await self._acquire_slow(model)
+
+    def release(self, upstream: Upstream, outcome: int, elapsed: float = 0.0) -> None:
+        if upstream.name == CONTROL:
+            return
+        inst = self.supervisor.instances.get(upstream.name)
+        self.supervisor.release(upstream, outcome, elapsed)
+        if inst is not None and inst.config.model is not None:
+            self.metrics.request_done(inst.config.model, outcome, elapsed)
+        if self._waiters:
+            self._pulse()
+
+    def resolve(self, model: str | None) -> ModelDecl:
+        """The declared model a request names (aliases resolve); 404 naming the known ones."""
+        decl = self._names.get(model)  # type: ignore[arg-type]
+        if decl is not None:
+            return decl
+        known = ", ".join(sorted(self.decls))
+        if model is None:
+            raise ProxyError(
+                400,
+                f"model name is missing from the request; known models: {known}",
+                code="model_required",
+            )
+        raise ProxyError(
+            404,
+            f"model {model!r} not found; known models: {known}",
+            "not_found_error",
+            "model_not_found",
+        )
+
+    def _seen(self) -> list[Seen]:
+        return [
+            Seen(
+                name=i.name,
+                model=i.config.model or i.name,
+                state=i.state.value,
+                in_flight=i.in_flight,
+                last_used=i.last_used,
+                pinned=i.config.pinned,
+                bytes=i.config.estimate_bytes,
+                slots=i.slots,
+                groups=i.config.groups,
+                failed_at=i.failed_at,
+            )
+            for i in self.supervisor.instances.values()
+        ]
+
+    def _limits(self, autoload: bool | None = None) -> Limits:
+        free = self._memory()
+        if free is not None:
+            # Instances still loading have not taken their memory yet.
+            for inst in self.supervisor.instances.values():
+                if inst.state in (State.STARTING, State.BACKOFF):
+                    free -= inst.config.estimate_bytes
+        return Limits(
+            models_max=self.fleet.models_max,
+            free_bytes=free,
+            exclusive_groups=self.fleet.exclusive_groups,
+            autoload=self.fleet.autoload if autoload is None else autoload,
+        )
+
+    def _decide(self, decl: ModelDecl, autoload: bool | None = None) -> Decision:
+        return route(
+            decl.name,
+            replicas=decl.replicas,
+            need_bytes=self._need.get(decl.name, 0),
+            pinned=decl.pinned,
+            groups=decl.groups,
+            instances=self._seen(),
+            limits=self._limits(autoload),
+            now=self._clock(),
+            queued=self._queued[decl.name],
+            queue_limit=decl.queue_limit,
+        )
+
+    def _ensure_need(self, decl: ModelDecl) -> None:
+        """Estimate a local model's memory before deciding on it (a header read, once)."""
+        if decl.name in self._need or decl.is_pull:
+            return
+        try:
+            path = self._resolve_source(decl)
+        except LlamactlError:
+            return  # the load says why
+        self._paths[decl.name] = path
+        self._need[decl.name] = self._estimate(path, self._args(decl, decl.name, path))
+
+    async def _acquire_slow(self, model: str | None) -> Upstream:
+        decl = self.resolve(model)
+        name = decl.name
+        self._ensure_need(decl)
+        started = self._clock()
+        deadline = started + self.supervisor.policy.queue_timeout
+        waited = False
+        while True:
+            decision = self._decide(decl)
+            if decision.action == "use":
+                inst = self.supervisor.instances[decision.instance or ""]
+                upstream = inst.upstream
+                backend = inst.backend
+                if upstream is not None and (backend is None or backend.returncode is None):
+                    inst.in_flight += 1
+                    inst.last_used = self._clock()
+                    if decl.replicas == 1:
+                        self._fast[model] = inst
+                    if waited:
+                        self.metrics.queue_wait[name].observe(self._clock() - started)
+                    return upstream
+                # Died a moment ago and its watcher has not seen it yet: wait for the restart.
+                inst.set_state(State.BACKOFF, "llama-server exited")
+            elif decision.action == "reject":
+                message = decision.message
+                if decision.code == "model_failed":
+                    failed = [
+                        i
+                        for i in self.supervisor.instances.values()
+                        if i.config.model == name and i.state is State.FAILED
+                    ]
+                    if failed:
+                        message += f": {_first_line(failed[0].last_error)}"
+                self.metrics.rejected[(name, decision.status)] += 1
+                raise ProxyError(
+                    decision.status,
+                    message,
+                    code=decision.code,
+                    retry_after=decision.retry_after,
+                )
+            elif decision.action == "load":
+                self._begin_load(decl, decision)
+                continue
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                self.metrics.rejected[(name, 503)] += 1
+                raise ProxyError(
+                    503,
+                    f"model {name!r} is still loading or busy; retry shortly",
+                    "unavailable_error",
+                    "model_loading",
+                    retry_after=5,
+                )
+            waited = True
+            self._queued[name] += 1
+            try:
+                await self._wait_change(min(remaining, 1.0))
+            finally:
+                self._queued[name] -= 1
+
+    # -- loading and unloading -------------------------------------------------------------
+
+    def _begin_load(self, decl: ModelDecl, decision: Decision) -> Instance:
+        """Claim the instance (STARTING, at once: one start for every waiter) and load it in
+        the background after evicting what the decision says."""
+        name = decision.instance or decl.name
+        config = InstanceConfig(
+            name=name,
+            binary=self.binary,
+            args=(),
+            log_path=self.log_dir / f"{self.record_id}-{_safe(name)}.log",
+            model_label=decl.name,
+            model=decl.name,
+            pinned=decl.pinned,
+            groups=decl.groups,
+            estimate_bytes=self._need.get(decl.name, 0),
+        )
+        inst = self.supervisor.instances.get(name)
+        if inst is None:
+            inst = self.supervisor.add(config)
+        else:
+            inst.config = config
+        inst.failed_at = None
+        inst.set_state(State.STARTING, f"loading: {decision.reason}")
+        self._spawn(self._load(inst, decl, decision))
+        self.changed()
+        return inst
+
+    async def _load(self, inst: Instance, decl: ModelDecl, decision: Decision) -> None:
+        started = self._clock()
+        try:
+            for victim in decision.evict:
+                await self._unload(victim, f"evicted to make room for {decl.name}", evict=True)
+            path = self._paths.get(decl.name)
+            if path is None:
+                if decl.is_pull:  # may download: in a thread
+                    path = await asyncio.get_running_loop().run_in_executor(
+                        None, self._resolve_source, decl
+                    )
+                else:  # a path or a name in the model dirs: a quick look
+                    path = self._resolve_source(decl)
+                self._paths[decl.name] = path
+            args = self._args(decl, inst.name, path)
+            if decl.name not in self._need:
+                self._need[decl.name] = self._estimate(path, args)
+            inst.config = replace(inst.config, args=args, estimate_bytes=self._need[decl.name])
+            log.info(
+                "loading %s from %s (about %.0f MiB): %s",
+                inst.name,
+                path,
+                inst.config.estimate_bytes / (1 << 20),
+                decision.reason,
+            )
+            await self.supervisor.start(inst.name)
+            inst.slots = await self._slots(inst)
+            inst.last_used = self._clock()
+            self.metrics.loads[decl.name] += 1
+            self.metrics.load_seconds[decl.name].observe(self._clock() - started)
+            log.info(
+                "model %s ready on port %s in %.2f s",
+                inst.name,
+                inst.upstream.port if inst.upstream else "?",
+                self._clock() - started,
+            )
+        except _Busy as exc:
+            self._failed(inst, str(exc))
+        except LlamactlError as exc:
+            self._failed(inst, exc.message)
+        finally:
+            self.changed()
+
+    def _failed(self, inst: Instance, message: str) -> None:
+        model = inst.config.model or inst.name
+        inst.last_error = message
+        inst.failed_at = self._clock()
+        inst.set_state(State.FAILED, _first_line(message))
+        self.metrics.load_failures[model] += 1
+        log.warning("model %s failed to load: %s", inst.name, message)
+
+    def _args(self, decl: ModelDecl, name: str, path: Path) -> tuple[str, ...]:
+        """The flags of one instance: the serve's, the model's, then what llamactl owns: the
+        file, the model's name as its alias (so every answer's `model` is the name people
+        typed) and --metrics (for /metrics)."""
+        args = (*self.fleet.common_args, *decl.args, "-m", str(path), "--alias", decl.name)
+        if "--metrics" not in args:
+            args += ("--metrics",)
+        return args
+
+    async def _slots(self, inst: Instance) -> int:
+        """llama-server's parallel slots (GET /props total_slots); unknown: no bound."""
+        up = inst.upstream
+        if up is None:
+            return 1 << 30
+        status, body = await self._fetch(up.host, up.port, "/props", up.auth)
+        if status == 200:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                slots = int(json.loads(body).get("total_slots") or 0)
+                if slots > 0:
+                    return slots
+        return 1 << 30
+
+    async def _unload(self, name: str, reason: str, *, evict: bool = False) -> None:
+        """Stop taking requests, let those in flight end (bounded), then stop the instance.
+        An eviction that finds the model still generating after the bound gives up (_Busy):
+        the newcomer gets 503 with Retry-After, the busy model keeps serving."""
+        inst = self.supervisor.instances.get(name)
+        if inst is None or inst.state not in _LIVE or name in self._unloading:
+            return
+        self._unloading.add(name)
+        try:
+            before = inst.state
+            inst.set_state(State.STOPPING, reason)
+            self.changed()
+            deadline = self._clock() + self.drain_timeout
+            while inst.in_flight > 0:
+                left = deadline - self._clock()
+                if left <= 0:
+                    if evict:
+                        inst.set_state(before, "still generating: not evicted")
+                        self.changed()
+                        raise _Busy(
+                            f"model {inst.config.model} is still generating after "
+                            f"{self.drain_timeout:g} s and cannot be evicted yet; retry shortly"
+                        )
+                    log.warning(
+                        "unloading %s with %d requests still in flight", name, inst.in_flight
+                    )
+                    break
+                await self._wait_change(min(1.0, left))
+            log.info("unloading %s: %s", name, reason)
+            await self.supervisor.stop_instance(name, reason)
+            model = inst.config.model or name
+            self.metrics.unloads[model] += 1
+            if evict:
+                self.metrics.evictions[model] += 1
+        finally:
+            self._unloading.discard(name)
+            self.changed()
+
+    async def _reap(self) -> None:
+        """Unload ready models idle past their TTL."""
+        while True:
+            await self._sleep(min(1.0, *self._ttl.values()))
+            for seen in expired(self._seen(), self._ttl, self._clock()):
+                self._spawn(self._unload(seen.name, f"idle for {self._ttl[seen.model]:g} s"))
+
+    def request_load(self, name: str, reason: str = "asked to load (POST /models/load)") -> None:
+        """Router mode's POST /models/load: start loading now, answer at once."""
+        decl = self.decls.get(name) or self._names.get(name)
+        if decl is None:
+            raise ProxyError(404, "model is not found", "not_found_error", "model_not_found")
+        if any(
+            i.config.model == decl.name and i.state in _LIVE
+            for i in self.supervisor.instances.values()
+        ):
+            raise ProxyError(400, "model is already running", code="model_running")
+        self._ensure_need(decl)
+        decision = self._decide(decl, autoload=True)
+        if decision.action == "reject":
+            raise ProxyError(decision.status, decision.message, code=decision.code)
+        if decision.action == "load":
+            self._begin_load(decl, replace(decision, reason=f"{reason}; {decision.reason}"))
+
+    def request_unload(self, name: str) -> None:
+        """Router mode's POST /models/unload: start unloading now, answer at once."""
+        decl = self.decls.get(name) or self._names.get(name)
+        if decl is None:
+            raise ProxyError(400, "model is not found", code="model_not_found")
+        live = [
+            i.name
+            for i in self.supervisor.instances.values()
+            if i.config.model == decl.name and i.state in _LIVE
+        ]
+        if not live:
+            raise ProxyError(400, "model is not running", code="model_not_running")
+        for inst_name in live:
+            self._spawn(self._unload(inst_name, "asked to unload (POST /models/unload)"))
+
+    # -- llamactl's own answers ------------------------------------------------------------
+
+    def model_state(self, name: str) -> str:
+        """Router mode's status value of a model: loaded, loading, unloading, unloaded."""
+        states = [i.state for i in self.supervisor.instances.values() if i.config.model == name]
+        for state, value in (
+            (State.READY, "loaded"),
+            (State.STARTING, "loading"),
+            (State.BACKOFF, "loading"),
+            (State.STOPPING, "unloading"),
+        ):
+            if state in states:
+                return value
+        return "unloaded"
+
+    def models_json(self) -> dict[str, Any]:
+        """Router mode's GET /models (also /v1/models): every model with its state."""
+        now = int(time.time())
+        data = []
+        for decl in self.fleet.models:
+            instances = [
+                i for i in self.supervisor.instances.values() if i.config.model == decl.name
+            ]
+            status: dict[str, Any] = {
+                "value": self.model_state(decl.name),
+                "args": list(instances[0].config.args) if instances else [],
+            }
+            failed = [i for i in instances if i.state is State.FAILED]
+            if failed and status["value"] == "unloaded":
+                status["failed"] = True
+                status["exit_code"] = failed[0].last_exit if failed[0].last_exit is not None else 1
+                status["error"] = _first_line(failed[0].last_error)
+            data.append(
+                {
+                    "id": decl.name,
+                    "aliases": list(decl.aliases),
+                    "tags": list(decl.groups),
+                    "object": "model",
+                    "owned_by": "llamactl",
+                    "created": now,
+                    "status": status,
+                    "pinned": decl.pinned,
+                    "replicas": decl.replicas,
+                    "memory_estimate": self._need.get(decl.name),
+                    "instances": [
+                        {
+                            "name": i.name,
+                            "state": i.state.value,
+                            "port": i.upstream.port if i.upstream else None,
+                            "in_flight": i.in_flight,
+                            "restarts": i.restarts,
+                        }
+                        for i in instances
+                    ],
+                }
+            )
+        return {"data": data, "object": "list"}
+
+    def props_json(self) -> dict[str, Any]:
+        """Router mode's GET /props without a model (the web UI reads it)."""
+        return {
+            "role": "router",
+            "max_instances": self.fleet.models_max,
+            "models_autoload": self.fleet.autoload,
+            "model_alias": "llamactl",
+            "model_path": "none",
+            "default_generation_settings": {"params": {}, "n_ctx": 0},
+        }
+
+    async def metrics_text(self) -> str:
+        """llamactl's series, then each ready instance's own, labelled with its model."""
+        models = [d.name for d in self.fleet.models]
+        restarts: dict[str, int] = collections.Counter()
+        in_flight: dict[str, int] = collections.Counter()
+        for inst in self.supervisor.instances.values():
+            model = inst.config.model or inst.name
+            restarts[model] += inst.restarts
+            in_flight[model] += inst.in_flight
+        text = self.metrics.render(
+            models, {m: self.model_state(m) for m in models}, dict(restarts), dict(in_flight)
+        )
+        seen_meta: set[str] = set()
+        lines: list[str] = []
+        for inst in list(self.supervisor.instances.values()):
+            up = inst.upstream
+            if inst.state is not State.READY or up is None:
+                continue
+            status, body = await self._fetch(up.host, up.port, "/metrics", up.auth)
+            if status == 200:
+                lines += label_instance_metrics(
+                    body.decode(errors="replace"), inst.config.model or inst.name, seen_meta
+                )
+        return text + ("\n".join(lines) + "\n" if lines else "")
+
+    async def handle_control(self, method: str, path: str, query: str, body: bytes) -> Reply:
+        """The control server's handler."""
+        if path in ("/health", "/v1/health"):
+            return Reply.json(200, {"status": "ok"})
+        if path in ("/models", "/v1/models") and method in ("GET", "HEAD"):
+            return Reply.json(200, self.models_json())
+        if path in ("/models/load", "/models/unload") and method == "POST":
+            try:
+                name = json.loads(body or b"{}").get("model")
+            except (ValueError, AttributeError):
+                name = None
+            if not isinstance(name, str) or not name:
+                raise ProxyError(400, "model name is missing from the request")
+            if path == "/models/load":
+                self.request_load(name)
+            else:
+                self.request_unload(name)
+            return Reply.json(200, {"success": True})
+        if path == "/props" and method in ("GET", "HEAD"):
+            return Reply.json(200, self.props_json())
+        if path == "/metrics" and method in ("GET", "HEAD"):
+            text = await self.metrics_text()
+            return Reply(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+        raise ProxyError(404, "File Not Found", "not_found_error")
+
+
+def _available_memory() -> int | None:
+    from llamactl.models.estimate import available_memory
+
+    return available_memory()
+
+
+def _resolve_source(decl: ModelDecl) -> Path:
+    """The file of a model: a path as given, a name from `llamactl models`, or a pull (run in
+    a thread: it may download)."""
+    from llamactl.models import catalog
+
+    if decl.is_pull:
+        from llamactl.models.pull import pull
+
+        return pull(decl.source)
+    path = Path(decl.source).expanduser()
+    if path.is_file():
+        return path
+    return catalog.resolve_model(decl.source)
+
+
+def _estimate_bytes(path: Path, args: tuple[str, ...]) -> int:
+    from llamactl.errors import ModelError
+    from llamactl.models.estimate import estimate
+    from llamactl.models.gguf import read_gguf
+
+    try:
+        return estimate(read_gguf(path), args).total
+    except (ModelError, OSError, ValueError) as exc:
+        log.warning("cannot estimate the memory of %s: %s", path, exc)
+        return 0

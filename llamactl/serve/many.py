@@ -1,0 +1,186 @@
+"""`llamactl serve` with several models (router mode's flags, several -m, a TOML config): no
+llama-server is spawned up front; the proxy listens at once and the fleet (serve/fleet.py)
+loads each model when it is first asked for."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llamactl import paths
+
+if TYPE_CHECKING:
+    from llamactl.serve.args import ServeSpec
+    from llamactl.serve.config import Fleet
+    from llamactl.serve.supervisor import Supervisor
+
+#: The TOML file read when --config is not given (and it exists).
+DEFAULT_CONFIG_NAME = "serve.toml"
+
+
+def default_config() -> Path | None:
+    """The config directory's serve.toml, when there is one."""
+    path = paths.config_dir() / DEFAULT_CONFIG_NAME
+    return path if path.is_file() else None
+
+
+def declare_fleet(spec: ServeSpec) -> Fleet:
+    """Every model of this serve, from its flags and files; ConfigError when one is wrong."""
+    from llamactl.serve.config import declare
+
+    return declare(
+        model_args=spec.models,
+        models_dir=spec.models_dir,
+        models_preset=spec.models_preset,
+        config=spec.config or (default_config() if not spec.models else None),
+        models_max=spec.models_max,
+        autoload=spec.models_autoload,
+        common_args=spec.passthrough,
+    )
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def serve_many(spec: ServeSpec, binary: Path, backend: str | None) -> int:
+    """Run a serve with several models in the foreground until stopped; its exit code."""
+    from llamactl.serve import listen, records
+    from llamactl.serve.runner import run
+
+    fleet = declare_fleet(spec)
+    sockets = listen.bind(spec.host, spec.port)
+    try:
+        record_id = records.new_id()
+        log_dir = paths.logs_dir()
+        try:
+            paths.ensure_private_dir(log_dir)
+        except OSError as exc:
+            _say(f"warning: cannot create the log directory {log_dir}: {exc.strerror or exc}")
+        if spec.host not in ("127.0.0.1", "localhost", "::1") and not spec.api_keys:
+            _say(
+                f"warning: listening on {spec.host} without --api-key: anyone who "
+                "can reach this address can use the models"
+            )
+        names = ", ".join(d.name for d in fleet.models)
+        _say(f"serving {len(fleet.models)} models with {binary}: {names}")
+        port = int(sockets[0].getsockname()[1])
+        return int(run(_serve_async(spec, fleet, sockets, port, record_id, binary, backend)))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def instance_records(sup: Supervisor) -> list[Any]:
+    """The instances as `ps` shows them."""
+    from llamactl.serve import records
+
+    out = []
+    for inst in sup.instances.values():
+        # A llama-server that has exited has no pid: ps would show a dead one, or another
+        # program that got the pid since.
+        alive = inst.backend if inst.backend and inst.backend.returncode is None else None
+        out.append(
+            records.InstanceRecord(
+                name=inst.name,
+                state=inst.state.value,
+                pid=alive.pid if alive else None,
+                port=inst.upstream.port if inst.upstream else None,
+                model=inst.config.model_label,
+                restarts=inst.restarts,
+                started_at=time.time() - (time.monotonic() - alive.started_at) if alive else None,
+                log_path=str(inst.config.log_path),
+                last_error=(inst.last_error or "").splitlines()[0] if inst.last_error else None,
+                memory=inst.config.estimate_bytes or None,
+                in_flight=inst.in_flight,
+            )
+        )
+    return out
+
+
+async def _serve_async(
+    spec: ServeSpec,
+    fleet: Fleet,
+    sockets: list[Any],
+    port: int,
+    record_id: str,
+    binary: Path,
+    backend: str | None,
+) -> int:
+    import asyncio
+
+    from llamactl.serve import records
+    from llamactl.serve.fleet import ModelFleet
+    from llamactl.serve.proxy import Proxy, ProxyConfig
+    from llamactl.serve.supervisor import Policy, Supervisor
+
+    # Why each model was loaded, where, and why each was evicted: said at INFO, shown.
+    logging.getLogger("llamactl.serve.fleet").setLevel(logging.INFO)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    record = records.ServeRecord(
+        id=record_id,
+        pid=os.getpid(),
+        pid_started=records.process_start_time(os.getpid()) or time.time(),
+        host=spec.host,
+        port=port,
+        started_at=time.time(),
+        backend=backend,
+        server_bin=str(binary),
+        auth=bool(spec.api_keys),
+    )
+    models: ModelFleet | None = None
+
+    def on_change(sup: Supervisor) -> None:
+        if models is not None:
+            models.changed()
+        record.instances = instance_records(sup)
+        records.write(record)
+
+    policy = Policy(queue_timeout=spec.queue_timeout, stall_timeout=spec.start_timeout)
+    supervisor = Supervisor(policy, on_change=on_change)
+    models = ModelFleet(
+        fleet, supervisor, binary=binary, log_dir=paths.logs_dir(), record_id=record_id
+    )
+    proxy = Proxy(
+        ProxyConfig(
+            host=spec.host,
+            port=spec.port,
+            api_key=",".join(spec.api_keys) or None,
+            max_body_bytes=spec.max_body_bytes,
+        ),
+        models,
+    )
+    try:
+        await models.start()
+        await proxy.start(sockets)
+        records.write(record)
+        # stdout, flushed: scripts wait for this line.
+        print(f"listening at http://{_display_host(spec.host)}:{port}", flush=True)
+        await stop.wait()
+        return 128 + received[0] if received else 0
+    finally:
+        await proxy.close()
+        await models.close()
+        await supervisor.close()
+        records.remove(record.id)
+
+
+def _display_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,344 @@
+"""Several models on a fake backend and a fake clock: on-demand loads with one start for every
+waiter, a failing load, eviction that waits for a stream (bounded), a waiter that hangs up,
+idle TTL, replicas and the queue limit, pinned models, and the control answers. No process,
+no socket, no real time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.fakebackend import FakeBackends, FakeClock
+
+from llamactl.serve.config import Fleet, ModelDecl
+from llamactl.serve.fleet import ModelFleet
+from llamactl.serve.supervisor import Policy, State, Supervisor
+from llamactl.serve.upstream import ProxyError, Upstream
+
+pytestmark = pytest.mark.unit
+
+POLICY = Policy(
+    queue_timeout=60.0,
+    backoff_initial=0.05,
+    backoff_max=0.2,
+    crash_limit=3,
+    health_interval=1.0,
+    health_timeout=0.5,
+)
+
+
+LIVE = (State.READY, State.STOPPING)
+METRIC = b"llamacpp:requests_processing 0\n"
+
+
+class World:
+    """A fleet with its fake clock and backends."""
+
+    def __init__(self, clock: FakeClock, backends: FakeBackends, fleet: ModelFleet) -> None:
+        self.clock = clock
+        self.backends = backends
+        self.fleet = fleet
+        self.slots = 4
+        self.fetched: list[str] = []
+
+    @property
+    def sup(self) -> Supervisor:
+        return self.fleet.supervisor
+
+    def state(self, name: str) -> str:
+        return self.fleet.model_state(name)
+
+    async def get(self, model: str | None) -> Upstream:
+        task = asyncio.ensure_future(self.fleet.acquire(model, b"POST", b"/v1/chat/completions"))
+        await self.clock.run_until(task.done)
+        return task.result()
+
+    def made_for(self, model: str) -> list[Any]:
+        return [b for b in self.backends.made if b.config.model == model]
+
+
+def decl(name: str, **kw: Any) -> ModelDecl:
+    return ModelDecl(name, f"/models/{name}.gguf", **kw)
+
+
+def drive(
+    body: Callable[[World], Awaitable[None]],
+    models: list[ModelDecl],
+    *,
+    models_max: int = 1,
+    drain_timeout: float = 30.0,
+    memory: int | None = None,
+    need: int = 0,
+) -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        backends = FakeBackends(clock)
+        holder: list[ModelFleet] = []
+        sup = Supervisor(
+            POLICY,
+            clock=clock,
+            sleep=clock.sleep,
+            backend_factory=backends,
+            on_change=lambda s: holder[0].changed() if holder else None,
+        )
+        world: World
+
+        async def fetch(host: str, port: int, path: str, auth: bytes | None) -> tuple[int, bytes]:
+            world.fetched.append(path)
+            if path == "/props":
+                return 200, json.dumps({"total_slots": world.slots}).encode()
+            if path == "/metrics":
+                return (
+                    200,
+                    b"# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing 0\n",
+                )
+            return 404, b""
+
+        fleet = ModelFleet(
+            Fleet(models=tuple(models), models_max=models_max),
+            sup,
+            binary=Path("/fake/llama-server"),
+            log_dir=Path("/fake/logs"),
+            record_id="t",
+            clock=clock,
+            sleep=clock.sleep,
+            # Free memory as the kernel would report it: what ready instances took is gone.
+            memory=lambda: (
+                None
+                if memory is None
+                else memory
+                - sum(i.config.estimate_bytes for i in sup.instances.values() if i.backend)
+            ),
+            resolve=lambda d: Path(d.source),
+            estimate=lambda path, args: need,
+            fetch=fetch,
+            drain_timeout=drain_timeout,
+        )
+        holder.append(fleet)
+        world = World(clock, backends, fleet)
+        await fleet.start(control=False)
+        try:
+            await body(world)
+        finally:
+            await fleet.close()
+            await sup.close()
+        assert all(b.returncode is not None for b in backends.made if b.attached)
+
+    asyncio.run(asyncio.wait_for(main(), timeout=30))
+
+
+def test_first_request_loads_and_every_waiter_shares_one_start() -> None:
+    async def body(w: World) -> None:
+        tasks = [asyncio.ensure_future(w.fleet.acquire("a")) for _ in range(5)]
+        await w.clock.run_until(lambda: all(t.done() for t in tasks))
+        ups = {t.result() for t in tasks}
+        assert len(ups) == 1 and len(w.backends.made) == 1
+        assert w.sup.instances["a"].in_flight == 5
+        args = w.backends.made[0].config.args
+        assert args[-5:] == ("-m", "/models/a.gguf", "--alias", "a", "--metrics")
+        assert w.state("a") == "loaded" and w.state("b") == "unloaded"
+        assert w.fleet.metrics.loads["a"] == 1 and w.fleet.metrics.queue_wait["a"].total == 5
+
+    drive(body, [decl("a"), decl("b")])
+
+
+def test_aliases_resolve_unknown_is_404_naming_the_known_and_one_model_takes_none() -> None:
+    async def body(w: World) -> None:
+        assert (await w.get("al")).name == "a"
+        with pytest.raises(ProxyError) as err:
+            await w.fleet.acquire("nope")
+        assert err.value.status == 404 and "a, b" in err.value.message
+        with pytest.raises(ProxyError) as err:
+            await w.fleet.acquire(None)
+        assert err.value.status == 400
+
+    drive(body, [decl("a", aliases=("al",)), decl("b")], models_max=2)
+
+    async def one(w: World) -> None:
+        assert (await w.get(None)).name == "a"
+
+    drive(one, [decl("a")])
+
+
+def test_a_failed_load_fails_its_waiters_only_with_the_diagnosis() -> None:
+    async def body(w: World) -> None:
+        a = await w.get("a")
+        w.backends.script.fail_models.add("b")
+        waiters = [asyncio.ensure_future(w.fleet.acquire("b")) for _ in range(3)]
+        await w.clock.run_until(lambda: all(t.done() for t in waiters))
+        for t in waiters:
+            err = t.exception()
+            assert isinstance(err, ProxyError) and err.status == 503
+            assert "exited with code 1 while starting" in err.message
+        assert len(w.made_for("b")) == 1  # one start for the three
+        assert w.state("a") == "loaded" and (await w.get("a")) == a
+        models = {m["id"]: m for m in w.fleet.models_json()["data"]}
+        assert models["b"]["status"]["failed"] is True
+        assert w.fleet.metrics.load_failures["b"] == 1
+
+    drive(body, [decl("a"), decl("b")], models_max=2)
+
+
+def test_eviction_waits_for_the_stream_to_end_then_swaps() -> None:
+    async def body(w: World) -> None:
+        streaming = await w.get("a")
+        newcomer = asyncio.ensure_future(w.fleet.acquire("b"))
+        await w.clock.advance(5.0)
+        assert not newcomer.done()
+        assert w.sup.instances["a"].state is State.STOPPING  # takes no new requests
+        assert w.made_for("a")[0].returncode is None  # but its stream goes on
+        w.fleet.release(streaming, 200, 5.0)
+        await w.clock.run_until(newcomer.done)
+        assert newcomer.result().name == "b"
+        assert w.state("a") == "unloaded" and w.state("b") == "loaded"
+        assert w.fleet.metrics.evictions["a"] == 1
+
+    drive(body, [decl("a"), decl("b")])
+
+
+def test_eviction_of_a_model_generating_too_long_gives_the_newcomer_503() -> None:
+    async def body(w: World) -> None:
+        await w.get("a")  # never released: a stream that runs on
+        newcomer = asyncio.ensure_future(w.fleet.acquire("b"))
+        await w.clock.run_until(newcomer.done)
+        err = newcomer.exception()
+        assert isinstance(err, ProxyError) and err.status == 503 and err.retry_after
+        assert "still generating" in err.message
+        assert w.state("a") == "loaded"  # it keeps serving
+        assert (await w.get("a")).name == "a"
+
+    drive(body, [decl("a"), decl("b")], drain_timeout=10.0)
+
+
+def test_a_waiter_that_hangs_up_does_not_stop_the_load() -> None:
+    async def body(w: World) -> None:
+        w.backends.script.load_time = 3.0
+        gone = asyncio.ensure_future(w.fleet.acquire("a"))
+        await w.clock.advance(1.0)
+        gone.cancel()
+        await w.clock.settle()
+        assert w.fleet._queued["a"] == 0
+        up = await w.get("a")
+        assert up.name == "a" and len(w.backends.made) == 1
+        assert w.sup.instances["a"].in_flight == 1
+
+    drive(body, [decl("a")])
+
+
+def test_idle_ttl_unloads() -> None:
+    async def body(w: World) -> None:
+        up = await w.get("a")
+        w.fleet.release(up, 200, 0.1)
+        await w.clock.advance(30)
+        assert w.state("a") == "loaded"
+        await w.clock.advance(40)
+        assert w.state("a") == "unloaded" and w.fleet.metrics.unloads["a"] == 1
+
+    drive(body, [decl("a", ttl=60.0)])
+
+
+def test_replicas_take_requests_by_free_slot_and_the_queue_is_bounded() -> None:
+    async def body(w: World) -> None:
+        w.slots = 1
+        first = await w.get("a")
+        second = await w.get("a")  # the first is busy: it queues there, a replica starts
+        assert (first.name, second.name) == ("a", "a")
+        await w.clock.run_until(lambda: w.sup.instances["a#2"].state is State.READY)
+        third = await w.get("a")
+        assert third.name == "a#2"  # the free slot
+        assert (await w.get("a")).name == "a#2"  # overflow: 1 waiting at a, 1 at a#2
+        with pytest.raises(ProxyError) as err:
+            await w.fleet.acquire("a")
+        assert err.value.status == 429 and err.value.retry_after == 1
+        w.fleet.release(first, 200, 1.0)
+        assert (await w.get("a")).name == "a"
+
+    drive(body, [decl("a", replicas=2, queue_limit=2)], models_max=2)
+
+
+def test_a_pinned_model_loads_at_start_and_is_never_evicted() -> None:
+    async def body(w: World) -> None:
+        await w.clock.run_until(lambda: w.state("p") == "loaded")
+        up = await w.get("a")
+        w.fleet.release(up, 200, 0.1)
+        b = await w.get("b")  # evicts a, never p
+        assert b.name == "b" and w.state("p") == "loaded" and w.state("a") == "unloaded"
+
+    drive(body, [decl("p", pinned=True), decl("a"), decl("b")], models_max=2)
+
+
+def test_memory_decides_and_the_log_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    async def body(w: World) -> None:
+        up = await w.get("a")
+        w.fleet.release(up, 200, 0.1)
+        await w.get("b")
+        assert w.state("a") == "unloaded"
+
+    with caplog.at_level("INFO", logger="llamactl.serve.fleet"):
+        drive(body, [decl("a"), decl("b")], models_max=0, memory=150 << 20, need=100 << 20)
+    text = caplog.text
+    assert "loading a" in text and "fits: needs about 100 MiB" in text
+    assert "to free memory" in text and "unloading a: evicted to make room for b" in text
+
+
+def test_control_load_unload_models_and_metrics() -> None:
+    async def body(w: World) -> None:
+        reply = await w.fleet.handle_control("POST", "/models/load", "", b'{"model": "a"}')
+        assert reply.status == 200 and json.loads(reply.body) == {"success": True}
+        assert w.state("a") == "loading"
+        await w.clock.run_until(lambda: w.state("a") == "loaded")
+        with pytest.raises(ProxyError) as err:
+            await w.fleet.handle_control("POST", "/models/load", "", b'{"model": "a"}')
+        assert err.value.status == 400 and "already running" in err.value.message
+        with pytest.raises(ProxyError) as err:
+            await w.fleet.handle_control("POST", "/models/load", "", b'{"model": "zz"}')
+        assert err.value.status == 404
+        listed = json.loads((await w.fleet.handle_control("GET", "/models", "", b"")).body)
+        assert [(m["id"], m["status"]["value"]) for m in listed["data"]] == [
+            ("a", "loaded"),
+            ("b", "unloaded"),
+        ]
+        up = await w.get("a")
+        w.fleet.release(up, 200, 0.02)
+        metrics = (await w.fleet.handle_control("GET", "/metrics", "", b"")).body.decode()
+        assert 'llamactl_requests_total{model="a",status="2xx"} 1' in metrics
+        assert 'llamacpp:requests_processing{model="a"} 0' in metrics
+        assert metrics.count("# TYPE llamacpp:requests_processing gauge") == 1
+        reply = await w.fleet.handle_control("POST", "/models/unload", "", b'{"model": "a"}')
+        assert reply.status == 200
+        await w.clock.run_until(lambda: w.state("a") == "unloaded")
+        with pytest.raises(ProxyError) as err:
+            await w.fleet.handle_control("POST", "/models/unload", "", b'{"model": "a"}')
+        assert "not running" in err.value.message
+        health = await w.fleet.handle_control("GET", "/health", "", b"")
+        assert health.status == 200
+
+    drive(body, [decl("a"), decl("b")], models_max=2)
+
+
+def test_control_paths_go_to_llamactl_model_paths_to_the_model() -> None:
+    async def body(w: World) -> None:
+        control = w.fleet._control_upstream
+        for path in (b"/health", b"/models", b"/v1/models", b"/models/load"):
+            assert await w.fleet.acquire(None, b"GET", path) == control
+        assert await w.fleet.acquire(None, b"GET", b"/metrics") == control
+        task = asyncio.ensure_future(w.fleet.acquire("a", b"GET", b"/metrics"))
+        await w.clock.run_until(task.done)
+        assert task.result().name == "a"
+
+    drive(body, [decl("a"), decl("b")], models_max=2)
+
+
+def test_a_crashed_instance_is_restarted_and_requests_wait_for_it() -> None:
+    async def body(w: World) -> None:
+        first = await w.get("a")
+        w.fleet.release(first, 200, 0.1)
+        w.backends.made[0].crash(-9)
+        again = await w.get("a")
+        assert again.generation == first.generation + 1 and w.sup.instances["a"].restarts == 1
+
+    drive(body, [decl("a")])

@@ -1,0 +1,108 @@
+"""Several models behind `llamactl serve` on the real llama-server: three names for the default
+model (symlinks) with a small context, routed, swapped under --models-max, named as llamactl
+names them; and one model served under its `llamactl models` name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from support.serve import SEED, Serve, start, stop
+
+pytestmark = [pytest.mark.real, pytest.mark.timeout(600)]
+
+
+@pytest.fixture
+def names(tmp_path: Path, default_model: Path) -> Path:
+    d = tmp_path / "models"
+    d.mkdir()
+    for name in ("alpha", "beta", "gamma"):
+        (d / f"{name}.gguf").symlink_to(default_model)
+    return d
+
+
+@pytest.fixture
+def many(tmp_path: Path, server_bin: Path, names: Path) -> Iterator[Serve]:
+    s = start(
+        server_bin,
+        None,
+        tmp_path / "home",
+        "--models-dir",
+        str(names),
+        "--models-max",
+        "2",
+        "-c",
+        "512",
+        "-t",
+        "1",
+    )
+    try:
+        yield s
+    finally:
+        print(stop(s)[-3000:])
+
+
+def ask(s: Serve, model: str, **extra: Any) -> httpx.Response:
+    return httpx.post(
+        f"{s.url}/v1/chat/completions", json={**SEED, "model": model, **extra}, timeout=300
+    )
+
+
+def states(s: Serve) -> dict[str, str]:
+    data = httpx.get(f"{s.url}/models", timeout=30).json()["data"]
+    return {m["id"]: m["status"]["value"] for m in data}
+
+
+def test_three_names_routed_swapped_and_named(many: Serve) -> None:
+    for name in ("alpha", "beta"):
+        answer = ask(many, name)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["model"] == name
+        assert "Paris" in body["choices"][0]["message"]["content"]
+    assert states(many) == {"alpha": "loaded", "beta": "loaded", "gamma": "unloaded"}
+    assert len(many.llama_servers()) == 2
+    # alpha is the least recently used: gamma takes its place.
+    assert ask(many, "gamma").json()["model"] == "gamma"
+    assert states(many) == {"alpha": "unloaded", "beta": "loaded", "gamma": "loaded"}
+    assert len(many.llama_servers()) == 2
+    for kid in many.llama_servers():
+        cmdline = " ".join(kid.cmdline())
+        assert "--models-dir" not in cmdline and "-c 512" in cmdline
+    metrics = httpx.get(f"{many.url}/metrics", timeout=30).text
+    assert 'llamactl_requests_total{model="alpha",status="2xx"} 1' in metrics
+    assert 'llamactl_evictions_total{model="alpha"} 1' in metrics
+    # each instance's own llama-server metrics, labelled with its model
+    assert 'llamacpp:prompt_tokens_total{model="gamma"}' in metrics
+    unknown = ask(many, "delta")
+    assert unknown.status_code == 404 and "alpha" in unknown.json()["error"]["message"]
+    assert "Evicting" in many.stderr() or "evicted to make room for gamma" in many.stderr()
+
+
+def test_a_stream_waiting_for_a_load_gets_its_answer(many: Serve) -> None:
+    with httpx.stream(
+        "POST",
+        f"{many.url}/v1/chat/completions",
+        json={**SEED, "model": "beta", "stream": True},
+        timeout=300,
+    ) as resp:
+        assert resp.status_code == 200
+        text = "".join(resp.iter_text())
+    assert "Paris" in text.replace('"', "") or "Paris" in text
+    assert text.rstrip().endswith("data: [DONE]")
+
+
+def test_one_model_is_served_under_its_llamactl_name(
+    tmp_path: Path, server_bin: Path, default_model: Path
+) -> None:
+    s = start(server_bin, default_model, tmp_path / "home", "-c", "512")
+    try:
+        ids = [m["id"] for m in httpx.get(f"{s.url}/v1/models", timeout=30).json()["data"]]
+        assert ids == ["SmolLM2-135M-Instruct.Q4_1"]
+        answer = httpx.post(f"{s.url}/v1/chat/completions", json=SEED, timeout=300).json()
+        assert answer["model"] == "SmolLM2-135M-Instruct.Q4_1"
+    finally:
+        stop(s)

@@ -1,0 +1,164 @@
+"""router.route() and router.expired(): tables of instance states in, decisions out, on a
+given clock. No process, no loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from llamactl.serve.router import FAILED_COOLDOWN_S, Limits, Seen, expired, route
+
+pytestmark = pytest.mark.unit
+
+MIB = 1 << 20
+NOW = 1000.0
+
+
+def decide(model: str, seen: list[Seen], limits: Limits | None = None, **kw: Any) -> Any:
+    args: dict[str, Any] = {
+        "replicas": 1,
+        "need_bytes": 100 * MIB,
+        "pinned": False,
+        "groups": (),
+        "instances": seen,
+        "limits": limits or Limits(models_max=2),
+        "now": NOW,
+    }
+    args.update(kw)
+    return route(model, **args)
+
+
+def test_a_ready_model_with_a_free_slot_is_used() -> None:
+    d = decide("a", [Seen("a", "a", "ready", in_flight=1, slots=4)])
+    assert (d.action, d.instance) == ("use", "a")
+
+
+def test_an_unloaded_model_is_loaded_when_it_fits() -> None:
+    d = decide("b", [Seen("a", "a", "ready")])
+    assert (d.action, d.instance, d.evict) == ("load", "b", ())
+
+
+def test_a_loading_model_is_waited_for_one_start_for_all() -> None:
+    d = decide("a", [Seen("a", "a", "starting")])
+    assert (d.action, d.instance) == ("wait", "a")
+    assert decide("a", [Seen("a", "a", "backoff")]).action == "wait"
+
+
+@pytest.mark.parametrize(
+    ("seen", "evicted"),
+    [
+        # least recently used first
+        ([Seen("a", "a", "ready", last_used=5), Seen("b", "b", "ready", last_used=9)], ("a",)),
+        ([Seen("a", "a", "ready", last_used=9), Seen("b", "b", "ready", last_used=5)], ("b",)),
+        # never a pinned one
+        (
+            [
+                Seen("a", "a", "ready", last_used=1, pinned=True),
+                Seen("b", "b", "ready", last_used=9),
+            ],
+            ("b",),
+        ),
+        # one still loading cannot be evicted: the other goes
+        ([Seen("a", "a", "starting"), Seen("b", "b", "ready", last_used=9)], ("b",)),
+        # a stopped one holds nothing
+        ([Seen("a", "a", "stopped"), Seen("b", "b", "ready")], ()),
+    ],
+)
+def test_eviction_by_count_is_lru_and_spares_pinned_and_loading(
+    seen: list[Seen], evicted: tuple[str, ...]
+) -> None:
+    d = decide("c", seen)
+    assert d.action == "load" and d.evict == evicted, d
+
+
+def test_a_generating_model_is_still_chosen_the_fleet_drains_it_first() -> None:
+    # The decision names it; waiting for its streams (bounded) is the effect's part.
+    seen = [Seen("a", "a", "ready", in_flight=2, last_used=1), Seen("b", "b", "ready", last_used=9)]
+    d = decide("c", seen)
+    assert d.evict == ("a",)
+
+
+def test_nothing_evictable_is_a_503_with_the_reason() -> None:
+    seen = [Seen("a", "a", "ready", pinned=True), Seen("b", "b", "ready", pinned=True)]
+    d = decide("c", seen)
+    assert (d.action, d.status) == ("reject", 503) and d.retry_after
+    assert "--models-max 2" in d.message
+
+
+def test_memory_evicts_as_many_as_needed_lru_first() -> None:
+    seen = [
+        Seen("a", "a", "ready", last_used=1, bytes=300 * MIB),
+        Seen("b", "b", "ready", last_used=2, bytes=300 * MIB),
+        Seen("c", "c", "ready", last_used=3, bytes=300 * MIB),
+    ]
+    limits = Limits(models_max=0, free_bytes=100 * MIB)
+    d = decide("d", seen, limits, need_bytes=650 * MIB)
+    assert d.action == "load" and d.evict == ("a", "b"), d
+    assert "free memory" in d.reason
+
+
+def test_memory_that_cannot_be_freed_is_refused() -> None:
+    limits = Limits(models_max=0, free_bytes=100 * MIB)
+    d = decide("b", [Seen("a", "a", "ready", pinned=True, bytes=MIB)], limits, need_bytes=GIB)
+    assert (d.action, d.status) == ("reject", 503) and "not enough memory" in d.message
+
+
+GIB = 1 << 30
+
+
+def test_unknown_memory_decides_by_count_only() -> None:
+    d = decide("b", [Seen("a", "a", "ready")], Limits(models_max=0), need_bytes=100 * GIB)
+    assert (d.action, d.evict) == ("load", ())
+
+
+def test_exclusive_group_peers_are_evicted() -> None:
+    seen = [Seen("a", "a", "ready", groups=("gpu",)), Seen("b", "b", "ready")]
+    limits = Limits(models_max=0, exclusive_groups=frozenset({"gpu"}))
+    d = decide("c", seen, limits, groups=("gpu",))
+    assert d.evict == ("a",) and "exclusive" in d.reason
+    # not exclusive: nothing to evict
+    assert decide("c", seen, Limits(models_max=0), groups=("gpu",)).evict == ()
+
+
+def test_replicas_spread_by_free_slots_then_start_another_then_429() -> None:
+    one = [Seen("a", "a", "ready", in_flight=1, slots=1)]
+    d = decide("a", one, replicas=2)
+    assert (d.action, d.instance) == ("load", "a#2")
+    two = [*one, Seen("a#2", "a", "ready", in_flight=0, slots=1)]
+    assert decide("a", two, replicas=2).instance == "a#2"
+    # Every slot busy: to the least loaded, queued upstream, until the queue limit.
+    busy = [Seen("a", "a", "ready", in_flight=2, slots=1), Seen("a#2", "a", "ready", 1, slots=1)]
+    d = decide("a", busy, replicas=2, queue_limit=2)
+    assert (d.action, d.instance) == ("use", "a#2")
+    fuller = [busy[0], Seen("a#2", "a", "ready", in_flight=2, slots=1)]
+    full = decide("a", fuller, replicas=2, queue_limit=2)
+    assert (full.action, full.status, full.retry_after) == ("reject", 429, 1)
+    # waiting for a load counts too
+    assert decide("a", busy, replicas=2, queued=1, queue_limit=2).status == 429
+
+
+def test_a_failed_load_is_refused_for_a_moment_then_tried_again() -> None:
+    failed = [Seen("a", "a", "failed", failed_at=NOW - 1)]
+    d = decide("a", failed)
+    assert (d.action, d.status, d.code) == ("reject", 503, "model_failed")
+    later = [Seen("a", "a", "failed", failed_at=NOW - FAILED_COOLDOWN_S - 1)]
+    assert decide("a", later).action == "load"
+
+
+def test_no_autoload_refuses_an_unloaded_model() -> None:
+    d = decide("a", [], Limits(autoload=False))
+    assert (d.action, d.status, d.code) == ("reject", 400, "model_not_loaded")
+    assert decide("a", [Seen("a", "a", "ready")], Limits(autoload=False)).action == "use"
+
+
+def test_idle_ttl_expiry_only_for_idle_ready_instances() -> None:
+    seen = [
+        Seen("a", "a", "ready", last_used=NOW - 61),
+        Seen("b", "b", "ready", last_used=NOW - 61, in_flight=1),
+        Seen("c", "c", "ready", last_used=NOW - 10),
+        Seen("d", "d", "starting", last_used=0),
+        Seen("e", "e", "ready", last_used=0),  # no TTL
+    ]
+    ttl = {"a": 60.0, "b": 60.0, "c": 60.0, "d": 60.0}
+    assert [s.name for s in expired(seen, ttl, NOW)] == ["a"]
