@@ -392,3 +392,23 @@ def test_a_head_log_that_says_a_worker_was_lost_is_no_crash_of_its_own() -> None
     assert sup._lost_worker(inst(["Failed to connect to h:1"], one)) is not None
     assert sup._lost_worker(inst(["segfault"], one)) is None
     assert sup._lost_worker(inst(crashed, ())) is None  # not an RPC-backed instance
+
+
+def test_a_toml_model_split_over_rpc_workers(tmp_path: Path) -> None:
+    from llamactl.serve.config import ConfigError, declare
+
+    (tmp_path / "big.gguf").write_bytes(b"GGUF")
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(
+        "[models.big]\nfile = 'big.gguf'\nargs = ['-ngl', '999']\n"
+        "rpc = ['10.0.0.2:50052', '10.0.0.3:50052']\n"
+    )
+    (big,) = declare(config=cfg).models
+    assert big.args == ("-ngl", "999", "--rpc", "10.0.0.2:50052,10.0.0.3:50052")
+    assert rpc.rpc_endpoints_in(big.args) == (
+        Endpoint("10.0.0.2", 50052),
+        Endpoint("10.0.0.3", 50052),
+    )
+    cfg.write_text("[models.big]\nfile = 'big.gguf'\nrpc = ['nowhere']\n")
+    with pytest.raises(ConfigError, match=r"serve\.toml:3: \[models\.big\] rpc: not an RPC"):
+        declare(config=cfg)

@@ -176,3 +176,40 @@ def test_serve_names_a_worker_that_does_not_answer(llamactl_home: Path) -> None:
     assert f"Error: RPC worker 127.0.0.1:{port} refuses connections" in out.stderr
     assert "llamactl worker" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_config_model_over_rpc_waits_for_its_worker_and_names_a_missing_one(
+    tmp_path: Path,
+) -> None:
+    import httpx
+    from support.serve import start, stop
+
+    fakebin = tmp_path / "llama-server"
+    fakebin.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_SERVER}" "$@"\n')
+    fakebin.chmod(0o755)
+    (tmp_path / "big.gguf").write_bytes(b"GGUF")
+    worker = FakeWorker()
+    missing = free_port()
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(
+        f"[models.big]\nfile = 'big.gguf'\nrpc = ['127.0.0.1:{worker.port}']\n\n"
+        f"[models.lost]\nfile = 'big.gguf'\nrpc = ['127.0.0.1:{missing}']\n"
+    )
+    worker.start()
+    serve = start(fakebin, None, tmp_path / "home", "--config", str(cfg), "--start-timeout", "3")
+    try:
+        body = {"model": "big", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        r = httpx.post(f"{serve.url}/v1/chat/completions", json=body, timeout=90)
+        assert r.status_code == 200, r.text
+        (row,) = [x for x in serve.ps() if x["model"] == "big"]
+        assert row["where"] == f"rpc 127.0.0.1:{worker.port}"
+        cmdlines = [" ".join(k.cmdline()) for k in serve.children()]
+        assert any(f"--rpc 127.0.0.1:{worker.port}" in c for c in cmdlines), cmdlines
+        r = httpx.post(
+            f"{serve.url}/v1/chat/completions", json={**body, "model": "lost"}, timeout=120
+        )
+        assert r.status_code >= 500, r.text
+        assert f"RPC worker 127.0.0.1:{missing} refuses connections" in r.text
+    finally:
+        stop(serve)
+        worker.kill()

@@ -252,6 +252,7 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
     import asyncio
 
     from llamactl.serve import records
+    from llamactl.serve.many import where_label
     from llamactl.serve.proxy import Proxy, ProxyConfig
     from llamactl.serve.supervisor import InstanceConfig, Policy, Supervisor
 
@@ -298,7 +299,7 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
                     else None,
                     log_path=str(inst.config.log_path),
                     last_error=(inst.last_error or "").splitlines()[0] if inst.last_error else None,
-                    where=_where(inst.config.rpc_workers),
+                    where=where_label(inst.config.rpc_workers),
                 )
             )
         records.write(record)
@@ -354,13 +355,6 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
         await proxy.close()
         await supervisor.close()
         records.remove(record.id)
-
-
-def _where(workers: tuple[Any, ...]) -> str:
-    """Where an instance's model runs, as ps shows it."""
-    if workers:
-        return "rpc " + ",".join(str(w) for w in workers)
-    return "local"
 
 
 def _display_host(host: str) -> str:

@@ -338,3 +338,37 @@ def wait_for_workers(
                 "than this one needs `--host ADDRESS --i-understand-no-auth`)",
             )
         sleep(min(0.25, max(0.0, deadline - clock())))
+
+
+async def wait_for_workers_async(
+    endpoints: Sequence[Endpoint],
+    *,
+    deadline_s: float,
+    expected: RpcVersion | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """wait_for_workers in the event loop (a model loaded on demand by a running serve)."""
+    import asyncio
+
+    from llamactl.errors import ServerStartError
+
+    expected = expected or expected_version()
+    deadline = clock() + deadline_s
+    while True:
+        probes = await asyncio.gather(
+            *(probe_async(e, timeout=min(3.0, max(0.2, deadline - clock()))) for e in endpoints)
+        )
+        wrong = [
+            p for p in probes if p.version is not None and version_problem(p.version, expected)
+        ]
+        if wrong:
+            raise ServerStartError(describe_unready(wrong, expected) or "")
+        missing = [p for p in probes if not p.ok]
+        if not missing:
+            return
+        if clock() >= deadline:
+            raise ServerStartError(
+                f"{describe_unready(missing, expected)}\n(waited {deadline_s:g} s)",
+                hint="start one on each host with `llamactl worker --port PORT`",
+            )
+        await asyncio.sleep(min(0.25, max(0.0, deadline - clock())))
