@@ -199,6 +199,14 @@ def test_two_replicas_share_load_and_a_dead_one_is_routed_around(
         rows = json.loads(ps.stdout)
         assert sorted(r["where"] for r in rows) == sorted(f.url for f in fakes)
 
+        # The front says where each model runs: /v1/models, /models, /metrics.
+        (model,) = httpx.get(f"{url}/v1/models", timeout=HANG).json()["data"]
+        assert sorted(r["url"] for r in model["replicas"]) == sorted(f.url for f in fakes)
+        assert httpx.get(f"{url}/models", timeout=HANG).json()["data"][0]["id"] == model["id"]
+        metrics = httpx.get(f"{url}/metrics", timeout=HANG).text
+        for f in fakes:
+            assert f'llamactl_remote_up{{remote="{f.url}"' in metrics
+
         fakes[0].kill()
         answered = 0
         for _ in range(10):

@@ -314,12 +314,16 @@ class RemotePool:
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._tls: dict[str, ssl.SSLContext] = {}
+        from llamactl.serve.control import ControlServer
+
+        self.control = ControlServer(self.handle_control)
 
     # -- lifecycle
 
     async def start(self, *, wait: float = 0.0) -> None:
         """Start the health checks; wait up to `wait` seconds for a first usable replica."""
         loop = asyncio.get_running_loop()
+        await self.control.start()
         for replica in self.replicas:
             self._tasks.append(loop.create_task(self._check_loop(replica)))
         if wait > 0:
@@ -335,6 +339,7 @@ class RemotePool:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.control.close()
 
     def is_ready(self, model: str | None = None) -> bool:
         return any(r.healthy and r.serves(model) for r in self.replicas)
@@ -347,9 +352,9 @@ class RemotePool:
         """A replica for the request, waiting (bounded) while none is usable."""
         from llamactl.serve.upstream import ProxyError
 
-        # A health check is answered at once: 503 when no replica can take requests now.
-        wait = 0.0 if path in (b"/health", b"/v1/health") else self.policy.queue_timeout
-        deadline = self._clock() + wait
+        if path in CONTROL_PATHS and method in (b"GET", b"HEAD"):
+            return self.control.upstream  # the front's own answers (handle_control)
+        deadline = self._clock() + self.policy.queue_timeout
         while True:
             now = self._clock()
             replica = choose(self.replicas, model, now, turn=self._turn)
@@ -404,7 +409,7 @@ class RemotePool:
         """Count the outcome: a transport failure or a 5xx (but a 503, which is the remote's
         own back-pressure) is a failure for the breaker; anything else a success."""
         replica = self._by_name.get(upstream.name)
-        if replica is None:
+        if replica is None:  # the control server's
             return
         replica.in_flight = max(0, replica.in_flight - 1)
         if outcome == 499:  # the client left: says nothing about the replica
@@ -517,6 +522,80 @@ class RemotePool:
             except Exception:
                 log.exception("state record update failed")
 
+    # -- the front's own answers
+
+    def models_json(self) -> dict[str, Any]:
+        """/v1/models of the front: every model a replica serves, with where it runs."""
+        now = int(time.time())
+        by_model: dict[str, list[Replica]] = {}
+        for r in self.replicas:
+            for model in r.models:
+                by_model.setdefault(model, []).append(r)
+        data = []
+        for model, replicas in by_model.items():
+            data.append(
+                {
+                    "id": model,
+                    "object": "model",
+                    "owned_by": "llamactl",
+                    "created": now,
+                    "status": {
+                        "value": "loaded"
+                        if any(r.state == "ready" for r in replicas)
+                        else "unloaded"
+                    },
+                    "replicas": [
+                        {
+                            "url": r.address.base,
+                            "state": r.state,
+                            "in_flight": r.in_flight,
+                            "total_slots": r.total_slots,
+                        }
+                        for r in replicas
+                    ],
+                }
+            )
+        return {"object": "list", "data": data}
+
+    def metrics_text(self) -> str:
+        """Prometheus series of each replica, labelled with its URL."""
+        out: list[str] = []
+
+        def series(name: str, kind: str, text: str, value: Callable[[Replica], float]) -> None:
+            out.append(f"# HELP {name} {text}")
+            out.append(f"# TYPE {name} {kind}")
+            for r in self.replicas:
+                models = ",".join(r.models)
+                out.append(f'{name}{{remote="{r.address.base}",models="{models}"}} {value(r):g}')
+
+        series("llamactl_remote_up", "gauge", "1 when the replica takes requests", _usable)
+        series("llamactl_remote_in_flight", "gauge", "requests in flight", lambda r: r.in_flight)
+        series("llamactl_remote_slots", "gauge", "its total_slots", lambda r: r.total_slots)
+        series("llamactl_remote_requests_total", "counter", "answered", lambda r: r.served)
+        series("llamactl_remote_failures_total", "counter", "failed", lambda r: r.failed)
+        return "\n".join(out) + "\n"
+
+    async def handle_control(self, method: str, path: str, query: str, body: bytes) -> Any:
+        from llamactl.serve.control import Reply
+        from llamactl.serve.upstream import ProxyError
+
+        if path in ("/health", "/v1/health"):
+            ready = [r.address.base for r in self.replicas if _usable(r)]
+            if ready:
+                return Reply.json(200, {"status": "ok", "replicas": ready})
+            raise ProxyError(
+                503,
+                "no remote server can take the request now: "
+                + "; ".join(f"{r.address.base} {r.state}" for r in self.replicas),
+                "unavailable_error",
+                "no_replica",
+            )
+        if path in ("/models", "/v1/models"):
+            return Reply.json(200, self.models_json())
+        if path == "/metrics":
+            return Reply(200, self.metrics_text().encode(), "text/plain; version=0.0.4")
+        raise ProxyError(404, "File Not Found", "not_found_error")
+
     def rows(self) -> list[dict[str, Any]]:
         """What ps, /models and /metrics say of each replica."""
         return [
@@ -533,6 +612,14 @@ class RemotePool:
             }
             for r in self.replicas
         ]
+
+
+#: What the front answers itself (GET/HEAD): health, the models and where they run, metrics.
+CONTROL_PATHS = frozenset({b"/health", b"/v1/health", b"/models", b"/v1/models", b"/metrics"})
+
+
+def _usable(replica: Replica) -> float:
+    return 1.0 if replica.healthy and replica.breaker.state is BreakerState.CLOSED else 0.0
 
 
 def _json(response: Any) -> Any:
