@@ -148,3 +148,72 @@ def test_model_over_two_workers_answers_and_a_lost_worker_is_waited_for(
     assert "an RPC worker was lost" in log, log[-3000:]
     inst = serve.instance()
     assert inst["state"] == "ready" and inst["restarts"] >= 1
+
+
+def test_two_real_replicas_share_load_and_one_killed_mid_load_is_routed_around(
+    serve_factory: Callable[..., Serve], tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llamactl.net import free_port
+    from llamactl.proc import stop_group
+
+    a, b = serve_factory(), serve_factory()
+    port = free_port()
+    front = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "llamactl", "serve", "--port", str(port)),
+            *("--remote", a.url, "--remote", b.url),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "LLAMACTL_HOME": str(tmp_path / "front")},
+        start_new_session=True,
+    )
+    pool = ThreadPoolExecutor(4)
+    try:
+        assert front.stdout is not None
+        assert front.stdout.readline().startswith("listening at")
+        url = f"http://127.0.0.1:{port}"
+        assert "Paris" in answer(httpx.post(f"{url}/v1/chat/completions", json=SEED, timeout=HANG))
+
+        ask = {**SEED, "max_tokens": 8}
+        results = list(
+            pool.map(
+                lambda _: httpx.post(f"{url}/v1/chat/completions", json=ask, timeout=HANG),
+                range(8),
+            )
+        )
+        assert all(r.status_code == 200 for r in results)
+        # Both took a share: the front's own count per replica.
+        metrics = httpx.get(f"{url}/metrics", timeout=HANG).text
+        for s in (a, b):
+            (line,) = [
+                x
+                for x in metrics.splitlines()
+                if x.startswith(f'llamactl_remote_requests_total{{remote="{s.url}"')
+            ]
+            assert float(line.split()[-1]) >= 2, metrics
+
+        # One replica dies while requests are in flight: the rest are answered by the other.
+        futures = [
+            pool.submit(httpx.post, f"{url}/v1/chat/completions", json=SEED, timeout=HANG)
+            for _ in range(6)
+        ]
+        os.killpg(a.proc.pid, signal.SIGKILL)
+        codes = [f.result().status_code for f in futures]
+        after = [
+            httpx.post(f"{url}/v1/chat/completions", json=SEED, timeout=HANG) for _ in range(6)
+        ]
+        assert all(r.status_code == 200 and "Paris" in answer(r) for r in after), [
+            r.text for r in after
+        ]
+        print(f"\nREMOTE in flight when a replica was killed: {codes}")
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        stop_group(front.pid, grace=10, popen=front)
