@@ -142,7 +142,7 @@ def main(argv: list[str]) -> int:
     serves: list[Serve] = []
     try:
         print("llama-bench, local ...", file=sys.stderr)
-        out["llama_bench_local"] = llama_bench(bench_bin, model, args.threads * 2, None, args.runs)
+        out["llama_bench_local"] = llama_bench(bench_bin, model, args.threads, None, args.runs)
         for i in range(2):
             w = launch_worker(tmp / f"w{i}", "--threads", str(args.threads), rpc_bin=rpc_bin)
             workers.append(w)
@@ -160,7 +160,7 @@ def main(argv: list[str]) -> int:
             w.stop()
         workers.clear()
         print("llamactl serve, local ...", file=sys.stderr)
-        s = launch(server, model, tmp / "local", "-t", str(args.threads * 2))
+        s = launch(server, model, tmp / "local", "-t", str(args.threads))
         serves.append(s)
         s.wait_listening()
         out["llamactl_local"] = through(s, args.runs)

@@ -420,3 +420,67 @@ def test_https_remote_verified_and_sent_its_own_host(llamactl_home: Path, tmp_pa
             stop_group(proc.pid, grace=10, popen=proc)
     finally:
         stub.close()
+
+
+@pytest.mark.unit
+def test_remotes_declared_in_the_toml_config(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("from-file\n")
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(
+        "[remotes.a]\nurl = 'http://10.0.0.2:8080'\nmodels = ['m1']\napi_key_env = 'A_KEY'\n\n"
+        "[remotes.b]\nurl = 'https://b.example'\napi_key_file = 'key'\nverify_tls = false\n"
+    )
+    specs, local = remote.remotes_from_toml(cfg, {"A_KEY": "from-env"})
+    assert not local
+    a, b = specs
+    assert (a.url, a.models, a.api_key, a.verify_tls) == (
+        "http://10.0.0.2:8080",
+        ("m1",),
+        "from-env",
+        True,
+    )
+    assert (b.url, b.api_key, b.verify_tls) == ("https://b.example:443", "from-file", False)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("[remotes.a]\nurl = 'ftp://x'\n", r"serve\.toml:2: \[remotes\.a\] url: "),
+        ("[remotes.a]\nurl = 'http://x'\nkey = 'k'\n", r":3: \[remotes\.a\] key: unknown key"),
+        ("[remotes.a]\nmodels = ['m']\n", r":1: \[remotes\.a\]: url = BASE_URL is required"),
+        ("[remotes.a]\nurl = 'http://x'\napi_key_env = 'NOPE'\n", r"NOPE is not set"),
+        ("[remotes.a]\nurl = 'http://x'\nverify_tls = 'yes'\n", r"verify_tls: expected bool"),
+    ],
+)
+def test_a_bad_remote_table_is_refused_with_file_line_and_key(
+    tmp_path: Path, text: str, where: str
+) -> None:
+    from llamactl.serve.config import ConfigError
+
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=where):
+        remote.remotes_from_toml(cfg, {})
+
+
+@pytest.mark.fake
+def test_a_front_from_the_config_file_alone(fakes: list[Fake], llamactl_home: Path) -> None:
+    cfg = llamactl_home.parent / "front.toml"
+    cfg.write_text("".join(f"[remotes.r{i}]\nurl = '{f.url}'\n" for i, f in enumerate(fakes)))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llamactl", "serve", "--config", str(cfg), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "LLAMACTL_HOME": str(llamactl_home)},
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("listening at")
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=ASK, timeout=HANG)
+        assert r.status_code == 200, r.text
+    finally:
+        stop_group(proc.pid, grace=10, popen=proc)

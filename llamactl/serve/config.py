@@ -319,8 +319,8 @@ def parse_toml(path: Path) -> tuple[list[ModelDecl], dict[str, Any], frozenset[s
                 raise fail(table, key, "expected a list of strings")
 
     for key in data:
-        if key not in ("serve", "models", "groups"):
-            raise fail(key, None, "unknown table (known: serve, models, groups)")
+        if key not in ("serve", "models", "groups", "remotes"):
+            raise fail(key, None, "unknown table (known: serve, models, groups, remotes)")
     serve = data.get("serve", {})
     if not isinstance(serve, dict):
         raise fail("serve", None, "expected a table")

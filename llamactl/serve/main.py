@@ -159,16 +159,26 @@ def serve(spec: ServeSpec) -> int:
     if spec.show_help:
         print(help_text())
         return 0
-    if spec.remotes:
+    config = spec.config or (_default_config() if not spec.has_model_source else None)
+    if spec.remotes or (config is not None and _declares_remotes(config)):
         from llamactl.serve import remote
 
         remotes = remote.remotes_from_args(spec.remotes, dict(os.environ))
-        if spec.model is None and not spec.has_model_source:
+        local_models = False
+        if config is not None:
+            from_file, local_models = remote.remotes_from_toml(config, dict(os.environ))
+            remotes += from_file
+        # A config file alone counts as a model source (many_models): its [models] decide.
+        local = bool(spec.model is not None or spec.models_dir or spec.models_preset) or any(
+            a.split("=", 1)[0] in server.MODEL_SOURCE_FLAGS for a in spec.passthrough
+        )
+        if not local and not local_models:
             return remote.serve_remote_only(spec, remotes)
         raise UsageError(
-            "--remote beside a local model (-m) is not supported yet",
-            hint="serve the local model with its own `llamactl serve --port N` and add it "
-            "as one more --remote http://127.0.0.1:N",
+            "remote servers beside local models (-m, or [models] in the config) are not "
+            "supported in one serve yet",
+            hint="serve the local models with their own `llamactl serve --port N` and add it "
+            "as one more remote: --remote http://127.0.0.1:N",
         )
     if spec.many_models or (not spec.has_model_source and _default_config_exists()):
         from llamactl.serve.many import serve_many
@@ -221,6 +231,20 @@ def serve(spec: ServeSpec) -> int:
 
             assert process.popen is not None
             proc.stop_group(process.popen.pid, grace=5.0, popen=process.popen)
+
+
+def _default_config() -> Path | None:
+    """The config directory's serve.toml, when there is one (as serve/many.py reads it)."""
+    path = paths.config_dir() / "serve.toml"
+    return path if path.is_file() else None
+
+
+def _declares_remotes(config: Path) -> bool:
+    """Whether a TOML file has a [remotes.NAME] table (a cheap look before parsing it)."""
+    try:
+        return "[remotes." in config.read_text()
+    except OSError:
+        return False
 
 
 def _default_config_exists() -> bool:

@@ -17,6 +17,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llamactl.errors import UsageError
@@ -105,6 +106,82 @@ def remotes_from_args(urls: Sequence[str], environ: dict[str, str]) -> tuple[Rem
         seen.add(base)
         specs.append(RemoteSpec(url=base, api_key=key))
     return tuple(specs)
+
+
+_REMOTE_KEYS: dict[str, type] = {
+    "url": str,
+    "models": list,
+    "api_key": str,
+    "api_key_env": str,
+    "api_key_file": str,
+    "verify_tls": bool,
+    "ca_file": str,
+}
+
+
+def remotes_from_toml(path: Path, environ: dict[str, str]) -> tuple[tuple[RemoteSpec, ...], bool]:
+    """The `[remotes.NAME]` tables of a serve TOML file (url, models, api_key / api_key_env /
+    api_key_file, verify_tls, ca_file), and whether the file declares local models too.
+    ConfigError with the file, table and key when one is wrong."""
+    from llamactl.serve.config import ConfigError, _load_toml, _toml_line
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
+    data = _load_toml(text, path)
+    tables = data.get("remotes", {})
+
+    def fail(table: str, key: str | None, what: str) -> ConfigError:
+        line = _toml_line(text, table, key)
+        at = f"{path}:{line}" if line else str(path)
+        return ConfigError(f"{at}: [{table}]" + (f" {key}" if key else "") + f": {what}")
+
+    if not isinstance(tables, dict):
+        raise fail("remotes", None, "expected tables: [remotes.NAME] url = ...")
+    specs = []
+    for name, values in tables.items():
+        table = f"remotes.{name}"
+        if not isinstance(values, dict):
+            raise fail(table, None, "expected a table")
+        for key, value in values.items():
+            kind = _REMOTE_KEYS.get(key)
+            if kind is None:
+                raise fail(table, key, f"unknown key (known: {', '.join(sorted(_REMOTE_KEYS))})")
+            if not isinstance(value, kind):
+                raise fail(table, key, f"expected {kind.__name__}")
+            if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+                raise fail(table, key, "expected a list of strings")
+        if "url" not in values:
+            raise fail(table, None, "url = BASE_URL is required")
+        try:
+            base = parse_url(values["url"]).base
+        except UsageError as exc:
+            raise fail(table, "url", exc.message) from None
+        key = values.get("api_key")
+        if "api_key_env" in values:
+            key = environ.get(values["api_key_env"])
+            if not key:
+                raise fail(table, "api_key_env", f"{values['api_key_env']} is not set")
+        if "api_key_file" in values:
+            key_path = (path.parent / Path(values["api_key_file"]).expanduser()).resolve()
+            try:
+                key = key_path.read_text().strip().splitlines()[0].strip()
+            except (OSError, IndexError):
+                raise fail(table, "api_key_file", f"cannot read a key from {key_path}") from None
+        ca_file = values.get("ca_file")
+        if ca_file is not None:
+            ca_file = str((path.parent / Path(ca_file).expanduser()).resolve())
+        specs.append(
+            RemoteSpec(
+                url=base,
+                api_key=key,
+                models=tuple(values.get("models", ())),
+                verify_tls=bool(values.get("verify_tls", True)),
+                ca_file=ca_file,
+            )
+        )
+    return tuple(specs), bool(data.get("models"))
 
 
 def models_in(payload: Any) -> tuple[str, ...]:
