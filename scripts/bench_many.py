@@ -137,6 +137,8 @@ def main(argv: list[str]) -> int:
     rpc_bin = server.with_name("ggml-rpc-server")
     model = default_model_path()
     out: dict[str, Any] = {"model": model.name, "threads": args.threads}
+    # A shared machine's load changes every figure: say what it was.
+    out["load_before"] = [round(x, 1) for x in os.getloadavg()]
     tmp = Path(tempfile.mkdtemp(prefix="bench-many-"))
     workers: list[Worker] = []
     serves: list[Serve] = []
@@ -180,6 +182,7 @@ def main(argv: list[str]) -> int:
             stop(s)
         for w in workers:
             w.stop()
+    out["load_after"] = [round(x, 1) for x in os.getloadavg()]
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:
