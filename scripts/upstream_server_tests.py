@@ -74,16 +74,18 @@ class Side:
 
 
 def mirror(tests: Path, into: Path) -> Path:
-    """A copy of tools/server/tests laid out as in the tree, so that the tests' relative paths
-    (../../../models/templates, ../../../tools/mtmd) still resolve, and nothing is written into
-    the vendored source (bytecode, LLAMA_CACHE, tmp/)."""
+    """A copy of tools/server/tests laid out as in the tree, with the few files its relative
+    paths reach (../../../models/templates, ../../../tools/mtmd's images): nothing is written
+    into the vendored source (bytecode, LLAMA_CACHE, tmp/), and a run does not depend on it."""
     tree = tests.parent.parent.parent
     work = into / "tools" / "server" / "tests"
     shutil.copytree(tests, work, ignore=shutil.ignore_patterns("__pycache__", "tmp", ".pytest*"))
-    (into / "models").symlink_to(tree / "models")
-    for sibling in (tree / "tools").iterdir():
-        if sibling.name != "server":
-            (into / "tools" / sibling.name).symlink_to(sibling)
+    shutil.copytree(tree / "models" / "templates", into / "models" / "templates")
+    images = into / "tools" / "mtmd"
+    images.mkdir(parents=True)
+    for pattern in ("*.jpeg", "*.jpg", "*.png"):
+        for image in (tree / "tools" / "mtmd").glob(pattern):
+            shutil.copy2(image, images / image.name)
     return work
 
 
@@ -127,7 +129,7 @@ def run_side(
         "PYTHONDONTWRITEBYTECODE": "1",
     }
     argv = [sys.executable, "-m", "pytest", "-p", "upstream_plugin", "-p", "no:cacheprovider"]
-    argv += ["-q", "--no-header", "-rN", "-p", "pytest_timeout", f"--timeout={per_test_s}"]
+    argv += ["-q", "--no-header", "-rN", "--durations=20", f"--timeout={per_test_s}"]
     argv += ["-o", "addopts=", *(["-k", keyword] if keyword else []), *targets]
     log_path = scratch / f"{name}.log"
     started = time.monotonic()

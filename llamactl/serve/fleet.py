@@ -123,9 +123,12 @@ class ModelFleet:
         estimate: Callable[[Path, tuple[str, ...]], int] | None = None,
         fetch: Callable[..., Any] = http_get,
         drain_timeout: float = 30.0,
+        echo: Callable[[bytes], None] | None = None,
         worker_wait: float = 60.0,
     ) -> None:
         self.fleet = fleet
+        #: Where every llama-server's output goes besides its log file (serve's stderr).
+        self.echo = echo
         self.supervisor = supervisor
         self.binary = binary
         self.log_dir = log_dir
@@ -228,6 +231,9 @@ class ModelFleet:
                 inst.last_used = self._clock()
                 return upstream
         return await self._acquire_slow(model)
+
+    def replayable(self, upstream: Upstream) -> bool:
+        return upstream.name != CONTROL and self.supervisor.replayable(upstream)
 
     def release(self, upstream: Upstream, outcome: int, elapsed: float = 0.0) -> None:
         if upstream.name == CONTROL:
@@ -390,6 +396,7 @@ class ModelFleet:
             pinned=decl.pinned,
             groups=decl.groups,
             estimate_bytes=self._need.get(decl.name, 0),
+            echo=self.echo,
         )
         inst = self.supervisor.instances.get(name)
         if inst is None:

@@ -50,14 +50,23 @@ class ServeRecord:
     server_bin: str | None = None
     auth: bool = False
     instances: list[InstanceRecord] = field(default_factory=list)
+    #: Every address it listens on (several --host addresses, a Unix socket, https).
+    urls: list[str] = field(default_factory=list)
     #: "serve", or "worker" (`llamactl worker`: a ggml-rpc-server, no HTTP).
     kind: str = "serve"
 
     @property
     def url(self) -> str:
+        """Where a client on this machine reaches it: the first TCP address, else the first;
+        a worker's is what a head's --rpc takes (the RPC protocol is no HTTP)."""
         if self.kind == "worker":
-            # What a head's --rpc takes: the RPC protocol is no HTTP.
             return f"{self.host}:{self.port}"
+        tcp = [u for u in self.urls if not u.startswith("unix://")]
+        if tcp or self.urls:
+            url = (tcp or self.urls)[0]
+            for wildcard in ("://0.0.0.0:", "://[::]:"):
+                url = url.replace(wildcard, "://127.0.0.1:")
+            return url
         host = self.host
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"

@@ -482,6 +482,11 @@ class RemotePool:
             host_header=address.host_header,
         )
 
+    def replayable(self, upstream: Upstream) -> bool:
+        """Never the supervisor's replay after a hang: a replica's dropped request is moved to
+        another replica by the proxy instead (Upstream.replicated), counted as its failure."""
+        return False
+
     def release(self, upstream: Upstream, outcome: int, elapsed: float = 0.0) -> None:
         """Count the outcome: a transport failure or a 5xx (but a 503, which is the remote's
         own back-pressure) is a failure for the breaker; anything else a success."""
@@ -785,12 +790,16 @@ async def _serve_remote_async(spec: Any, remotes: Sequence[RemoteSpec], sockets:
         PoolPolicy(queue_timeout=spec.queue_timeout),
         on_change=write_record,
     )
+    from llamactl.serve import listen
+
     proxy = Proxy(
         ProxyConfig(
             host=spec.host,
             port=spec.port,
             api_key=",".join(spec.api_keys) or None,
             max_body_bytes=spec.max_body_bytes,
+            host_names=listen.guarded_names(spec.host, spec.allowed_hosts),
+            max_connections=spec.max_connections or listen.connection_bound(),
         ),
         pool,
     )

@@ -54,6 +54,12 @@ class UpstreamProvider(Protocol):
         the seconds since the request was dispatched (for latency metrics)."""
         ...
 
+    def replayable(self, upstream: Upstream) -> bool:
+        """Whether a request that got no byte of an answer from `upstream` before its
+        connection failed may be sent again (acquired anew): true when the supervisor killed
+        that upstream as hung, so the request cannot have been what broke it."""
+        ...
+
 
 ERROR_TYPES = {
     400: "invalid_request_error",
