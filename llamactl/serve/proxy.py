@@ -180,6 +180,7 @@ class _Exchange:
         "lines",
         "method",
         "model",
+        "moved",
         "origin",
         "payload",
         "released",
@@ -210,6 +211,7 @@ class _Exchange:
         self.xkey: bytes | None = None
         self.has_host = False
         self.host: bytes | None = None
+        self.moved = False  # sent again to another replica once already
         self.json_body = True
         self.expect = False
         self.auth_ok = False
@@ -374,8 +376,7 @@ class _ClientConn(asyncio.Protocol):
                 ex.json_body = False
         elif lname == b"host":
             ex.has_host = True
-            ex.host = value
-            ex.lines += (name, b": ", value, b"\r\n")
+            ex.host = value  # kept apart from ex.lines: a remote upstream replaces it
         elif lname == b"authorization":
             ex.cred += (name, b": ", value, b"\r\n")
             ex.authz = value
@@ -659,7 +660,12 @@ class _ClientConn(asyncio.Protocol):
                 auth = b"Authorization: " + upstream.auth + b"\r\n"
         elif ex.cred:
             auth = b"".join(ex.cred)
-        host = b"" if ex.has_host else b"Host: %s:%d\r\n" % (upstream.host.encode(), upstream.port)
+        if upstream.host_header is not None:
+            host = b"Host: %s\r\n" % upstream.host_header
+        elif ex.has_host:
+            host = b"Host: %s\r\n" % ex.host
+        else:
+            host = b"Host: %s:%d\r\n" % (upstream.host.encode(), upstream.port)
         # The body was read whole (bounded), so it always goes out with a Content-Length.
         length = b"Content-Length: %d\r\n" % len(body) if ex.has_body or body else b""
         head = b"%s %s HTTP/1.1\r\n%s%s%s%s\r\n" % (
@@ -709,6 +715,8 @@ class _ClientConn(asyncio.Protocol):
             return
         if isinstance(exc, ConnectionRefusedError) and self._requeue(ex):
             return
+        if self._move(ex):
+            return
         upstream = ex.upstream
         assert upstream is not None
         log.warning(
@@ -752,6 +760,23 @@ class _ClientConn(asyncio.Protocol):
         ex.attempts = 0
         ex.payload = []
         asyncio.get_running_loop().call_later(REQUEUE_PAUSE_S, self._reacquire, ex)
+        return True
+
+    def _move(self, ex: _Exchange) -> bool:
+        """A replicated upstream (a remote server) dropped the request before any byte of its
+        answer: ask for an upstream again, once; the provider has counted the failure and
+        picks another replica."""
+        upstream = ex.upstream
+        if upstream is None or not upstream.replicated or ex.moved:
+            return False
+        ex.moved = True
+        log.warning("%s dropped a request before answering: sent to another", upstream.name)
+        self._release(ex, 0)
+        ex.released = False
+        ex.upstream = None
+        ex.attempts = 0
+        ex.payload = []
+        self._acquire(ex)
         return True
 
     def _reacquire(self, ex: _Exchange) -> None:
@@ -860,6 +885,8 @@ class _ClientConn(asyncio.Protocol):
         if retry and ex.attempts < 2:
             # A pooled keep-alive connection that llama-server closed meanwhile is normal.
             self._send(ex, fresh=True)
+            return
+        if not ex.timed_out and self._move(ex):
             return
         self._release(ex, 0)
         if ex.timed_out:
@@ -1391,7 +1418,11 @@ class Proxy:
         key = (upstream.name, upstream.host, upstream.port)
         _, conn = await asyncio.wait_for(
             loop.create_connection(
-                lambda: _UpstreamConn(self, key, upstream.generation), upstream.host, upstream.port
+                lambda: _UpstreamConn(self, key, upstream.generation),
+                upstream.host,
+                upstream.port,
+                ssl=upstream.tls,
+                server_hostname=upstream.host if upstream.tls is not None else None,
             ),
             self.config.connect_timeout,
         )
