@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the soak's client machinery lives in tests/support
 
+from support import serve as serving  # noqa: E402
 from support import soak  # noqa: E402  (after the path set-up above)
 
 from llamactl import bench  # noqa: E402
@@ -87,13 +88,12 @@ def main(argv: list[str]) -> int:
         log_dir = Path(tempfile.mkdtemp(prefix="llamactl-soak-"))
         progress(f"starting llamactl serve {' '.join(serve_args)} (logs in {log_dir})")
         try:
-            # serve's state record and llama-server's log go next to serve's own output.
-            env = {"LLAMACTL_STATE_DIR": str(log_dir / "state")}
-            served = soak.start_serve(args.server_bin, args.model, serve_args, log_dir, env)
-        except RuntimeError as exc:
+            # serve's home (state record, llama-server's log) goes next to serve's own output.
+            served = serving.start(args.server_bin, args.model, log_dir / "home", *serve_args)
+        except AssertionError as exc:  # serve did not start: its stderr is in the message
             print(exc, file=sys.stderr)
             return 2
-        url, pid = served.url, served.popen.pid
+        url, pid = served.url, served.proc.pid
     spec = soak.SoakSpec(
         url=url,
         clients=args.clients,
@@ -109,9 +109,10 @@ def main(argv: list[str]) -> int:
         report = soak.run_soak(spec, pid=pid, progress=progress)
     finally:
         if served is not None:
-            code = served.stop()
+            serving.stop(served)
+            code = served.proc.returncode
             if code not in (0, 143, -15):
-                progress(f"warning: serve exited with {code} (logs in {served.log_dir})")
+                progress(f"warning: serve exited with {code} (logs in {log_dir})")
     report.serve_args = serve_args
     print(soak.format_report(report))
     if args.json:

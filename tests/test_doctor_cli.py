@@ -85,3 +85,16 @@ def test_probe_problems_are_printed_not_raised() -> None:
 def test_unknown_backend_is_a_usage_error(bad: str) -> None:
     code, _ = _doctor("cpu-x86_64", "--backend", bad)
     assert code == 2
+
+
+def test_doctor_names_the_cuda_toolkit_a_build_would_use() -> None:
+    # This machine kind: nvcc 13.0 without cuBLAS and no GPU: a CUDA build takes the wheels.
+    code, out = _doctor("nvcc-no-gpu")
+    assert code == 0
+    assert "CUDA toolkit: pypi:" in out and "PyPI wheels" in out
+    code, out = _doctor("nvidia-3090-4090", "--json")
+    assert json.loads(out)["decision"]["cuda_toolkit"].startswith("system:")
+    code, out = _doctor("nvidia-driver-cuda13-no-toolkit", "--json")
+    data = json.loads(out)
+    assert data["backend"] == "cuda" and data["detection"]["cuda_driver"] == "13.0"
+    assert "CUDA 13.0.88 wheels" in data["decision"]["cuda_toolkit"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_gguf import LLAMA_KV, LLAMA_TENSORS, make_gguf
+from support.gguf import LLAMA_KV, LLAMA_TENSORS, make_gguf
 
 from llamactl import paths
 from llamactl.errors import ModelError

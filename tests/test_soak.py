@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from support import soak
+from support.serve import start, stop
 from support.soak import MIB, Limits, Sample
 
 SSE = "text/event-stream"
@@ -185,12 +186,13 @@ SERVE_ARGS = ("-np", "4", "-c", "2048", "-t", "1")
 def run_real_soak(
     server_bin: Path, default_model: Path, tmp_path: Path, seconds: float
 ) -> soak.SoakReport:
-    served = soak.start_serve(server_bin, default_model, SERVE_ARGS, tmp_path / "serve")
+    served = start(server_bin, default_model, tmp_path / "serve", *SERVE_ARGS)
     try:
         spec = soak.SoakSpec(url=served.url, clients=64, duration=seconds, max_tokens=16)
-        report = soak.run_soak(spec, pid=served.popen.pid, progress=print)
+        report = soak.run_soak(spec, pid=served.proc.pid, progress=print)
     finally:
-        code = served.stop()
+        stop(served)
+    code = served.proc.returncode
     report.serve_args = list(SERVE_ARGS)
     text = soak.format_report(report)
     print(text)

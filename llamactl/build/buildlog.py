@@ -20,8 +20,10 @@ FAILURE_HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
     ),
     (
         re.compile(r"CUDA::cublas|cublas_v2\.h"),
-        "the CUDA toolkit has no cuBLAS: install the full toolkit (e.g. apt-get install "
-        "cuda-toolkit, or libcublas-dev) or build another backend (--backend cpu)",
+        "the CUDA toolkit has no cuBLAS: build with the toolkit from PyPI wheels "
+        "(`llamactl build --backend cuda --cuda-toolkit pypi`), install the full toolkit "
+        "(e.g. apt-get install cuda-toolkit, or libcublas-dev), or build another backend "
+        "(--backend cpu)",
     ),
     (
         re.compile(r"No CMAKE_CUDA_COMPILER could be found|Failed to find nvcc|CUDA Toolkit not"),

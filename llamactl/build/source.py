@@ -76,8 +76,18 @@ class SourceStatus:
     problem: str | None = None
 
 
+#: The pin shipped inside the package, so that an installed llamactl (pip, pipx, uv tool) knows
+#: what to fetch and build with no checkout around it.
+PACKAGED_PIN = Path(__file__).with_name(PIN_FILE)
+
+
 def pin_path() -> Path:
-    return paths.vendor_dir() / PIN_FILE
+    """The pin: the checkout's vendor/ copy in a clone (where a developer changes it; a test
+    keeps the two equal), else the one shipped in the package. A pin file in the cache's
+    vendor/ is never read: it could be left from an older version."""
+    if paths.vendor_dir() != paths.cache_dir() / "vendor":
+        return paths.vendor_dir() / PIN_FILE
+    return PACKAGED_PIN
 
 
 def load_pin(path: Path | None = None) -> Pin:
@@ -308,7 +318,10 @@ def _install_tree(staging: Path, tree: Path) -> None:
         os.replace(tree, old)
     os.replace(staging, tree)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_symlink():
+            old.unlink()  # a worktree's link to a shared tree: the link goes, never the tree
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def fetch(

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,16 +46,37 @@ def declare_fleet(spec: ServeSpec) -> Fleet:
 
 
 def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    print(f"llamactl: {line}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Front:
+    """What serve listens with: the bound sockets, the TLS context, their addresses, and the
+    copy of llama-server's output to stderr."""
+
+    sockets: list[Any]
+    tls: Any  # ssl.SSLContext | None
+    addresses: list[Any]  # listen.Address
+    echo: Any  # output.StderrCopy | None
+
+    @property
+    def port(self) -> int:
+        return next((a.port for a in self.addresses if a.port is not None), 0)
 
 
 def serve_many(spec: ServeSpec, binary: Path, backend: str | None) -> int:
     """Run a serve with several models in the foreground until stopped; its exit code."""
-    from llamactl.serve import listen, records
+    from llamactl.serve import listen, output, records
     from llamactl.serve.runner import run
 
     fleet = declare_fleet(spec)
-    sockets = listen.bind(spec.host, spec.port)
+    tls = None
+    if spec.ssl_key_file and spec.ssl_cert_file:
+        tls = listen.tls_context(spec.ssl_key_file, spec.ssl_cert_file)
+    sockets = listen.bind(
+        spec.host, spec.port, reuse_port=spec.reuse_port, socket_mode=spec.socket_mode
+    )
+    echo = None
     try:
         record_id = records.new_id()
         log_dir = paths.logs_dir()
@@ -62,20 +84,24 @@ def serve_many(spec: ServeSpec, binary: Path, backend: str | None) -> int:
             paths.ensure_private_dir(log_dir)
         except OSError as exc:
             _say(f"warning: cannot create the log directory {log_dir}: {exc.strerror or exc}")
-        if spec.host not in ("127.0.0.1", "localhost", "::1") and not spec.api_keys:
+        exposed = listen.exposed(spec.host)
+        if exposed and not spec.api_keys:
             _say(
-                f"warning: listening on {spec.host} without --api-key: anyone who "
+                f"warning: listening on {', '.join(exposed)} without --api-key: anyone who "
                 "can reach this address can use the models"
             )
         names = ", ".join(d.name for d in fleet.models)
         _say(f"serving {len(fleet.models)} models with {binary}: {names}")
-        port = int(sockets[0].getsockname()[1])
-        return int(run(_serve_async(spec, fleet, sockets, port, record_id, binary, backend)))
+        if spec.log_to_stderr:
+            echo = output.StderrCopy(note_path=str(log_dir))
+        front = _Front(sockets, tls, listen.addresses(sockets, tls=tls is not None), echo)
+        return int(run(_serve_async(spec, fleet, front, record_id, binary, backend)))
     except KeyboardInterrupt:
         return 130
     finally:
-        for sock in sockets:
-            sock.close()
+        listen.close(sockets)  # removes a Unix socket's file
+        if echo is not None:
+            echo.close()
 
 
 def instance_records(sup: Supervisor) -> list[Any]:
@@ -100,23 +126,28 @@ def instance_records(sup: Supervisor) -> list[Any]:
                 last_error=(inst.last_error or "").splitlines()[0] if inst.last_error else None,
                 memory=inst.config.estimate_bytes or None,
                 in_flight=inst.in_flight,
+                where=where_label(inst.config.rpc_workers),
             )
         )
     return out
 
 
+def where_label(workers: tuple[Any, ...]) -> str:
+    """Where an instance's model runs, as ps shows it."""
+    return "rpc " + ",".join(str(w) for w in workers) if workers else "local"
+
+
 async def _serve_async(
     spec: ServeSpec,
     fleet: Fleet,
-    sockets: list[Any],
-    port: int,
+    front: _Front,
     record_id: str,
     binary: Path,
     backend: str | None,
 ) -> int:
     import asyncio
 
-    from llamactl.serve import records
+    from llamactl.serve import listen, records
     from llamactl.serve.fleet import ModelFleet
     from llamactl.serve.proxy import Proxy, ProxyConfig
     from llamactl.serve.supervisor import Policy, Supervisor
@@ -139,8 +170,9 @@ async def _serve_async(
         pid=os.getpid(),
         pid_started=records.process_start_time(os.getpid()) or time.time(),
         host=spec.host,
-        port=port,
+        port=front.port,
         started_at=time.time(),
+        urls=[a.url for a in front.addresses],
         backend=backend,
         server_bin=str(binary),
         auth=bool(spec.api_keys),
@@ -156,7 +188,13 @@ async def _serve_async(
     policy = Policy(queue_timeout=spec.queue_timeout, stall_timeout=spec.start_timeout)
     supervisor = Supervisor(policy, on_change=on_change)
     models = ModelFleet(
-        fleet, supervisor, binary=binary, log_dir=paths.logs_dir(), record_id=record_id
+        fleet,
+        supervisor,
+        binary=binary,
+        log_dir=paths.logs_dir(),
+        record_id=record_id,
+        echo=front.echo.write if front.echo is not None else None,
+        worker_wait=min(spec.start_timeout, 60.0),
     )
     proxy = Proxy(
         ProxyConfig(
@@ -164,15 +202,17 @@ async def _serve_async(
             port=spec.port,
             api_key=",".join(spec.api_keys) or None,
             max_body_bytes=spec.max_body_bytes,
+            host_names=listen.guarded_names(spec.host, spec.allowed_hosts),
+            max_connections=spec.max_connections or listen.connection_bound(),
         ),
         models,
     )
     try:
         await models.start()
-        await proxy.start(sockets)
+        await proxy.start(front.sockets, ssl=front.tls)
         records.write(record)
         # stdout, flushed: scripts wait for this line.
-        print(f"listening at http://{_display_host(spec.host)}:{port}", flush=True)
+        print(f"listening at {', '.join(a.url for a in front.addresses)}", flush=True)
         await stop.wait()
         return 128 + received[0] if received else 0
     finally:
@@ -180,7 +220,3 @@ async def _serve_async(
         await models.close()
         await supervisor.close()
         records.remove(record.id)
-
-
-def _display_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host

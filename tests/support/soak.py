@@ -18,13 +18,10 @@ import json
 import math
 import random
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -746,66 +743,7 @@ def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / MIB:.1f}"
 
 
-# -- starting serve --------------------------------------------------------------------------
-
-
-@dataclass
-class Served:
-    """A `llamactl serve` started for a soak."""
-
-    popen: subprocess.Popen[bytes]
-    url: str
-    port: int
-    log_dir: Path
-
-    def stop(self) -> int | None:
-        from llamactl import proc
-
-        return proc.stop_group(self.popen.pid, grace=20.0, popen=self.popen)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_serve(
-    server_bin: Path,
-    model: Path,
-    serve_args: Sequence[str],
-    log_dir: Path,
-    env: dict[str, str] | None = None,
-    timeout: float = 180.0,
-) -> Served:
-    """Start `llamactl serve` on a free port; return once it printed its "listening at" line
-    (polled with a deadline; its output goes to files in `log_dir`)."""
-    import os
-
-    from llamactl import proc
-
-    log_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    argv = [sys.executable, "-m", "llamactl", "serve", "--server-bin", str(server_bin)]
-    argv += ["-m", str(model), "--host", "127.0.0.1", "--port", str(port), *serve_args]
-    stdout_path, stderr_path = log_dir / "serve.stdout", log_dir / "serve.stderr"
-    with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
-        popen = proc.spawn(argv, env={**os.environ, **(env or {})}, stdout=out, stderr=err)
-    served = Served(popen, f"http://127.0.0.1:{port}", port, log_dir)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if b"listening at" in stdout_path.read_bytes():
-            return served
-        if popen.poll() is not None:
-            break
-        time.sleep(0.05)
-    served.stop()
-    tail = stderr_path.read_text(errors="replace").splitlines()[-20:]
-    raise RuntimeError(
-        f"llamactl serve did not become ready (exit {popen.returncode}):\n" + "\n".join(tail)
-    )
+# -- serve itself is started by tests/support/serve.py ----------------------------------------
 
 
 def find_listener(port: int) -> int | None:
