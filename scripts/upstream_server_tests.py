@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,16 +75,18 @@ class Side:
 
 
 def mirror(tests: Path, into: Path) -> Path:
-    """A copy of tools/server/tests laid out as in the tree, so that the tests' relative paths
-    (../../../models/templates, ../../../tools/mtmd) still resolve, and nothing is written into
-    the vendored source (bytecode, LLAMA_CACHE, tmp/)."""
+    """A copy of tools/server/tests laid out as in the tree, with the few files its relative
+    paths reach (../../../models/templates, ../../../tools/mtmd's images): nothing is written
+    into the vendored source (bytecode, LLAMA_CACHE, tmp/), and a run does not depend on it."""
     tree = tests.parent.parent.parent
     work = into / "tools" / "server" / "tests"
     shutil.copytree(tests, work, ignore=shutil.ignore_patterns("__pycache__", "tmp", ".pytest*"))
-    (into / "models").symlink_to(tree / "models")
-    for sibling in (tree / "tools").iterdir():
-        if sibling.name != "server":
-            (into / "tools" / sibling.name).symlink_to(sibling)
+    shutil.copytree(tree / "models" / "templates", into / "models" / "templates")
+    images = into / "tools" / "mtmd"
+    images.mkdir(parents=True)
+    for pattern in ("*.jpeg", "*.jpg", "*.png"):
+        for image in (tree / "tools" / "mtmd").glob(pattern):
+            shutil.copy2(image, images / image.name)
     return work
 
 
@@ -127,7 +130,7 @@ def run_side(
         "PYTHONDONTWRITEBYTECODE": "1",
     }
     argv = [sys.executable, "-m", "pytest", "-p", "upstream_plugin", "-p", "no:cacheprovider"]
-    argv += ["-q", "--no-header", "-rN", "-p", "pytest_timeout", f"--timeout={per_test_s}"]
+    argv += ["-q", "--no-header", "-rN", "--durations=20", f"--timeout={per_test_s}"]
     argv += ["-o", "addopts=", *(["-k", keyword] if keyword else []), *targets]
     log_path = scratch / f"{name}.log"
     started = time.monotonic()
@@ -186,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per side")
     parser.add_argument("--per-test", type=int, default=120, help="seconds per test")
     parser.add_argument("--keep", type=Path, help="keep the logs in this folder")
+    parser.add_argument("--serial", action="store_true", help="one side after the other")
     args = parser.parse_args(argv)
 
     from llamactl.build.cache import find_server_binary
@@ -223,7 +227,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 per_test_s=args.per_test,
             )
 
-        sides = {name: run(name, files, args.keyword) for name in SIDES}
+        if args.serial:
+            sides = {name: run(name, files, args.keyword) for name in SIDES}
+        else:
+            # The two sides at once, each on its own ports: half the wall time, and both see
+            # the same load (timing-sensitive tests fail alike rather than on one side).
+            with ThreadPoolExecutor(len(SIDES)) as pool:
+                futures = {name: pool.submit(run, name, files, args.keyword) for name in SIDES}
+                sides = {name: future.result() for name, future in futures.items()}
         print(f"llama-server: {server}\nmodel: {model}\n")
         only: dict[str, list[str]] = {}
         for name, other in (("direct", "llamactl"), ("llamactl", "direct")):

@@ -29,6 +29,8 @@ OWN_OPTIONS = {
     "--socket-mode": "Permissions of a Unix socket (--host PATH.sock), octal (default 0600).",
     "--allowed-hosts": "More Host names accepted without an API key, comma-separated; * = any.",
     "--max-connections": "Client connections at once; more get 503 (default: from the fd limit).",
+    "--remote": "URL of another llamactl serve or llama-server to use as a replica "
+    "(repeatable; key from LLAMACTL_REMOTE_API_KEY; with no -m, no local model).",
     "--config": "A TOML file declaring models (default: serve.toml in the config directory).",
 }
 #: llama-server flags that llamactl takes for the proxy instead of passing them on; the
@@ -87,6 +89,7 @@ class ServeSpec:
     #: Copy llama-server's output to serve's stderr (off with --log-disable; the log file
     #: keeps it either way, for `llamactl logs` and for the diagnosis of a failed start).
     log_to_stderr: bool = True
+    remotes: tuple[str, ...] = ()  # --remote URLs, in order
     env_overrides: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -131,6 +134,7 @@ def parse_serve_args(argv: list[str], environ: dict[str, str] | None = None) -> 
     env = dict(os.environ if environ is None else environ)
     values: dict[str, Any] = {}
     keys: list[str] = []
+    remotes: list[str] = []
     allowed: list[str] = []
     models: list[str] = []
     passthrough: list[str] = []
@@ -220,6 +224,8 @@ def parse_serve_args(argv: list[str], environ: dict[str, str] | None = None) -> 
             values[flag[2:].replace("-", "_")] = seconds
         elif flag == "--max-body-size":
             values["max_body_bytes"] = parse_size(take(flag, inline))
+        elif flag == "--remote":
+            remotes.append(take(flag, inline))
         else:
             passthrough.append(arg)
         i += 1
@@ -263,6 +269,7 @@ def parse_serve_args(argv: list[str], environ: dict[str, str] | None = None) -> 
         api_keys=tuple(keys),
         allowed_hosts=tuple(allowed),
         passthrough=tuple(passthrough),
+        remotes=tuple(remotes),
         **values,
     )
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from llamactl.errors import ServerStartError
+    from llamactl.serve.rpc import Endpoint
 
 __all__ = ["Backend", "BackendFactory", "Clock", "InstanceConfig", "Sleep", "Vitals"]
 
@@ -47,6 +48,9 @@ class InstanceConfig:
     estimate_bytes: int = 0
     #: Where llama-server's output goes besides its log file (serve's stderr: output.py).
     echo: Callable[[bytes], None] | None = None
+    #: The RPC workers its llama-server splits the model over (its --rpc flag): a head whose
+    #: worker is gone aborts, and cannot start again until the worker is back (RESOURCES.md).
+    rpc_workers: tuple[Endpoint, ...] = ()
 
 
 class Backend(Protocol):

@@ -160,6 +160,27 @@ def serve(spec: ServeSpec) -> int:
     if spec.show_help:
         print(help_text())
         return 0
+    config = spec.config or (_default_config() if not spec.has_model_source else None)
+    if spec.remotes or (config is not None and _declares_remotes(config)):
+        from llamactl.serve import remote
+
+        remotes = remote.remotes_from_args(spec.remotes, dict(os.environ))
+        local_models = False
+        if config is not None:
+            from_file, local_models = remote.remotes_from_toml(config, dict(os.environ))
+            remotes += from_file
+        # A config file alone counts as a model source (many_models): its [models] decide.
+        local = bool(spec.model is not None or spec.models_dir or spec.models_preset) or any(
+            a.split("=", 1)[0] in server.MODEL_SOURCE_FLAGS for a in spec.passthrough
+        )
+        if not local and not local_models:
+            return remote.serve_remote_only(spec, remotes)
+        raise UsageError(
+            "remote servers beside local models (-m, or [models] in the config) are not "
+            "supported in one serve yet",
+            hint="serve the local models with their own `llamactl serve --port N` and add it "
+            "as one more remote: --remote http://127.0.0.1:N",
+        )
     if spec.many_models or (not spec.has_model_source and _default_config_exists()):
         from llamactl.serve.many import serve_many
 
@@ -167,6 +188,14 @@ def serve(spec: ServeSpec) -> int:
         return serve_many(spec, binary, backend)
     args, model_label = resolve_model_args(spec)
     binary, backend = resolve_binary(spec)
+    workers: tuple[Any, ...] = ()
+    if any(a == "--rpc" or a.startswith("--rpc=") for a in args):
+        from llamactl.serve import rpc
+
+        # llama-server aborts at start when a worker is missing, and the workers may be
+        # starting at this moment: wait for their hello first (bounded), and name the missing.
+        workers = rpc.rpc_endpoints_in(args)
+        rpc.wait_for_workers(workers, deadline_s=min(spec.start_timeout, 60.0), say=_say)
     tls = None
     if spec.ssl_key_file and spec.ssl_cert_file:  # a bad certificate fails before any load
         tls = listen.tls_context(spec.ssl_key_file, spec.ssl_cert_file)
@@ -206,7 +235,17 @@ def serve(spec: ServeSpec) -> int:
         # The real port when --port 0 was asked for; a Unix socket alone has none.
         port = next((a.port for a in where if a.port is not None), 0)
         started = _Started(
-            record_id, sockets, port, process, backend, model_label, binary, tls, where, echo
+            record_id,
+            sockets,
+            port,
+            process,
+            backend,
+            model_label,
+            binary,
+            tls,
+            where,
+            echo,
+            workers,
         )
         return _run(_serve_async(spec, started))
     except KeyboardInterrupt:
@@ -220,6 +259,20 @@ def serve(spec: ServeSpec) -> int:
             proc.stop_group(process.popen.pid, grace=5.0, popen=process.popen)
         if echo is not None:
             echo.close()  # llama-server's last lines (its shutdown) reach stderr
+
+
+def _default_config() -> Path | None:
+    """The config directory's serve.toml, when there is one (as serve/many.py reads it)."""
+    path = paths.config_dir() / "serve.toml"
+    return path if path.is_file() else None
+
+
+def _declares_remotes(config: Path) -> bool:
+    """Whether a TOML file has a [remotes.NAME] table (a cheap look before parsing it)."""
+    try:
+        return "[remotes." in config.read_text()
+    except OSError:
+        return False
 
 
 def _default_config_exists() -> bool:
@@ -241,6 +294,7 @@ class _Started:
     tls: Any = None  # ssl.SSLContext, when serving HTTPS
     addresses: list[Any] = field(default_factory=list)  # listen.Address
     echo: Any = None  # output.StderrCopy
+    rpc_workers: tuple[Any, ...] = ()  # the --rpc workers its llama-server splits the model over
 
 
 def _run(coro: Any) -> int:
@@ -253,6 +307,7 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
     import asyncio
 
     from llamactl.serve import records
+    from llamactl.serve.many import where_label
     from llamactl.serve.proxy import Proxy, ProxyConfig
     from llamactl.serve.supervisor import InstanceConfig, Policy, Supervisor
 
@@ -300,6 +355,7 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
                     else None,
                     log_path=str(inst.config.log_path),
                     last_error=(inst.last_error or "").splitlines()[0] if inst.last_error else None,
+                    where=where_label(inst.config.rpc_workers),
                 )
             )
         records.write(record)
@@ -327,6 +383,7 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
             log_path=process.spec.log_path,
             model_label=started.model_label,
             echo=started.echo.write if started.echo is not None else None,
+            rpc_workers=started.rpc_workers,
         ),
         process=process,
     )

@@ -126,9 +126,15 @@ def instance_records(sup: Supervisor) -> list[Any]:
                 last_error=(inst.last_error or "").splitlines()[0] if inst.last_error else None,
                 memory=inst.config.estimate_bytes or None,
                 in_flight=inst.in_flight,
+                where=where_label(inst.config.rpc_workers),
             )
         )
     return out
+
+
+def where_label(workers: tuple[Any, ...]) -> str:
+    """Where an instance's model runs, as ps shows it."""
+    return "rpc " + ",".join(str(w) for w in workers) if workers else "local"
 
 
 async def _serve_async(
@@ -188,6 +194,7 @@ async def _serve_async(
         log_dir=paths.logs_dir(),
         record_id=record_id,
         echo=front.echo.write if front.echo is not None else None,
+        worker_wait=min(spec.start_timeout, 60.0),
     )
     proxy = Proxy(
         ProxyConfig(

@@ -30,6 +30,7 @@ from llamactl.serve.http import error_response, is_public, model_of
 from llamactl.serve.http import origin_allowed as _origin_allowed
 from llamactl.serve.http import query_model as _query_model
 from llamactl.serve.http import sse_error_event as _sse_error_event
+from llamactl.serve.http import wants_stream as _wants_stream
 from llamactl.serve.listen import ProxyBindError
 from llamactl.serve.runner import run
 from llamactl.serve.upstream import ProxyError, Upstream, UpstreamProvider
@@ -88,6 +89,10 @@ class ProxyConfig:
     #: Client connections served at once; more get a 503 and are closed, so that descriptors
     #: never run out (serve sizes it from RLIMIT_NOFILE: listen.connection_bound). 0: no bound.
     max_connections: int = 0
+    #: A streamed request that waits this long for its model (loading) gets its 200 head and
+    #: an SSE comment, then one more every as many seconds, so that clients and proxies in
+    #: between do not time out (0: never).
+    sse_wait_comment_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,11 @@ class ProxyStats:
 
 # Response framings towards the client.
 _NONE, _LENGTH, _CHUNKED, _CLOSE = 0, 1, 2, 3
+#: An upstream error answer to a stream whose 200 head the client already has (it waited for
+#: its model with SSE comments): its body becomes one SSE error event.
+_WRAP = 4
+_WAIT_COMMENT = b": waiting for the model to load\n\n"
+_WAIT_CHUNK = b"%x\r\n%s\r\n" % (len(_WAIT_COMMENT), _WAIT_COMMENT)
 
 
 #: How long a request whose upstream refuses connections keeps asking for the upstream again
@@ -154,6 +164,7 @@ class _Exchange:
         "connect_task",
         "cred",
         "declared",
+        "early",
         "error",
         "expect",
         "finished",
@@ -165,9 +176,11 @@ class _Exchange:
         "http10",
         "json_body",
         "keep_alive",
+        "keepalive",
         "lines",
         "method",
         "model",
+        "moved",
         "origin",
         "payload",
         "released",
@@ -198,6 +211,7 @@ class _Exchange:
         self.xkey: bytes | None = None
         self.has_host = False
         self.host: bytes | None = None
+        self.moved = False  # sent again to another replica once already
         self.json_body = True
         self.expect = False
         self.auth_ok = False
@@ -218,6 +232,8 @@ class _Exchange:
         self.requeue_until = 0.0  # loop time until which a refused connect waits for a restart
         self.status = 0
         self.t0 = 0.0
+        self.early = False  # a 200 SSE head went out while the model loaded
+        self.keepalive: asyncio.TimerHandle | None = None
         self.timed_out = False
         self.acquire_task: asyncio.Task[Upstream] | None = None
         self.connect_task: asyncio.Future[Any] | None = None
@@ -360,8 +376,7 @@ class _ClientConn(asyncio.Protocol):
                 ex.json_body = False
         elif lname == b"host":
             ex.has_host = True
-            ex.host = value
-            ex.lines += (name, b": ", value, b"\r\n")
+            ex.host = value  # kept apart from ex.lines: a remote upstream replaces it
         elif lname == b"authorization":
             ex.cred += (name, b": ", value, b"\r\n")
             ex.authz = value
@@ -588,9 +603,45 @@ class _ClientConn(asyncio.Protocol):
                 task = loop.create_task(_resume(coro, yielded))
         ex.acquire_task = task
         task.add_done_callback(partial(self._acquire_done, ex))
+        wait = self.proxy.config.sse_wait_comment_s
+        if (
+            wait > 0
+            and ex.keepalive is None
+            and ex.method == b"POST"
+            and not ex.http10
+            and _wants_stream(ex.body[0] if len(ex.body) == 1 else b"".join(ex.body))
+        ):
+            ex.keepalive = loop.call_later(wait, self._wait_comment, ex)
+
+    def _wait_comment(self, ex: _Exchange) -> None:
+        """A stream still waits for its model: its 200 SSE head first, then a comment."""
+        ex.keepalive = None
+        if self.closed or ex.finished or ex.acquire_task is None:
+            return
+        if not ex.early:
+            ex.early = True
+            head = [
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n",
+                b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n",
+                b"X-Accel-Buffering: no\r\n",
+            ]
+            cors = self.proxy.config.cors_origins
+            if cors is not None and ex.origin is not None and _origin_allowed(cors, ex.origin):
+                head.append(b"Access-Control-Allow-Origin: %s\r\nVary: Origin\r\n" % ex.origin)
+            if not ex.keep_alive:
+                head.append(b"Connection: close\r\n")
+            head.append(b"\r\n")
+            self.transport.write(b"".join(head))
+        self.transport.write(_WAIT_CHUNK)
+        ex.keepalive = asyncio.get_running_loop().call_later(
+            self.proxy.config.sse_wait_comment_s, self._wait_comment, ex
+        )
 
     def _acquire_done(self, ex: _Exchange, task: asyncio.Task[Upstream]) -> None:
         ex.acquire_task = None
+        if ex.keepalive is not None:
+            ex.keepalive.cancel()
+            ex.keepalive = None
         if task.cancelled() or self.closed or ex.finished:
             if not task.cancelled() and task.exception() is None:
                 self.proxy.provider.release(task.result(), 499)
@@ -613,7 +664,12 @@ class _ClientConn(asyncio.Protocol):
                 auth = b"Authorization: " + upstream.auth + b"\r\n"
         elif ex.cred:
             auth = b"".join(ex.cred)
-        host = b"" if ex.has_host else b"Host: %s:%d\r\n" % (upstream.host.encode(), upstream.port)
+        if upstream.host_header is not None:
+            host = b"Host: %s\r\n" % upstream.host_header
+        elif ex.has_host:
+            host = b"Host: %s\r\n" % ex.host
+        else:
+            host = b"Host: %s:%d\r\n" % (upstream.host.encode(), upstream.port)
         # The body was read whole (bounded), so it always goes out with a Content-Length.
         length = b"Content-Length: %d\r\n" % len(body) if ex.has_body or body else b""
         head = b"%s %s HTTP/1.1\r\n%s%s%s%s\r\n" % (
@@ -663,6 +719,8 @@ class _ClientConn(asyncio.Protocol):
             return
         if isinstance(exc, ConnectionRefusedError) and self._requeue(ex):
             return
+        if self._move(ex):
+            return
         upstream = ex.upstream
         assert upstream is not None
         log.warning(
@@ -708,6 +766,23 @@ class _ClientConn(asyncio.Protocol):
         asyncio.get_running_loop().call_later(REQUEUE_PAUSE_S, self._reacquire, ex)
         return True
 
+    def _move(self, ex: _Exchange) -> bool:
+        """A replicated upstream (a remote server) dropped the request before any byte of its
+        answer: ask for an upstream again, once; the provider has counted the failure and
+        picks another replica."""
+        upstream = ex.upstream
+        if upstream is None or not upstream.replicated or ex.moved:
+            return False
+        ex.moved = True
+        log.warning("%s dropped a request before answering: sent to another", upstream.name)
+        self._release(ex, 0)
+        ex.released = False
+        ex.upstream = None
+        ex.attempts = 0
+        ex.payload = []
+        self._acquire(ex)
+        return True
+
     def _reacquire(self, ex: _Exchange) -> None:
         if not (self.closed or ex.finished):
             self._acquire(ex)
@@ -718,6 +793,14 @@ class _ClientConn(asyncio.Protocol):
             self.proxy.provider.release(ex.upstream, outcome, _monotonic() - ex.t0)
 
     def _reply_error(self, ex: _Exchange, err: ProxyError) -> None:
+        if ex.early:
+            # The client has a 200 SSE head already: the error goes in-band, as llama-server
+            # reports a failed stream, then the end of the stream.
+            if not self.closed:
+                event = _sse_error_event(err.message, err.type, err.status)
+                self.transport.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+            self._done(ex)
+            return
         extra = b""
         cors = self.proxy.config.cors_origins
         if cors is not None and ex.origin is not None and _origin_allowed(cors, ex.origin):
@@ -776,6 +859,9 @@ class _ClientConn(asyncio.Protocol):
 
     def _abandon(self, ex: _Exchange) -> None:
         """The client is gone: stop the upstream request so llama-server stops generating."""
+        if ex.keepalive is not None:
+            ex.keepalive.cancel()
+            ex.keepalive = None
         if ex.acquire_task is not None:
             ex.acquire_task.cancel()
         if ex.connect_task is not None:
@@ -803,6 +889,8 @@ class _ClientConn(asyncio.Protocol):
         if retry and ex.attempts < 2:
             # A pooled keep-alive connection that llama-server closed meanwhile is normal.
             self._send(ex, fresh=True)
+            return
+        if not ex.timed_out and self._move(ex):
             return
         self._release(ex, 0)
         if ex.timed_out:
@@ -917,6 +1005,7 @@ class _UpstreamConn(asyncio.Protocol):
         self.out: list[bytes] = []
         self.closed = False
         self.stamp = proxy.now
+        self.wrapped: list[bytes] = []  # the body of a _WRAP answer, until it ends
         self._reset()
 
     def _reset(self) -> None:
@@ -1038,6 +1127,14 @@ class _UpstreamConn(asyncio.Protocol):
         assert ex is not None
         self.status = status
         ex.status = status
+        if ex.early:
+            # The client has its 200 SSE head (it waited for the model): only the body goes
+            # on, in chunks; an error answer becomes an SSE error event.
+            self.hdrs = []
+            self.sse = True
+            self.framing = _CHUNKED if status == 200 else _WRAP
+            self.head_sent = True
+            return
         parts: list[bytes] = []
         hdrs = self.hdrs
         length = False
@@ -1088,6 +1185,8 @@ class _UpstreamConn(asyncio.Protocol):
     def on_body(self, data: bytes) -> None:
         if self.framing == _CHUNKED:
             self.out += (b"%x\r\n" % len(data), data, b"\r\n")
+        elif self.framing == _WRAP:
+            self.wrapped.append(data)
         else:
             self.out.append(data)
 
@@ -1097,6 +1196,10 @@ class _UpstreamConn(asyncio.Protocol):
             return
         if self.framing == _CHUNKED:
             self.out.append(b"0\r\n\r\n")
+        elif self.framing == _WRAP:
+            event = b"data: " + b"".join(self.wrapped).strip() + b"\n\n"
+            self.wrapped = []
+            self.out.append(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
         # llhttp answers this only inside the callback; after feed_data it says False.
         if not self.parser.should_keep_alive():
             self.upstream_close = True
@@ -1159,11 +1262,11 @@ class _UpstreamConn(asyncio.Protocol):
         if self.out:
             client.transport.writelines(self.out)
             self.out.clear()
-        if self.sse and self.framing in (_CHUNKED, _CLOSE):
+        if self.sse and self.framing in (_CHUNKED, _CLOSE, _WRAP):
             # A stream that already started can only report the failure in-band, as
             # llama-server does: an error event, then a proper end of the stream.
             event = _sse_error_event(message)
-            if self.framing == _CHUNKED:
+            if self.framing != _CLOSE:
                 client.transport.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
                 client._done(ex)
             else:
@@ -1319,7 +1422,11 @@ class Proxy:
         key = (upstream.name, upstream.host, upstream.port)
         _, conn = await asyncio.wait_for(
             loop.create_connection(
-                lambda: _UpstreamConn(self, key, upstream.generation), upstream.host, upstream.port
+                lambda: _UpstreamConn(self, key, upstream.generation),
+                upstream.host,
+                upstream.port,
+                ssl=upstream.tls,
+                server_hostname=upstream.host if upstream.tls is not None else None,
             ),
             self.config.connect_timeout,
         )

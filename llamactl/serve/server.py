@@ -137,6 +137,16 @@ _DIAGNOSES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
             r"ErrorOutOfDeviceMemory|std::bad_alloc",
             "out of memory: try fewer GPU layers (-ngl) or a smaller context (-c)",
         ),
+        # ggml-rpc.cpp aborts (SIGABRT) with these when a --rpc worker is missing at start, or
+        # lost (killed, its host gone) while the model was loading or generating.
+        (
+            r"Failed to connect to \S+:\d+",
+            "an RPC worker (--rpc) does not answer: is `llamactl worker` running there?",
+        ),
+        (
+            r"Remote RPC server crashed or returned malformed response",
+            "an RPC worker (--rpc) was lost: killed, or its host is unreachable",
+        ),
         (r"error loading model|failed to load model", "llama-server could not load the model"),
     )
 )

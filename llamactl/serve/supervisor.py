@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llamactl.errors import ServerStartError
+from llamactl.serve import rpc
 from llamactl.serve.backend import (
     Backend,
     BackendFactory,
@@ -73,6 +74,9 @@ class Policy:
     #: free when asked) are retried at once on another port, this many times, and are not
     #: counted as crashes.
     port_retries: int = 5
+    #: While an RPC worker of an instance is gone: how often it is asked for its hello.
+    worker_poll: float = 0.5
+    worker_probe_timeout: float = 2.0
 
 
 @dataclass
@@ -166,7 +170,10 @@ class Supervisor:
                 break
             except ServerStartError as exc:
                 code = inst.last_exit
-                if code is None or code >= 0 or tries >= self.policy.first_start_retries:
+                killed = code is not None and code < 0
+                # A worker lost while the model loaded over RPC: wait for it, then try again.
+                lost_worker = await self._wait_for_workers(inst, exc.message.splitlines()[0])
+                if tries >= self.policy.first_start_retries or not (killed or lost_worker):
                     raise
                 tries += 1
                 inst.failures.append(self._clock())
@@ -275,11 +282,17 @@ class Supervisor:
             if self._stopping:
                 return
             down_since = self._clock()
+            lost = self._lost_worker(inst)
+            if lost:
+                reason = f"{reason}: {lost} (not counted as a crash)"
             # Warnings: serve logs at WARNING, and whoever runs it should see each failure.
             log.warning("instance %s: %s; restarting it", inst.name, reason)
             inst.last_error = reason
-            inst.failures.append(down_since)
             await self._stop_process(inst, reason)
+            if not (await self._wait_for_workers(inst, reason) or lost):
+                # A head that died with its worker is not a crash of its own: a worker lost is
+                # waited for (or is back already), not counted against the crash-loop budget.
+                inst.failures.append(down_since)
             while not self._stopping:
                 recent = self._recent_failures(inst)
                 if recent >= self.policy.crash_limit:
@@ -316,7 +329,45 @@ class Supervisor:
                     reason = exc.message.splitlines()[0]
                     log.warning("instance %s: restart failed: %s", inst.name, reason)
                     inst.last_error = exc.message
-                    inst.failures.append(self._clock())
+                    if not await self._wait_for_workers(inst, reason):
+                        inst.failures.append(self._clock())
+
+    def _lost_worker(self, inst: Instance) -> str | None:
+        """Why the head of an RPC-backed instance died, when its log says a worker was lost
+        (ggml-rpc.cpp aborts with these lines); None otherwise."""
+        if not inst.config.rpc_workers or inst.process is None:
+            return None
+        for line in reversed(inst.process.tail(80)):
+            if "Remote RPC server crashed" in line or "Failed to connect to" in line:
+                return "an RPC worker was lost"
+        return None
+
+    async def _wait_for_workers(self, inst: Instance, reason: str) -> bool:
+        """When a worker of the instance does not answer its hello, wait (state BACKOFF, named
+        in the reason) until every worker does; True when there was a wait. Stopping ends it."""
+        workers = inst.config.rpc_workers
+        if not workers:
+            return False
+        waited = False
+        while not self._stopping:
+            probes = await asyncio.gather(
+                *(rpc.probe_async(w, timeout=self.policy.worker_probe_timeout) for w in workers)
+            )
+            missing = [p for p in probes if not p.ok]
+            if not missing:
+                if waited:
+                    log.warning("instance %s: every RPC worker answers again", inst.name)
+                return waited
+            what = "; ".join(f"RPC worker {p.endpoint} {p.problem}" for p in missing)
+            if not waited:
+                log.warning("instance %s: %s; waiting for it: %s", inst.name, reason, what)
+            waited = True
+            inst.last_error = f"waiting for {what}"
+            names = ", ".join(str(p.endpoint) for p in missing)
+            inst.set_state(State.BACKOFF, f"waiting for {names}")
+            self._notify()
+            await self._sleep(self.policy.worker_poll)
+        return waited
 
     async def _watch(self, inst: Instance) -> str:
         """Wait until the instance needs a restart; say why."""

@@ -1,0 +1,1 @@
+/root/.cache/llamactl/vendor/llama.cpp
