@@ -728,11 +728,11 @@ def serve_remote_only(spec: Any, remotes: Sequence[RemoteSpec]) -> int:
     """`llamactl serve --remote URL ...` with no local model: the proxy in front of the remotes
     only, until Ctrl-C or SIGTERM; the exit code."""
     from llamactl.serve import listen
-    from llamactl.serve.main import _run
+    from llamactl.serve.runner import run
 
     sockets = listen.bind(spec.host, spec.port)
     try:
-        return _run(_serve_remote_async(spec, remotes, sockets))
+        return int(run(_serve_remote_async(spec, remotes, sockets)))
     except KeyboardInterrupt:
         return 130
     finally:
