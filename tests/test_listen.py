@@ -488,3 +488,46 @@ def test_several_models_listen_the_same_ways(tmp_path: Path) -> None:
     err = s.stderr()
     assert "llamactl: serving 2 models" in err
     assert "fake llama-server" in err  # the loaded model's llama-server, on serve's stderr
+
+
+@fake
+def test_a_front_for_remotes_listens_the_same_ways(tmp_path: Path) -> None:
+    """serve with remote servers only (serve/remote.py) takes every listen form and TLS too."""
+    from support.serving import FAKE
+
+    from llamactl.net import free_port, wait_ready
+    from llamactl.proc import stop_group
+
+    remote_port = free_port()
+    remote = subprocess.Popen(
+        [sys.executable, str(FAKE), "--port", str(remote_port), "--load-time", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_ready("127.0.0.1", remote_port, deadline_s=60)
+        key, cert = make_certificate(tmp_path)
+        sock = tmp_path / "front.sock"
+        s = start_serve(
+            fake_binary(tmp_path),
+            None,
+            tmp_path / "home",
+            [
+                *("--remote", f"http://127.0.0.1:{remote_port}"),
+                *("--host", f"127.0.0.1,{sock}", "--port", "0"),
+                *("--ssl-key-file", str(key), "--ssl-cert-file", str(cert)),
+            ],
+        )
+        try:
+            tcp, unix = s.urls
+            assert tcp.startswith("https://127.0.0.1:") and unix == f"unix://{sock}"
+            context = ssl.create_default_context(cafile=str(cert))
+            with httpx.Client(verify=context, timeout=60) as client:
+                r = client.get(f"https://localhost:{tcp.rsplit(':', 1)[1]}/v1/models")
+                assert r.status_code == 200, r.text
+        finally:
+            s.stop()
+        assert not sock.exists()
+    finally:
+        stop_group(remote.pid, grace=1.0, popen=remote)

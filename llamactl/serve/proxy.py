@@ -424,7 +424,11 @@ class _ClientConn(asyncio.Protocol):
             ]
         if proxy._key is not None:
             ex.auth_ok = proxy._check_key(ex.authz, ex.xkey)
-        elif self.hosts is not None and ex.host is not None and not proxy._host_ok(ex.host):
+        elif (
+            self.hosts is not None
+            and ex.host is not None
+            and not (proxy._hosts_seen.get(ex.host) or proxy._host_ok(ex.host))
+        ):
             # No key: only the key would stop a page whose name was rebound to this address.
             ex.error = ProxyError(
                 403,
