@@ -114,7 +114,7 @@ serve_check() {
     sleep 0.2
   done
   local ready
-  ready=$(grep '^ready in' "$log" | tail -1)
+  ready=$(grep 'ready in [0-9.]* s:' "$log" | tail -1)
   say "serve: $ready"
   local answer
   answer=$(python3 - "$port" <<'EOF'
