@@ -825,7 +825,7 @@ async def _serve_remote_async(spec: Any, remotes: Sequence[RemoteSpec], front: A
             )
         ready = [r.address.base for r in pool.replicas if r.healthy]
         print(
-            f"ready: {len(ready)} of {len(pool.replicas)} remote servers answer "
+            f"llamactl: ready: {len(ready)} of {len(pool.replicas)} remote servers answer "
             f"({', '.join(ready)}); no local model",
             file=sys.stderr,
             flush=True,
