@@ -728,7 +728,7 @@ def serve_remote_only(spec: Any, remotes: Sequence[RemoteSpec]) -> int:
     """`llamactl serve --remote URL ...` with no local model: the proxy in front of the remotes
     only, until Ctrl-C or SIGTERM; the exit code."""
     from llamactl.serve import listen
-    from llamactl.serve.main import _run
+    from llamactl.serve.runner import run
 
     front = listen.open_front(
         spec.host,
@@ -739,7 +739,7 @@ def serve_remote_only(spec: Any, remotes: Sequence[RemoteSpec]) -> int:
         ssl_cert_file=spec.ssl_cert_file,
     )
     try:
-        return _run(_serve_remote_async(spec, remotes, front))
+        return int(run(_serve_remote_async(spec, remotes, front)))
     except KeyboardInterrupt:
         return 130
     finally:
