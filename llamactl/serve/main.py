@@ -174,7 +174,9 @@ def serve(spec: ServeSpec) -> int:
             a.split("=", 1)[0] in server.MODEL_SOURCE_FLAGS for a in spec.passthrough
         )
         if not local and not local_models:
-            return remote.serve_remote_only(spec, remotes)
+            from llamactl.serve.front import serve_remote_only
+
+            return serve_remote_only(spec, remotes)
         raise UsageError(
             "remote servers beside local models (-m, or [models] in the config) are not "
             "supported in one serve yet",
