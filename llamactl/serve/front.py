@@ -125,3 +125,90 @@ async def _serve_remote_async(spec: Any, remotes: Sequence[RemoteSpec], sockets:
         await proxy.close()
         await pool.close()
         records.remove(record.id)
+
+
+class Mixed:
+    """One local model (its supervised llama-server) and remote replicas behind one proxy: a
+    request goes to whichever has the most free slots among those that serve its model; the
+    front's own answers (/health, /v1/models, /models, /metrics) cover both."""
+
+    def __init__(self, local: Any, pool: RemotePool, local_model: str | None) -> None:
+        self.local = local  # the Supervisor, with its one instance "default"
+        self.pool = pool
+        self.local_model = local_model
+        self.local_slots = 1
+        self._turn = 0
+        pool.extra_models = self._local_entry
+        pool.extra_health = self._local_ready
+
+    def _instance(self) -> Any:
+        return next(iter(self.local.instances.values()), None)
+
+    def _local_ready(self) -> bool:
+        from llamactl.serve.supervisor import State
+
+        inst = self._instance()
+        return inst is not None and inst.state is State.READY
+
+    def _local_entry(self) -> dict[str, Any] | None:
+        inst = self._instance()
+        if inst is None or self.local_model is None:
+            return None
+        return {
+            "url": "local",
+            "state": inst.state.value,
+            "in_flight": inst.in_flight,
+            "total_slots": self.local_slots,
+            "model": self.local_model,
+        }
+
+    def _serves_locally(self, model: str | None) -> bool:
+        return model is None or model == self.local_model
+
+    async def acquire(self, model: str | None, method: bytes = b"GET", path: bytes = b"/") -> Any:
+        from llamactl.serve.remote import CONTROL_PATHS, choose
+
+        if path in CONTROL_PATHS and method in (b"GET", b"HEAD"):
+            return self.pool.control.upstream
+        replica = choose(self.pool.replicas, model, time.monotonic(), turn=self._turn)
+        inst = self._instance()
+        local_free = -(1 << 30)
+        if self._serves_locally(model) and self._local_ready() and inst is not None:
+            local_free = self.local_slots - inst.in_flight
+        # The remote replica when it has more free slots than the local instance, or when the
+        # local one cannot take the request now (not ready, full, another model).
+        if replica is not None and (replica.free_slots > local_free or local_free <= 0):
+            self._turn += 1
+            return self.pool.lease(replica)
+        if self._serves_locally(model):
+            return await self.local.acquire(model, method, path)
+        return await self.pool.acquire(model, method, path)
+
+    def release(self, upstream: Any, outcome: int, elapsed: float = 0.0) -> None:
+        if upstream.name in self.pool.names:
+            self.pool.release(upstream, outcome, elapsed)
+        else:
+            self.local.release(upstream, outcome, elapsed)
+
+    def replayable(self, upstream: Any) -> bool:
+        if upstream.name in self.pool.names:
+            return False
+        return bool(self.local.replayable(upstream))
+
+    async def read_local_slots(self) -> None:
+        """llama-server's parallel slots (GET /props total_slots), for the balance."""
+        import httpx
+
+        inst = self._instance()
+        up = inst.upstream if inst is not None else None
+        if up is None:
+            return
+        headers = {"Authorization": up.auth.decode()} if up.auth else {}
+        try:
+            async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+                r = await client.get(f"http://{up.host}:{up.port}/props", headers=headers)
+            slots = r.json().get("total_slots") if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return
+        if isinstance(slots, int) and slots > 0:
+            self.local_slots = slots

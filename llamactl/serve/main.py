@@ -177,12 +177,15 @@ def serve(spec: ServeSpec) -> int:
             from llamactl.serve.front import serve_remote_only
 
             return serve_remote_only(spec, remotes)
-        raise UsageError(
-            "remote servers beside local models (-m, or [models] in the config) are not "
-            "supported in one serve yet",
-            hint="serve the local models with their own `llamactl serve --port N` and add it "
-            "as one more remote: --remote http://127.0.0.1:N",
-        )
+        if local_models or spec.many_models:
+            raise UsageError(
+                "remote servers beside several local models (router flags, several -m, or "
+                "[models] in the config) are not supported in one serve yet",
+                hint="serve the local models with their own `llamactl serve --port N` and add "
+                "it as one more remote: --remote http://127.0.0.1:N",
+            )
+    else:
+        remotes = ()
     if spec.many_models or (not spec.has_model_source and _default_config_exists()):
         from llamactl.serve.many import serve_many
 
@@ -248,6 +251,7 @@ def serve(spec: ServeSpec) -> int:
             where,
             echo,
             workers,
+            tuple(remotes),
         )
         return _run(_serve_async(spec, started))
     except KeyboardInterrupt:
@@ -267,6 +271,15 @@ def _default_config() -> Path | None:
     """The config directory's serve.toml, when there is one (as serve/many.py reads it)."""
     path = paths.config_dir() / "serve.toml"
     return path if path.is_file() else None
+
+
+def _alias_in(args: tuple[str, ...]) -> str | None:
+    """The model name llama-server answers under (its -a / --alias)."""
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag in ("-a", "--alias"):
+            return value if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return None
 
 
 def _declares_remotes(config: Path) -> bool:
@@ -297,6 +310,7 @@ class _Started:
     addresses: list[Any] = field(default_factory=list)  # listen.Address
     echo: Any = None  # output.StderrCopy
     rpc_workers: tuple[Any, ...] = ()  # the --rpc workers its llama-server splits the model over
+    remotes: tuple[Any, ...] = ()  # remote replicas beside the local model (serve/front.py)
 
 
 def _run(coro: Any) -> int:
@@ -360,10 +374,34 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
                     where=where_label(inst.config.rpc_workers),
                 )
             )
+        if pool is not None:
+            record.instances += [
+                records.InstanceRecord(
+                    name=r.name,
+                    state=r.state,
+                    model=", ".join(r.models) or None,
+                    last_error=r.last_error,
+                    where=r.address.base,
+                )
+                for r in pool.replicas
+            ]
         records.write(record)
 
     policy = Policy(queue_timeout=spec.queue_timeout, stall_timeout=spec.start_timeout)
     supervisor = Supervisor(policy, on_change=write_record)
+    provider: Any = supervisor
+    pool: Any = None
+    mixed: Any = None
+    if started.remotes:
+        from llamactl.serve.front import Mixed
+        from llamactl.serve.remote import PoolPolicy, RemotePool
+
+        pool = RemotePool(
+            started.remotes,
+            PoolPolicy(queue_timeout=spec.queue_timeout),
+            on_change=lambda _pool: write_record(supervisor),
+        )
+        mixed = provider = Mixed(supervisor, pool, _alias_in(process.spec.args))
     from llamactl.serve import listen
 
     proxy = Proxy(
@@ -375,7 +413,7 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
             host_names=listen.guarded_names(spec.host, spec.allowed_hosts),
             max_connections=spec.max_connections or listen.connection_bound(),
         ),
-        supervisor,
+        provider,
     )
     inst = supervisor.add(
         InstanceConfig(
@@ -399,6 +437,9 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
             await asyncio.gather(start, return_exceptions=True)
             return _signal_exit(received)
         start.result()  # raises ServerStartError with the diagnosis
+        if mixed is not None:
+            await pool.start()
+            await mixed.read_local_slots()
         detail = [started.model_label, f"backend {started.backend or 'unknown'}"]
         if inst.process is not None:
             layers = _layers_offloaded(inst.process.tail(400))
@@ -417,6 +458,8 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
             start.cancel()
             await asyncio.gather(start, return_exceptions=True)
         await proxy.close()
+        if pool is not None:
+            await pool.close()
         await supervisor.close()
         records.remove(record.id)
 

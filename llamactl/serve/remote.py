@@ -386,6 +386,11 @@ class RemotePool:
                 )
             )
         self._by_name = {r.name: r for r in self.replicas}
+        self.names = frozenset(self._by_name)
+        #: A local model beside the replicas (serve/front.py's Mixed): its /v1/models entry
+        #: and whether it is ready, for the front's own answers.
+        self.extra_models: Callable[[], dict[str, Any] | None] = lambda: None
+        self.extra_health: Callable[[], bool] = lambda: False
         self._turn = 0
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -436,7 +441,7 @@ class RemotePool:
             replica = choose(self.replicas, model, now, turn=self._turn)
             if replica is not None:
                 self._turn += 1
-                return self._lease(replica)
+                return self.lease(replica)
             if model is not None and not any(r.serves(model) for r in self.replicas):
                 raise ProxyError(
                     404,
@@ -458,7 +463,7 @@ class RemotePool:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=min(left, 0.25))
 
-    def _lease(self, replica: Replica) -> Upstream:
+    def lease(self, replica: Replica) -> Upstream:
         from llamactl.serve.upstream import Upstream
 
         replica.breaker.on_trial()
@@ -606,36 +611,37 @@ class RemotePool:
     # -- the front's own answers
 
     def models_json(self) -> dict[str, Any]:
-        """/v1/models of the front: every model a replica serves, with where it runs."""
+        """/v1/models of the front: every model, with where it runs (the local instance
+        beside remote replicas, when there is one: serve/front.py's Mixed)."""
         now = int(time.time())
-        by_model: dict[str, list[Replica]] = {}
+        where: dict[str, list[dict[str, Any]]] = {}
+        local = self.extra_models()
+        if local is not None:
+            entry = {k: v for k, v in local.items() if k != "model"}
+            where.setdefault(local["model"], []).append(entry)
         for r in self.replicas:
             for model in r.models:
-                by_model.setdefault(model, []).append(r)
-        data = []
-        for model, replicas in by_model.items():
-            data.append(
-                {
-                    "id": model,
-                    "object": "model",
-                    "owned_by": "llamactl",
-                    "created": now,
-                    "status": {
-                        "value": "loaded"
-                        if any(r.state == "ready" for r in replicas)
-                        else "unloaded"
-                    },
-                    "replicas": [
-                        {
-                            "url": r.address.base,
-                            "state": r.state,
-                            "in_flight": r.in_flight,
-                            "total_slots": r.total_slots,
-                        }
-                        for r in replicas
-                    ],
-                }
-            )
+                where.setdefault(model, []).append(
+                    {
+                        "url": r.address.base,
+                        "state": r.state,
+                        "in_flight": r.in_flight,
+                        "total_slots": r.total_slots,
+                    }
+                )
+        data = [
+            {
+                "id": model,
+                "object": "model",
+                "owned_by": "llamactl",
+                "created": now,
+                "status": {
+                    "value": "loaded" if any(p["state"] == "ready" for p in places) else "unloaded"
+                },
+                "replicas": places,
+            }
+            for model, places in where.items()
+        ]
         return {"object": "list", "data": data}
 
     def metrics_text(self) -> str:
@@ -662,6 +668,8 @@ class RemotePool:
 
         if path in ("/health", "/v1/health"):
             ready = [r.address.base for r in self.replicas if _usable(r)]
+            if self.extra_health():
+                ready.insert(0, "local")
             if ready:
                 return Reply.json(200, {"status": "ok", "replicas": ready})
             raise ProxyError(
