@@ -251,3 +251,26 @@ def test_model_over_two_workers_on_hosts_of_their_own(
         (row,) = serve.ps()
         assert row["where"] == f"rpc {rpc_arg}"
         print(f"\nHOSTS {'namespaces' if all(hosts) else 'loopback'}: {rpc_arg}")
+
+
+def test_a_worker_restarted_under_an_idle_head_gets_the_head_restarted(
+    workers: Callable[[], Worker], serve_factory: Callable[..., Serve]
+) -> None:
+    """No request needed: the worker answering a hello while its head should hold it shows
+    that the head's connection is gone; the head is restarted before anyone asks."""
+    w1, w2 = workers(), workers()
+    serve = serve_factory("--rpc", f"{w1.endpoint},{w2.endpoint}", "-ngl", "999")
+    assert "Paris" in answer(
+        httpx.post(f"{serve.url}/v1/chat/completions", json=SEED, timeout=HANG)
+    )
+    (head,) = serve.llama_servers()
+    (victim,) = w1.rpc_children()
+    victim.kill()
+    killed_at = time.monotonic()
+    w1.wait_for("worker ready again")
+    serve.wait_state(lambda i: i["state"] == "ready" and i["restarts"] >= 1)
+    print(f"\nRECOVERY idle head restarted {time.monotonic() - killed_at:.2f} s after the kill")
+    assert not head.is_running() or head.status() == "zombie"
+    assert "answers a new client" in serve.stderr() or "was lost" in serve.stderr()
+    first = httpx.post(f"{serve.url}/v1/chat/completions", json=SEED, timeout=HANG)
+    assert "Paris" in answer(first)
