@@ -77,6 +77,31 @@ setup_there() {
   tar -C "$tree" -xJf "$PACK/llama.cpp.tar.xz"
 }
 
+pip_cublas_args() {
+  # A contingency, for a system toolkit without cuBLAS on a machine whose Python has NVIDIA's
+  # cuBLAS wheel (PyTorch images do) and no network for llamactl's own wheels: the system nvcc
+  # with that cuBLAS (RESOURCES.md: its headers in the compile flags, its libraries named to
+  # CMake through unversioned links, found at run time through RPATH). Sets EXTRA_ARGS.
+  local inc lib links=/tmp/cublas-links so
+  inc=$(python3 - <<'EOF2' 2>/dev/null
+import importlib.metadata as m
+d = m.distribution("nvidia-cublas")
+print(next(str(d.locate_file(f).parent) for f in d.files if f.name == "cublas_v2.h"))
+EOF2
+  ) || return 1
+  lib=$(dirname "$inc")/lib
+  say "the system toolkit lacks cuBLAS: using the Python package's, $inc"
+  mkdir -p "$links"
+  for so in "$lib"/libcublas*.so.*; do
+    ln -sf "$so" "$links/$(basename "$so" | sed 's/\.so\..*/.so/')"
+  done
+  local rpath="-Wl,-rpath-link,$lib -Wl,-rpath,$lib"
+  EXTRA_ARGS=(-- "-DCUDA_cublas_LIBRARY=$links/libcublas.so"
+    "-DCUDA_cublasLt_LIBRARY=$links/libcublasLt.so" "-DCMAKE_CUDA_FLAGS=-I$inc"
+    "-DCMAKE_CXX_FLAGS=-I$inc" "-DCMAKE_EXE_LINKER_FLAGS=$rpath"
+    "-DCMAKE_SHARED_LINKER_FLAGS=$rpath")
+}
+
 serve_check() {
   # serve -ngl 999: every layer on the GPU, and an answer to the seed question.
   local backend=$1 model=$2 port=$3 log=$4
@@ -89,7 +114,7 @@ serve_check() {
     sleep 0.2
   done
   local ready
-  ready=$(grep '^ready in' "$log" | tail -1)
+  ready=$(grep 'ready in [0-9.]* s:' "$log" | tail -1)
   say "serve: $ready"
   local answer
   answer=$(python3 - "$port" <<'EOF'
@@ -162,8 +187,14 @@ run)
   export LLAMACTL_HOME=/tmp/llamactl-home
   setup_there python3 /tmp/llamactl-site "$REPO/vendor"
   python3 -m llamactl doctor | tee -a "$OUT_FILE" | tail -8
+  toolkit=auto
+  EXTRA_ARGS=()
+  if ! python3 -m llamactl doctor | grep -q '^CUDA toolkit: system'; then
+    pip_cublas_args && toolkit=system
+  fi
   tb=$SECONDS
-  if ! python3 -m llamactl build --backend cuda --no-ui -j "$(nproc)" >/tmp/gpu_check_build.out 2>&1; then
+  if ! python3 -m llamactl build --backend cuda --cuda-toolkit "$toolkit" --no-ui -j "$(nproc)" \
+    "${EXTRA_ARGS[@]}" >/tmp/gpu_check_build.out 2>&1; then
     tail -30 /tmp/gpu_check_build.out
     fail "the CUDA build failed"
   fi

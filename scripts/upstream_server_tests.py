@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per side")
     parser.add_argument("--per-test", type=int, default=120, help="seconds per test")
     parser.add_argument("--keep", type=Path, help="keep the logs in this folder")
+    parser.add_argument("--serial", action="store_true", help="one side after the other")
     args = parser.parse_args(argv)
 
     from llamactl.build.cache import find_server_binary
@@ -225,7 +227,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 per_test_s=args.per_test,
             )
 
-        sides = {name: run(name, files, args.keyword) for name in SIDES}
+        if args.serial:
+            sides = {name: run(name, files, args.keyword) for name in SIDES}
+        else:
+            # The two sides at once, each on its own ports: half the wall time, and both see
+            # the same load (timing-sensitive tests fail alike rather than on one side).
+            with ThreadPoolExecutor(len(SIDES)) as pool:
+                futures = {name: pool.submit(run, name, files, args.keyword) for name in SIDES}
+                sides = {name: future.result() for name, future in futures.items()}
         print(f"llama-server: {server}\nmodel: {model}\n")
         only: dict[str, list[str]] = {}
         for name, other in (("direct", "llamactl"), ("llamactl", "direct")):

@@ -166,3 +166,15 @@ def test_connection_bound_is_sized_from_the_descriptor_limit() -> None:
     bound = listen.connection_bound()
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert 8 <= bound <= soft // 2
+
+
+def test_the_host_rule_spares_unix_socket_clients(tmp_path: Path) -> None:
+    sock = tmp_path / "g.sock"
+    s = _serve(tmp_path, "--host", f"127.0.0.1,{sock}")
+    try:
+        # No browser reaches a Unix socket, so no rebinding: any Host is fine there.
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock))) as client:
+            assert client.get("http://docker/v1/models").status_code == 200
+        assert _get(s.url("http") + "/v1/models", "docker").status_code == 403
+    finally:
+        s.stop()

@@ -447,3 +447,87 @@ def test_log_disable_keeps_stderr_quiet_and_the_log_file_full(tmp_path: Path) ->
     s.stop()
     assert "llama_model_loader" not in s.stderr()
     assert "llama_model_loader: loading model from" in _log_files(home)[0].read_text()
+
+
+@fake
+def test_several_models_listen_the_same_ways(tmp_path: Path) -> None:
+    """serve with several models (serve/many.py) takes every listen form, TLS, the Host rule
+    and the stderr copy as serve with one does."""
+    key, cert = make_certificate(tmp_path)
+    sock = tmp_path / "many.sock"
+    second = tmp_path / "n.gguf"
+    second.write_bytes(b"GGUF")
+    s = start_serve(
+        fake_binary(tmp_path),
+        fake_model(tmp_path),
+        tmp_path / "home",
+        [
+            *("-m", str(second), "--host", f"127.0.0.1,{sock}", "--port", "0"),
+            *("--ssl-key-file", str(key), "--ssl-cert-file", str(cert)),
+        ],
+    )
+    try:
+        tcp, unix = s.urls
+        assert tcp.startswith("https://127.0.0.1:") and unix == f"unix://{sock}"
+        context = ssl.create_default_context(cafile=str(cert))
+        port = tcp.rsplit(":", 1)[1]
+        with httpx.Client(verify=context, timeout=60) as client:
+            r = client.post(
+                f"https://localhost:{port}/v1/chat/completions",
+                json={"model": "n", "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert r.status_code == 200, r.text
+            foreign = client.get(
+                f"https://localhost:{port}/v1/models", headers={"Host": "rebind.example"}
+            )
+            assert foreign.status_code == 403
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    finally:
+        s.stop()
+    assert not sock.exists()
+    err = s.stderr()
+    assert "llamactl: serving 2 models" in err
+    assert "fake llama-server" in err  # the loaded model's llama-server, on serve's stderr
+
+
+@fake
+def test_a_front_for_remotes_listens_the_same_ways(tmp_path: Path) -> None:
+    """serve with remote servers only (serve/remote.py) takes every listen form and TLS too."""
+    from support.serving import FAKE
+
+    from llamactl.net import free_port, wait_ready
+    from llamactl.proc import stop_group
+
+    remote_port = free_port()
+    remote = subprocess.Popen(
+        [sys.executable, str(FAKE), "--port", str(remote_port), "--load-time", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_ready("127.0.0.1", remote_port, deadline_s=60)
+        key, cert = make_certificate(tmp_path)
+        sock = tmp_path / "front.sock"
+        s = start_serve(
+            fake_binary(tmp_path),
+            None,
+            tmp_path / "home",
+            [
+                *("--remote", f"http://127.0.0.1:{remote_port}"),
+                *("--host", f"127.0.0.1,{sock}", "--port", "0"),
+                *("--ssl-key-file", str(key), "--ssl-cert-file", str(cert)),
+            ],
+        )
+        try:
+            tcp, unix = s.urls
+            assert tcp.startswith("https://127.0.0.1:") and unix == f"unix://{sock}"
+            context = ssl.create_default_context(cafile=str(cert))
+            with httpx.Client(verify=context, timeout=60) as client:
+                r = client.get(f"https://localhost:{tcp.rsplit(':', 1)[1]}/v1/models")
+                assert r.status_code == 200, r.text
+        finally:
+            s.stop()
+        assert not sock.exists()
+    finally:
+        stop_group(remote.pid, grace=1.0, popen=remote)

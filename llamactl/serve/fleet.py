@@ -497,7 +497,13 @@ class ModelFleet:
         An eviction that finds the model still generating after the bound gives up (_Busy):
         the newcomer gets 503 with Retry-After, the busy model keeps serving."""
         inst = self.supervisor.instances.get(name)
-        if inst is None or inst.state not in _LIVE or name in self._unloading:
+        if inst is None or inst.state not in _LIVE:
+            return
+        if name in self._unloading:  # already going: wait until it is gone (its own bound)
+            while inst.state in _LIVE and name in self._unloading:
+                await self._wait_change(1.0)
+            if inst.state in _LIVE and evict:
+                raise _Busy(f"model {inst.config.model} is still generating; retry shortly")
             return
         self._unloading.add(name)
         try:

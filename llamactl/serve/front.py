@@ -22,17 +22,23 @@ def serve_remote_only(spec: Any, remotes: Sequence[RemoteSpec]) -> int:
     from llamactl.serve import listen
     from llamactl.serve.runner import run
 
-    sockets = listen.bind(spec.host, spec.port)
+    front = listen.open_front(
+        spec.host,
+        spec.port,
+        reuse_port=spec.reuse_port,
+        socket_mode=spec.socket_mode,
+        ssl_key_file=spec.ssl_key_file,
+        ssl_cert_file=spec.ssl_cert_file,
+    )
     try:
-        return int(run(_serve_remote_async(spec, remotes, sockets)))
+        return int(run(_serve_remote_async(spec, remotes, front)))
     except KeyboardInterrupt:
         return 130
     finally:
-        for sock in sockets:
-            sock.close()
+        front.close()  # removes a Unix socket's file
 
 
-async def _serve_remote_async(spec: Any, remotes: Sequence[RemoteSpec], sockets: list[Any]) -> int:
+async def _serve_remote_async(spec: Any, remotes: Sequence[RemoteSpec], front: Any) -> int:
     import signal
     import sys
 
@@ -50,13 +56,13 @@ async def _serve_remote_async(spec: Any, remotes: Sequence[RemoteSpec], sockets:
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, on_signal, signum)
-    port = int(sockets[0].getsockname()[1])
     record = records.ServeRecord(
         id=records.new_id(),
         pid=os.getpid(),
         pid_started=records.process_start_time(os.getpid()) or time.time(),
         host=spec.host,
-        port=port,
+        port=front.port,
+        urls=front.urls,
         started_at=time.time(),
         auth=bool(spec.api_keys),
     )
@@ -98,7 +104,7 @@ async def _serve_remote_async(spec: Any, remotes: Sequence[RemoteSpec], sockets:
     write_record(pool)
     waiter = asyncio.ensure_future(stop.wait())
     try:
-        await proxy.start(sockets)
+        await proxy.start(front.sockets, ssl=front.tls)
         starting = asyncio.ensure_future(pool.start(wait=spec.start_timeout))
         await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
@@ -111,13 +117,12 @@ async def _serve_remote_async(spec: Any, remotes: Sequence[RemoteSpec], sockets:
             )
         ready = [r.address.base for r in pool.replicas if r.healthy]
         print(
-            f"ready: {len(ready)} of {len(pool.replicas)} remote servers answer "
+            f"llamactl: ready: {len(ready)} of {len(pool.replicas)} remote servers answer "
             f"({', '.join(ready)}); no local model",
             file=sys.stderr,
             flush=True,
         )
-        host = f"[{spec.host}]" if ":" in spec.host else spec.host
-        print(f"listening at http://{host}:{port}", flush=True)
+        print(front.listening_line(), flush=True)
         await waiter
         return 128 + received[0] if received else 0
     finally:

@@ -225,6 +225,48 @@ def addresses(sockets: list[socket.socket], tls: bool = False) -> list[Address]:
     return found
 
 
+@dataclass
+class Front:
+    """Where a serve listens: its bound sockets, the TLS context (None: plain HTTP) and their
+    addresses. One for every kind of serve (one model, several, remotes only)."""
+
+    sockets: list[socket.socket]
+    tls: ssl.SSLContext | None
+    addresses: list[Address]
+
+    @property
+    def port(self) -> int:
+        """The TCP port (the real one when 0 was asked for); 0 for Unix sockets only."""
+        return next((a.port for a in self.addresses if a.port is not None), 0)
+
+    @property
+    def urls(self) -> list[str]:
+        return [a.url for a in self.addresses]
+
+    def listening_line(self) -> str:
+        """The line serve prints on stdout once ready (scripts wait for it)."""
+        return "listening at " + ", ".join(self.urls)
+
+    def close(self) -> None:
+        close(self.sockets)
+
+
+def open_front(
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool = False,
+    socket_mode: int = DEFAULT_SOCKET_MODE,
+    ssl_key_file: str | None = None,
+    ssl_cert_file: str | None = None,
+) -> Front:
+    """Load the TLS context (when both files are given), then bind: a bad certificate or a
+    taken address fails before anything else starts."""
+    tls = tls_context(ssl_key_file, ssl_cert_file) if ssl_key_file and ssl_cert_file else None
+    sockets = bind(host, port, reuse_port=reuse_port, socket_mode=socket_mode)
+    return Front(sockets, tls, addresses(sockets, tls=tls is not None))
+
+
 def _display(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

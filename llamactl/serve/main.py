@@ -8,7 +8,7 @@ import re
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,8 @@ from llamactl.serve.args import (
 )
 
 if TYPE_CHECKING:
+    from llamactl.serve.listen import Front
+    from llamactl.serve.output import StderrCopy
     from llamactl.serve.server import LocalServer
 
 __all__ = [
@@ -201,12 +203,14 @@ def serve(spec: ServeSpec) -> int:
         # starting at this moment: wait for their hello first (bounded), and name the missing.
         workers = rpc.rpc_endpoints_in(args)
         rpc.wait_for_workers(workers, deadline_s=min(spec.start_timeout, 60.0), say=_say)
-    tls = None
-    if spec.ssl_key_file and spec.ssl_cert_file:  # a bad certificate fails before any load
-        tls = listen.tls_context(spec.ssl_key_file, spec.ssl_cert_file)
-    # A taken port fails before any model loads.
-    sockets = listen.bind(
-        spec.host, spec.port, reuse_port=spec.reuse_port, socket_mode=spec.socket_mode
+    # A bad certificate or a taken port fails before any model loads.
+    front = listen.open_front(
+        spec.host,
+        spec.port,
+        reuse_port=spec.reuse_port,
+        socket_mode=spec.socket_mode,
+        ssl_key_file=spec.ssl_key_file,
+        ssl_cert_file=spec.ssl_cert_file,
     )
     record_id = records.new_id()
     log_dir = paths.logs_dir()
@@ -236,28 +240,14 @@ def serve(spec: ServeSpec) -> int:
         if backend == "cpu" and _ngl_requested(spec.passthrough):
             _say("note: this llama.cpp build is CPU-only: -ngl has no effect")
         _say(f"loading {model_label} with {binary} ...")
-        where = listen.addresses(sockets, tls=tls is not None)
-        # The real port when --port 0 was asked for; a Unix socket alone has none.
-        port = next((a.port for a in where if a.port is not None), 0)
         started = _Started(
-            record_id,
-            sockets,
-            port,
-            process,
-            backend,
-            model_label,
-            binary,
-            tls,
-            where,
-            echo,
-            workers,
-            tuple(remotes),
+            record_id, front, process, backend, model_label, binary, echo, workers, tuple(remotes)
         )
         return _run(_serve_async(spec, started))
     except KeyboardInterrupt:
         return 130
     finally:
-        listen.close(sockets)  # removes a Unix socket's file
+        front.close()  # removes a Unix socket's file
         if process.returncode is None:  # the loop never adopted it, or failed to stop it
             from llamactl import proc
 
@@ -300,15 +290,12 @@ class _Started:
     """What serve prepared before the event loop: the ids, the bound sockets, llama-server."""
 
     record_id: str
-    sockets: list[Any]
-    port: int
+    front: Front  # the bound sockets, TLS, the addresses
     process: LocalServer
     backend: str | None
     model_label: str
     binary: Path
-    tls: Any = None  # ssl.SSLContext, when serving HTTPS
-    addresses: list[Any] = field(default_factory=list)  # listen.Address
-    echo: Any = None  # output.StderrCopy
+    echo: StderrCopy | None = None
     rpc_workers: tuple[Any, ...] = ()  # the --rpc workers its llama-server splits the model over
     remotes: tuple[Any, ...] = ()  # remote replicas beside the local model (serve/front.py)
 
@@ -344,9 +331,9 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
         pid=os.getpid(),
         pid_started=records.process_start_time(os.getpid()) or time.time(),
         host=spec.host,
-        port=started.port,
+        port=started.front.port,
         started_at=time.time(),
-        urls=[a.url for a in started.addresses],
+        urls=started.front.urls,
         backend=started.backend,
         server_bin=str(started.binary),
         auth=bool(spec.api_keys),
@@ -430,7 +417,7 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
     start = asyncio.ensure_future(supervisor.start(inst.name))
     waiter = asyncio.ensure_future(stop.wait())
     try:
-        await proxy.start(started.sockets, ssl=started.tls)
+        await proxy.start(started.front.sockets, ssl=started.front.tls)
         await asyncio.wait({start, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if not start.done():
             start.cancel()
@@ -448,8 +435,7 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
         elapsed = time.monotonic() - process.started_at
         _say(f"ready in {elapsed:.2f} s: " + ", ".join(detail))
         # stdout, flushed: scripts wait for this line.
-        urls = ", ".join(a.url for a in started.addresses)
-        print(f"listening at {urls}", flush=True)
+        print(started.front.listening_line(), flush=True)
         await waiter
         return _signal_exit(received)
     finally:

@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +17,8 @@ from llamactl import paths
 if TYPE_CHECKING:
     from llamactl.serve.args import ServeSpec
     from llamactl.serve.config import Fleet
+    from llamactl.serve.listen import Front
+    from llamactl.serve.output import StderrCopy
     from llamactl.serve.supervisor import Supervisor
 
 #: The TOML file read when --config is not given (and it exists).
@@ -49,32 +50,19 @@ def _say(line: str) -> None:
     print(f"llamactl: {line}", file=sys.stderr, flush=True)
 
 
-@dataclass
-class _Front:
-    """What serve listens with: the bound sockets, the TLS context, their addresses, and the
-    copy of llama-server's output to stderr."""
-
-    sockets: list[Any]
-    tls: Any  # ssl.SSLContext | None
-    addresses: list[Any]  # listen.Address
-    echo: Any  # output.StderrCopy | None
-
-    @property
-    def port(self) -> int:
-        return next((a.port for a in self.addresses if a.port is not None), 0)
-
-
 def serve_many(spec: ServeSpec, binary: Path, backend: str | None) -> int:
     """Run a serve with several models in the foreground until stopped; its exit code."""
     from llamactl.serve import listen, output, records
     from llamactl.serve.runner import run
 
     fleet = declare_fleet(spec)
-    tls = None
-    if spec.ssl_key_file and spec.ssl_cert_file:
-        tls = listen.tls_context(spec.ssl_key_file, spec.ssl_cert_file)
-    sockets = listen.bind(
-        spec.host, spec.port, reuse_port=spec.reuse_port, socket_mode=spec.socket_mode
+    front = listen.open_front(
+        spec.host,
+        spec.port,
+        reuse_port=spec.reuse_port,
+        socket_mode=spec.socket_mode,
+        ssl_key_file=spec.ssl_key_file,
+        ssl_cert_file=spec.ssl_cert_file,
     )
     echo = None
     try:
@@ -94,12 +82,11 @@ def serve_many(spec: ServeSpec, binary: Path, backend: str | None) -> int:
         _say(f"serving {len(fleet.models)} models with {binary}: {names}")
         if spec.log_to_stderr:
             echo = output.StderrCopy(note_path=str(log_dir))
-        front = _Front(sockets, tls, listen.addresses(sockets, tls=tls is not None), echo)
-        return int(run(_serve_async(spec, fleet, front, record_id, binary, backend)))
+        return int(run(_serve_async(spec, fleet, front, echo, record_id, binary, backend)))
     except KeyboardInterrupt:
         return 130
     finally:
-        listen.close(sockets)  # removes a Unix socket's file
+        front.close()  # removes a Unix socket's file
         if echo is not None:
             echo.close()
 
@@ -140,7 +127,8 @@ def where_label(workers: tuple[Any, ...]) -> str:
 async def _serve_async(
     spec: ServeSpec,
     fleet: Fleet,
-    front: _Front,
+    front: Front,
+    echo: StderrCopy | None,
     record_id: str,
     binary: Path,
     backend: str | None,
@@ -172,7 +160,7 @@ async def _serve_async(
         host=spec.host,
         port=front.port,
         started_at=time.time(),
-        urls=[a.url for a in front.addresses],
+        urls=front.urls,
         backend=backend,
         server_bin=str(binary),
         auth=bool(spec.api_keys),
@@ -193,7 +181,7 @@ async def _serve_async(
         binary=binary,
         log_dir=paths.logs_dir(),
         record_id=record_id,
-        echo=front.echo.write if front.echo is not None else None,
+        echo=echo.write if echo is not None else None,
         worker_wait=min(spec.start_timeout, 60.0),
     )
     proxy = Proxy(
@@ -212,7 +200,7 @@ async def _serve_async(
         await proxy.start(front.sockets, ssl=front.tls)
         records.write(record)
         # stdout, flushed: scripts wait for this line.
-        print(f"listening at {', '.join(a.url for a in front.addresses)}", flush=True)
+        print(front.listening_line(), flush=True)
         await stop.wait()
         return 128 + received[0] if received else 0
     finally:

@@ -30,6 +30,7 @@ from llamactl.serve.http import error_response, is_public, model_of
 from llamactl.serve.http import origin_allowed as _origin_allowed
 from llamactl.serve.http import query_model as _query_model
 from llamactl.serve.http import sse_error_event as _sse_error_event
+from llamactl.serve.http import wants_stream as _wants_stream
 from llamactl.serve.listen import ProxyBindError
 from llamactl.serve.runner import run
 from llamactl.serve.upstream import ProxyError, Upstream, UpstreamProvider
@@ -88,6 +89,10 @@ class ProxyConfig:
     #: Client connections served at once; more get a 503 and are closed, so that descriptors
     #: never run out (serve sizes it from RLIMIT_NOFILE: listen.connection_bound). 0: no bound.
     max_connections: int = 0
+    #: A streamed request that waits this long for its model (loading) gets its 200 head and
+    #: an SSE comment, then one more every as many seconds, so that clients and proxies in
+    #: between do not time out (0: never).
+    sse_wait_comment_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,11 @@ class ProxyStats:
 
 # Response framings towards the client.
 _NONE, _LENGTH, _CHUNKED, _CLOSE = 0, 1, 2, 3
+#: An upstream error answer to a stream whose 200 head the client already has (it waited for
+#: its model with SSE comments): its body becomes one SSE error event.
+_WRAP = 4
+_WAIT_COMMENT = b": waiting for the model to load\n\n"
+_WAIT_CHUNK = b"%x\r\n%s\r\n" % (len(_WAIT_COMMENT), _WAIT_COMMENT)
 
 
 #: How long a request whose upstream refuses connections keeps asking for the upstream again
@@ -154,6 +164,7 @@ class _Exchange:
         "connect_task",
         "cred",
         "declared",
+        "early",
         "error",
         "expect",
         "finished",
@@ -165,6 +176,7 @@ class _Exchange:
         "http10",
         "json_body",
         "keep_alive",
+        "keepalive",
         "lines",
         "method",
         "model",
@@ -220,6 +232,8 @@ class _Exchange:
         self.requeue_until = 0.0  # loop time until which a refused connect waits for a restart
         self.status = 0
         self.t0 = 0.0
+        self.early = False  # a 200 SSE head went out while the model loaded
+        self.keepalive: asyncio.TimerHandle | None = None
         self.timed_out = False
         self.acquire_task: asyncio.Task[Upstream] | None = None
         self.connect_task: asyncio.Future[Any] | None = None
@@ -252,6 +266,8 @@ class _ClientConn(asyncio.Protocol):
         self.unsent = 0
         self.unsent_at = proxy.now
         self.linger: asyncio.TimerHandle | None = None
+        #: The Host names this connection's requests must use (None: any); see connection_made.
+        self.hosts = proxy._hosts
 
     # asyncio callbacks
 
@@ -260,6 +276,12 @@ class _ClientConn(asyncio.Protocol):
         # Bounded buffering towards a slow reader; past it the upstream is paused instead.
         self.transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
         self.proxy._clients.add(self)
+        if self.hosts is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family == socket.AF_UNIX:
+                # No browser reaches a Unix socket: no rebinding, whatever Host it sends
+                # (`curl --unix-socket S http://x/` sends "Host: x").
+                self.hosts = None
 
     def data_received(self, data: bytes) -> None:
         if self.ignore_input:
@@ -402,7 +424,11 @@ class _ClientConn(asyncio.Protocol):
             ]
         if proxy._key is not None:
             ex.auth_ok = proxy._check_key(ex.authz, ex.xkey)
-        elif proxy._hosts is not None and ex.host is not None and not proxy._host_ok(ex.host):
+        elif (
+            self.hosts is not None
+            and ex.host is not None
+            and not (proxy._hosts_seen.get(ex.host) or proxy._host_ok(ex.host))
+        ):
             # No key: only the key would stop a page whose name was rebound to this address.
             ex.error = ProxyError(
                 403,
@@ -577,9 +603,45 @@ class _ClientConn(asyncio.Protocol):
                 task = loop.create_task(_resume(coro, yielded))
         ex.acquire_task = task
         task.add_done_callback(partial(self._acquire_done, ex))
+        wait = self.proxy.config.sse_wait_comment_s
+        if (
+            wait > 0
+            and ex.keepalive is None
+            and ex.method == b"POST"
+            and not ex.http10
+            and _wants_stream(ex.body[0] if len(ex.body) == 1 else b"".join(ex.body))
+        ):
+            ex.keepalive = loop.call_later(wait, self._wait_comment, ex)
+
+    def _wait_comment(self, ex: _Exchange) -> None:
+        """A stream still waits for its model: its 200 SSE head first, then a comment."""
+        ex.keepalive = None
+        if self.closed or ex.finished or ex.acquire_task is None:
+            return
+        if not ex.early:
+            ex.early = True
+            head = [
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n",
+                b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n",
+                b"X-Accel-Buffering: no\r\n",
+            ]
+            cors = self.proxy.config.cors_origins
+            if cors is not None and ex.origin is not None and _origin_allowed(cors, ex.origin):
+                head.append(b"Access-Control-Allow-Origin: %s\r\nVary: Origin\r\n" % ex.origin)
+            if not ex.keep_alive:
+                head.append(b"Connection: close\r\n")
+            head.append(b"\r\n")
+            self.transport.write(b"".join(head))
+        self.transport.write(_WAIT_CHUNK)
+        ex.keepalive = asyncio.get_running_loop().call_later(
+            self.proxy.config.sse_wait_comment_s, self._wait_comment, ex
+        )
 
     def _acquire_done(self, ex: _Exchange, task: asyncio.Task[Upstream]) -> None:
         ex.acquire_task = None
+        if ex.keepalive is not None:
+            ex.keepalive.cancel()
+            ex.keepalive = None
         if task.cancelled() or self.closed or ex.finished:
             if not task.cancelled() and task.exception() is None:
                 self.proxy.provider.release(task.result(), 499)
@@ -731,6 +793,14 @@ class _ClientConn(asyncio.Protocol):
             self.proxy.provider.release(ex.upstream, outcome, _monotonic() - ex.t0)
 
     def _reply_error(self, ex: _Exchange, err: ProxyError) -> None:
+        if ex.early:
+            # The client has a 200 SSE head already: the error goes in-band, as llama-server
+            # reports a failed stream, then the end of the stream.
+            if not self.closed:
+                event = _sse_error_event(err.message, err.type, err.status)
+                self.transport.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+            self._done(ex)
+            return
         extra = b""
         cors = self.proxy.config.cors_origins
         if cors is not None and ex.origin is not None and _origin_allowed(cors, ex.origin):
@@ -789,6 +859,9 @@ class _ClientConn(asyncio.Protocol):
 
     def _abandon(self, ex: _Exchange) -> None:
         """The client is gone: stop the upstream request so llama-server stops generating."""
+        if ex.keepalive is not None:
+            ex.keepalive.cancel()
+            ex.keepalive = None
         if ex.acquire_task is not None:
             ex.acquire_task.cancel()
         if ex.connect_task is not None:
@@ -932,6 +1005,7 @@ class _UpstreamConn(asyncio.Protocol):
         self.out: list[bytes] = []
         self.closed = False
         self.stamp = proxy.now
+        self.wrapped: list[bytes] = []  # the body of a _WRAP answer, until it ends
         self._reset()
 
     def _reset(self) -> None:
@@ -1053,6 +1127,14 @@ class _UpstreamConn(asyncio.Protocol):
         assert ex is not None
         self.status = status
         ex.status = status
+        if ex.early:
+            # The client has its 200 SSE head (it waited for the model): only the body goes
+            # on, in chunks; an error answer becomes an SSE error event.
+            self.hdrs = []
+            self.sse = True
+            self.framing = _CHUNKED if status == 200 else _WRAP
+            self.head_sent = True
+            return
         parts: list[bytes] = []
         hdrs = self.hdrs
         length = False
@@ -1103,6 +1185,8 @@ class _UpstreamConn(asyncio.Protocol):
     def on_body(self, data: bytes) -> None:
         if self.framing == _CHUNKED:
             self.out += (b"%x\r\n" % len(data), data, b"\r\n")
+        elif self.framing == _WRAP:
+            self.wrapped.append(data)
         else:
             self.out.append(data)
 
@@ -1112,6 +1196,10 @@ class _UpstreamConn(asyncio.Protocol):
             return
         if self.framing == _CHUNKED:
             self.out.append(b"0\r\n\r\n")
+        elif self.framing == _WRAP:
+            event = b"data: " + b"".join(self.wrapped).strip() + b"\n\n"
+            self.wrapped = []
+            self.out.append(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
         # llhttp answers this only inside the callback; after feed_data it says False.
         if not self.parser.should_keep_alive():
             self.upstream_close = True
@@ -1174,11 +1262,11 @@ class _UpstreamConn(asyncio.Protocol):
         if self.out:
             client.transport.writelines(self.out)
             self.out.clear()
-        if self.sse and self.framing in (_CHUNKED, _CLOSE):
+        if self.sse and self.framing in (_CHUNKED, _CLOSE, _WRAP):
             # A stream that already started can only report the failure in-band, as
             # llama-server does: an error event, then a proper end of the stream.
             event = _sse_error_event(message)
-            if self.framing == _CHUNKED:
+            if self.framing != _CLOSE:
                 client.transport.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
                 client._done(ex)
             else:
