@@ -484,3 +484,45 @@ def test_a_front_from_the_config_file_alone(fakes: list[Fake], llamactl_home: Pa
         assert r.status_code == 200, r.text
     finally:
         stop_group(proc.pid, grace=10, popen=proc)
+
+
+@pytest.mark.fake
+def test_a_local_model_and_a_remote_replica_share_one_front(
+    fakes: list[Fake], llamactl_home: Path, tmp_path: Path
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from support.serve import start, stop
+
+    fakebin = tmp_path / "llama-server"
+    fakebin.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
+    fakebin.chmod(0o755)
+    model = tmp_path / "smol.gguf"
+    model.write_bytes(b"GGUF")
+    serve = start(fakebin, model, tmp_path / "home", "--remote", fakes[0].url)
+    pool = ThreadPoolExecutor(4)
+    try:
+        before = fakes[0].requests()
+        slow = {**ASK, "max_tokens": 40}
+        codes = list(
+            pool.map(
+                lambda _: (
+                    httpx.post(
+                        f"{serve.url}/v1/chat/completions", json=slow, timeout=HANG
+                    ).status_code
+                ),
+                range(8),
+            )
+        )
+        assert codes == [200] * 8
+        metrics = httpx.get(f"{serve.url}/metrics", timeout=HANG).text
+        assert fakes[0].requests() - before >= 2, metrics  # the remote took a share
+        models = httpx.get(f"{serve.url}/v1/models", timeout=HANG).json()["data"]
+        places = {p["url"] for m in models for p in m["replicas"]}
+        assert {"local", fakes[0].url} <= places, models
+        assert httpx.get(f"{serve.url}/health", timeout=HANG).json()["replicas"][0] == "local"
+        rows = serve.ps()
+        assert {r["where"] for r in rows} == {"local", fakes[0].url}
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        stop(serve)
