@@ -138,6 +138,7 @@ async def _serve_async(
 ) -> int:
     import asyncio
 
+    from llamactl.models.estimate import FreeMemory
     from llamactl.serve import listen, records
     from llamactl.serve.fleet import ModelFleet
     from llamactl.serve.proxy import Proxy, ProxyConfig
@@ -198,6 +199,8 @@ async def _serve_async(
         record_id=record_id,
         echo=echo.write if echo is not None else None,
         worker_wait=min(spec.start_timeout, 60.0),
+        # A GPU build decides by free VRAM, a CPU build by free RAM (models/estimate.py).
+        memory=FreeMemory(gpu=backend in ("cuda",)),
     )
     provider: Any = models
     if remotes:
