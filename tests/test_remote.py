@@ -526,3 +526,51 @@ def test_a_local_model_and_a_remote_replica_share_one_front(
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         stop(serve)
+
+
+@pytest.mark.fake
+def test_several_local_models_and_a_remote_one_behind_one_front(
+    llamactl_home: Path, tmp_path: Path
+) -> None:
+    from support.serve import start, stop
+
+    fakebin = tmp_path / "llama-server"
+    fakebin.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
+    fakebin.chmod(0o755)
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("alpha", "beta"):
+        (models / f"{name}.gguf").write_bytes(b"GGUF")
+    port = free_port()
+    gamma = subprocess.Popen(
+        [sys.executable, FAKE, "--port", str(port), "--load-time", "0", "--alias", "gamma"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_ready("127.0.0.1", port, deadline_s=HANG)
+    serve = start(
+        fakebin,
+        None,
+        tmp_path / "home",
+        *("--models-dir", str(models), "--remote", f"http://127.0.0.1:{port}"),
+    )
+    try:
+        listed: dict[str, Any] = {}
+        deadline = time.monotonic() + HANG
+        while "gamma" not in listed:  # the remote's models arrive with its first check
+            assert time.monotonic() < deadline, listed
+            data = httpx.get(f"{serve.url}/v1/models", timeout=HANG).json()["data"]
+            listed = {m["id"]: m for m in data}
+        assert {"alpha", "beta", "gamma"} <= set(listed)
+        assert [r["url"] for r in listed["gamma"]["replicas"]] == [f"http://127.0.0.1:{port}"]
+        for model in ("alpha", "gamma"):
+            body = {**ASK, "model": model}
+            r = httpx.post(f"{serve.url}/v1/chat/completions", json=body, timeout=HANG)
+            assert r.status_code == 200, r.text
+            assert r.json()["model"] == model
+        where = {row["where"] for row in serve.ps()}
+        assert {"local", f"http://127.0.0.1:{port}"} <= where
+    finally:
+        stop(serve)
+        stop_group(gamma.pid, grace=1, popen=gamma)

@@ -217,3 +217,74 @@ class Mixed:
             return
         if isinstance(slots, int) and slots > 0:
             self.local_slots = slots
+
+
+class MixedFleet:
+    """Several local models (serve/fleet.py's ModelFleet) and remote replicas behind one
+    proxy: a model declared here goes to its ready local instance while it has a free slot,
+    else to a remote replica that lists it and has one, else to the fleet (which loads it or
+    waits); a model only remotes list goes to them. Router mode's control answers stay the
+    fleet's, with the remotes' models added to /models and /v1/models."""
+
+    def __init__(self, fleet: Any, pool: RemotePool) -> None:
+        self.fleet = fleet
+        self.pool = pool
+        self._turn = 0
+        fleet_handler = fleet.control.handler
+
+        async def handler(method: str, path: str, query: str, body: bytes) -> Any:
+            reply = await fleet_handler(method, path, query, body)
+            if path in ("/models", "/v1/models") and method in ("GET", "HEAD"):
+                from llamactl.serve.control import Reply
+
+                local = fleet.models_json()
+                known = {m["id"] for m in local["data"]}
+                remote = self.pool.models_json()["data"]
+                for entry in local["data"]:
+                    entry["replicas"] = [
+                        {"url": "local", "state": entry["status"]["value"]},
+                        *next((r["replicas"] for r in remote if r["id"] == entry["id"]), []),
+                    ]
+                local["data"] += [r for r in remote if r["id"] not in known]
+                return Reply.json(200, local)
+            return reply
+
+        fleet.control.handler = handler
+
+    def _local_free(self, name: str) -> bool:
+        from llamactl.serve.supervisor import State
+
+        return any(
+            i.config.model == name and i.state is State.READY and i.in_flight < i.slots
+            for i in self.fleet.supervisor.instances.values()
+        )
+
+    async def acquire(self, model: str | None, method: bytes = b"GET", path: bytes = b"/") -> Any:
+        from llamactl.serve.fleet import CONTROL_PATHS, CONTROL_UNNAMED
+        from llamactl.serve.remote import choose
+        from llamactl.serve.upstream import ProxyError
+
+        if path in CONTROL_PATHS or (model is None and path in CONTROL_UNNAMED):
+            return await self.fleet.acquire(model, method, path)
+        try:
+            decl = self.fleet.resolve(model)
+        except ProxyError:
+            return await self.pool.acquire(model, method, path)
+        if not self._local_free(decl.name):
+            for name in {decl.name, *decl.aliases, *([model] if model else [])}:
+                replica = choose(self.pool.replicas, name, time.monotonic(), turn=self._turn)
+                if replica is not None and replica.free_slots > 0:
+                    self._turn += 1
+                    return self.pool.lease(replica)
+        return await self.fleet.acquire(model, method, path)
+
+    def release(self, upstream: Any, outcome: int, elapsed: float = 0.0) -> None:
+        if upstream.name in self.pool.names:
+            self.pool.release(upstream, outcome, elapsed)
+        else:
+            self.fleet.release(upstream, outcome, elapsed)
+
+    def replayable(self, upstream: Any) -> bool:
+        if upstream.name in self.pool.names:
+            return False
+        return bool(self.fleet.replayable(upstream))

@@ -179,20 +179,13 @@ def serve(spec: ServeSpec) -> int:
             from llamactl.serve.front import serve_remote_only
 
             return serve_remote_only(spec, remotes)
-        if local_models or spec.many_models:
-            raise UsageError(
-                "remote servers beside several local models (router flags, several -m, or "
-                "[models] in the config) are not supported in one serve yet",
-                hint="serve the local models with their own `llamactl serve --port N` and add "
-                "it as one more remote: --remote http://127.0.0.1:N",
-            )
     else:
         remotes = ()
     if spec.many_models or (not spec.has_model_source and _default_config_exists()):
         from llamactl.serve.many import serve_many
 
         binary, backend = resolve_binary(spec)
-        return serve_many(spec, binary, backend)
+        return serve_many(spec, binary, backend, tuple(remotes))
     args, model_label = resolve_model_args(spec)
     binary, backend = resolve_binary(spec)
     workers: tuple[Any, ...] = ()
