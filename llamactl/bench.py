@@ -449,6 +449,9 @@ def static_proxy(server: str, model: str, port: int, upstream_port: int) -> int:
         def release(self, upstream: Upstream, outcome: int, elapsed: float = 0.0) -> None:
             pass
 
+        def replayable(self, upstream: Upstream) -> bool:
+            return False
+
     async def main() -> None:
         provider = Static()
         proxy = Proxy(ProxyConfig(port=port), provider)

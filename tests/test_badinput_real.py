@@ -140,7 +140,7 @@ def test_huge_header_and_body(serve: Serve, baseline_fds: int) -> None:
     # Over --max-body-size: refused from the Content-Length, the body is never sent.
     with socket.create_connection(("127.0.0.1", serve.port), timeout=30) as s:
         s.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
             % (MAX_BODY + 1)
         )
         head = s.recv(4096)
@@ -197,7 +197,8 @@ def trickle(port: int, first: bytes, give_up: float) -> tuple[bytes, float]:
 def test_one_byte_per_second_gets_408_while_chat_goes_on(serve: Serve, baseline_fds: int) -> None:
     heads = {
         "head": b"GET /health HTTP/1.1\r\nX-Slow: ",
-        "body": b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n",
+        "body": b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Length: 5000\r\n\r\n",
     }
     results: dict[str, tuple[bytes, float]] = {}
 
@@ -229,7 +230,7 @@ def test_client_that_never_reads_a_stream_does_not_hold_up_others(
     s.connect(("127.0.0.1", serve.port))
     try:
         s.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
             % (len(body), body)
         )
         time.sleep(2.0)

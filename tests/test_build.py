@@ -875,6 +875,10 @@ def test_a_plain_build_is_remembered_for_serve(fake_machine: None, builds_root: 
     builds.write_manifest(manifest_for(other.build_dir))
     brun.build_llama(b.BuildSpec(backend="cpu", native=False))  # a chosen backend is not "plain"
     assert builds._remembered_auto(COMMIT) == the_plan.key
+    # ...but it is what `serve --backend cpu` (and `which --backend cpu`) takes from now on.
+    assert builds._remembered(builds._backend_path(COMMIT, "cpu")) == other.key
+    assert builds.find_server_binary("cpu") == other.build_dir / "bin" / "llama-server"
+    assert builds.find_server_binary() == the_plan.build_dir / "bin" / "llama-server"
 
 
 @pytest.mark.unit

@@ -157,7 +157,7 @@ def test_frozen_llama_server_is_killed_and_restarted(shared: Serve) -> None:
     frozen_at = time.monotonic()
     try:
         in_flight = [shared.ask() for _ in range(2)]  # sent to the frozen server
-        # health_interval 2 s, health_timeout 5 s, hung_after 3: about 21 s to notice.
+        # The fast rule notices in about 3 s (docs/reliability.md); the slow one in about 21.
         noticed = shared.wait_state(lambda i: i["state"] != "ready", timeout=HANG)
         queued = [shared.ask() for _ in range(2)]  # arrive while it restarts
         for fut in queued:
@@ -173,7 +173,9 @@ def test_frozen_llama_server_is_killed_and_restarted(shared: Serve) -> None:
             victim.resume()
     wait_dead(victim)  # the supervisor killed it (SIGKILL reaches a stopped process)
     shared.wait_state(lambda i: i["state"] == "ready" and i["restarts"] == restarts + 1, 5)
-    assert "stopped answering /health" in shared.stderr()
+    # The fast rule (/proc says stopped) or, where it cannot tell, the slow one.
+    err = shared.stderr()
+    assert "stopped (SIGSTOP)" in err or "stopped answering /health" in err
     recovery("SIGSTOP (freeze -> hang noticed, llama-server killed)", noticed)
     recovery("SIGSTOP (kill -> ready again)", shared.restart_seconds()[-1])
     recovery("SIGSTOP (freeze -> 2 queued requests answered)", back)

@@ -6,6 +6,7 @@ architecture page says why it must be one piece."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,13 @@ MAX_LINES = 800
 LONG_MODULES = {"serve/proxy.py"}
 
 
+@functools.cache
+def tree(path: Path) -> ast.Module:
+    """Each source file parsed once for all the rules."""
+    return ast.parse(path.read_text())
+
+
+@functools.cache
 def modules() -> dict[str, Path]:
     found = {}
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -56,7 +64,7 @@ def imports(module: str, path: Path, known: set[str]) -> set[str]:
     """The llamactl modules that `module` imports, anywhere in its body (lazy imports too)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree(path)):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -68,6 +76,7 @@ def imports(module: str, path: Path, known: set[str]) -> set[str]:
     return {m for m in found if m in known and m != module}
 
 
+@functools.cache
 def graph() -> dict[str, set[str]]:
     mods = modules()
     return {name: imports(name, path, set(mods)) for name, path in mods.items()}
@@ -123,8 +132,7 @@ def test_rich_is_imported_by_cli_alone() -> None:
     for module, path in modules().items():
         if wing(module) in ("cli", "entry"):
             continue
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
+        for node in ast.walk(tree(path)):
             names = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]

@@ -41,7 +41,10 @@ def models_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def serve(tmp_path: Path, fakebin: Path, models_dir: Path) -> Iterator[Serve]:
     preset = tmp_path / "preset.ini"
-    preset.write_text(f"[broken]\nmodel = {models_dir / 'alpha.gguf'}\nmode = crash-on-start\n")
+    preset.write_text(
+        f"[broken]\nmodel = {models_dir / 'alpha.gguf'}\nmode = crash-on-start\n\n"
+        f"[slow]\nmodel = {models_dir / 'alpha.gguf'}\nload-time = 5\n"
+    )
     s = start(
         fakebin,
         None,
@@ -75,9 +78,7 @@ def states(s: Serve) -> dict[str, str]:
 def test_models_are_listed_routed_and_named_and_unknown_is_404(serve: Serve) -> None:
     assert httpx.get(f"{serve.url}/health", timeout=10).status_code == 200
     ids = [m["id"] for m in httpx.get(f"{serve.url}/v1/models", timeout=10).json()["data"]]
-    assert ids == ["broken", "alpha", "beta", "gamma"] or sorted(ids) == sorted(
-        ["broken", "alpha", "beta", "gamma"]
-    )
+    assert sorted(ids) == ["alpha", "beta", "broken", "gamma", "slow"]
     answer = chat(serve, "alpha")
     assert answer.status_code == 200 and answer.json()["model"] == "alpha"
     assert states(serve)["alpha"] == "loaded"
@@ -185,3 +186,15 @@ def test_control_api_and_metrics(serve: Serve) -> None:
     assert 'llamactl_loads_total{model="beta"} 1' in metrics
     rows = serve.ps()
     assert {r["model"] for r in rows} >= {"beta"}
+
+
+def test_a_stream_waiting_for_its_model_gets_sse_comments_then_its_answer(serve: Serve) -> None:
+    body = {"model": "slow", "stream": True, "max_tokens": 4, "messages": []}
+    with httpx.stream("POST", f"{serve.url}/v1/chat/completions", json=body, timeout=120) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in resp.iter_lines() if line]
+    assert lines[0] == ": waiting for the model to load"
+    data = [line for line in lines if line.startswith("data: ")]
+    assert data[-1] == "data: [DONE]" and len(data) >= 3
+    assert json.loads(data[0][6:])["model"] == "slow"

@@ -660,3 +660,41 @@ def test_fuzzed_requests_get_http_answers_and_never_hurt_the_proxy(
             break
         time.sleep(0.01)
     assert stats.in_flight == 0 and stats.connections == 0, stats
+
+
+# -- streams that wait for their model ---------------------------------------------------------
+
+
+def test_a_waiting_stream_gets_comments_then_the_stream(fake_port: int) -> None:
+    with running_proxy(fake_port, sse_wait_comment_s=0.1) as pt:
+        pt.provider.delay = 0.35
+        body = json.dumps({"stream": True, "max_tokens": 3}).encode()
+        status, hdrs, data = request(pt.port, "POST", "/v1/chat/completions", body)
+        assert status == 200 and hdrs["content-type"] == "text/event-stream"
+        events = [e for e in data.split(b"\n\n") if e]
+        assert events[0] == b": waiting for the model to load" and len(events) >= 3
+        assert events[-1] == b"data: [DONE]"
+        # not a stream, or ready at once: no early head
+        pt.provider.delay = 0.0
+        _, hdrs, data = request(pt.port, "POST", "/v1/chat/completions", body)
+        assert not data.startswith(b":")
+        pt.provider.delay = 0.35
+        status, _, data = request(pt.port, "POST", "/tokenize", b'{"content": "a"}')
+        assert status == 200 and data.startswith(b"{")
+
+
+def test_a_waiting_stream_that_fails_gets_an_error_event(fake_port: int) -> None:
+    with running_proxy(fake_port, sse_wait_comment_s=0.1) as pt:
+        pt.provider.delay = 0.35
+        pt.provider.error = ProxyError(503, "model 'x' failed to load: boom", code="model_failed")
+        body = json.dumps({"stream": True}).encode()
+        status, _, data = request(pt.port, "POST", "/v1/chat/completions", body)
+        assert status == 200
+        events = [e for e in data.split(b"\n\n") if e]
+        assert events[0].startswith(b": waiting")
+        err = json.loads(events[-1][6:])["error"]
+        assert err["code"] == 503 and "boom" in err["message"]
+        # the connection stays usable
+        pt.provider.error = None
+        pt.provider.delay = 0.0
+        assert request(pt.port, "GET", "/health")[0] == 200

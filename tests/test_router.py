@@ -79,6 +79,12 @@ def test_a_generating_model_is_still_chosen_the_fleet_drains_it_first() -> None:
     assert d.evict == ("a",)
 
 
+def test_a_model_still_loading_or_unloading_in_the_way_means_wait() -> None:
+    seen = [Seen("a", "a", "starting"), Seen("b", "b", "backoff")]
+    d = decide("c", seen)
+    assert (d.action, d.instance) == ("wait", None) and "settle" in d.reason
+
+
 def test_nothing_evictable_is_a_503_with_the_reason() -> None:
     seen = [Seen("a", "a", "ready", pinned=True), Seen("b", "b", "ready", pinned=True)]
     d = decide("c", seen)

@@ -13,6 +13,8 @@ from llamactl.serve.args import OWN_OPTIONS, ServeSpec, parse_serve_args, parse_
 
 pytestmark = pytest.mark.unit
 
+pytestmark = pytest.mark.unit
+
 
 def test_defaults_match_llama_server() -> None:
     spec = parse_serve_args([], environ={})
@@ -66,7 +68,9 @@ def test_llamactl_key_env_wins_over_llama_server_env() -> None:
         (["--queue-timeout", "soon"], "takes seconds"),
         (["--start-timeout", "-1"], "must be positive"),
         (["--max-body-size", "lots"], "not a size"),
-        (["--ssl-key-file", "k.pem"], "TLS is not supported"),
+        (["--ssl-key-file", "k.pem"], "TLS needs both --ssl-key-file and --ssl-cert-file"),
+        (["--host", " , "], "--host requires at least one address"),
+        (["--socket-mode", "rw"], "--socket-mode takes an octal mode"),
         (["--api-key-file", "/nonexistent/keys"], "cannot read --api-key-file"),
     ],
 )

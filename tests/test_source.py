@@ -187,3 +187,21 @@ def test_real_pin_is_well_formed() -> None:
     pypi = pin.source("pypi")
     assert pypi is not None and pypi.sha256 and len(pypi.sha256) == 64 and pypi.subdir
     assert pin.source("git") is not None
+
+
+@pytest.mark.unit
+def test_a_fetch_over_a_linked_tree_keeps_the_shared_tree(tmp_path: Path) -> None:
+    # Worktrees link vendor/llama.cpp to one shared tree; a fetch in one of them replaces
+    # its link and must never delete what the link points at.
+    shared = tmp_path / "main" / "llama.cpp"
+    (shared / "tools").mkdir(parents=True)
+    (shared / "tools" / "x").write_text("kept")
+    link = tmp_path / "wt" / "llama.cpp"
+    link.parent.mkdir()
+    link.symlink_to(shared)
+    staging = tmp_path / "wt" / ".staging"
+    staging.mkdir()
+    source._install_tree(staging, link)
+    assert (shared / "tools" / "x").read_text() == "kept"
+    assert link.is_dir() and not link.is_symlink()
+    assert sorted(p.name for p in link.parent.iterdir()) == ["llama.cpp"]

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import time
 import zipfile
 from collections.abc import Callable
@@ -365,11 +364,3 @@ def nvcc_version(root: Path) -> str | None:
         return str(data["version"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def executable(path: Path) -> bool:
-    """Whether path is a file with an executable bit."""
-    try:
-        return bool(path.stat().st_mode & stat.S_IXUSR)
-    except OSError:
-        return False

@@ -318,7 +318,10 @@ def _install_tree(staging: Path, tree: Path) -> None:
         os.replace(tree, old)
     os.replace(staging, tree)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_symlink():
+            old.unlink()  # a worktree's link to a shared tree: the link goes, never the tree
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def fetch(

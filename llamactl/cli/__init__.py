@@ -56,7 +56,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "which": ("llamactl.cli.build", "which", "Print the llama-server that serve will use."),
     "source": ("llamactl.cli.source", "source", "Fetch or inspect the pinned llama.cpp source."),
     "serve": ("llamactl.cli.serve", "serve", "Serve a model: llama-server, supervised, proxied."),
-    "ps": ("llamactl.cli.ps", "ps", "List running servers."),
+    "worker": (
+        "llamactl.cli.worker",
+        "worker",
+        "Run a llama.cpp RPC worker for a head's serve --rpc.",
+    ),
+    "ps": ("llamactl.cli.ps", "ps", "List running servers and workers."),
     "load": ("llamactl.cli.load", "load", "Load a model on a serve that routes several."),
     "unload": ("llamactl.cli.load", "unload", "Unload a model from a running serve."),
     "stop": ("llamactl.cli.ps", "stop", "Stop running servers."),

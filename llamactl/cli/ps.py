@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def _pick(record_id: str | None) -> ServeRecord:
     from llamactl.serve import records
 
-    live = records.live_records()
+    live = records.live_records()  # with no id: the newest serve (a worker needs its id)
     if record_id:
         found = records.find(record_id)
         if found is None:
@@ -31,10 +31,20 @@ def _pick(record_id: str | None) -> ServeRecord:
     return live[0]
 
 
+def _model(row: dict[str, object]) -> str:
+    """The model, its instance name when that says more, and where it runs when not here."""
+    model = str(row["model"] or "-")
+    if row.get("kind") != "worker" and row.get("instance") not in ("default", row["model"], None):
+        model += f" ({row['instance']})"
+    where = row.get("where")
+    return f"{model} @ {where}" if where and where != "local" else model
+
+
 @click.command(cls=Command)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def ps(as_json: bool) -> None:
-    """List running servers: id, pid, model, address, state, uptime, restarts, memory."""
+    """List running servers and RPC workers: id, kind, pid, model, address, state, uptime,
+    restarts, memory."""
     from llamactl.serve.ps import rows
 
     table = rows()
@@ -42,20 +52,20 @@ def ps(as_json: bool) -> None:
         click.echo(json.dumps(table, indent=2))
         return
     if not table:
-        click.echo("no llamactl serve is running")
+        click.echo("no llamactl serve or worker is running")
         return
     from rich.console import Console
     from rich.table import Table
 
     out = Table(box=None, header_style="bold")
-    for col in ("ID", "PID", "MODEL", "ADDRESS", "STATE", "UPTIME", "RESTARTS", "MEMORY"):
+    for col in ("ID", "KIND", "PID", "MODEL", "ADDRESS", "STATE", "UPTIME", "RESTARTS", "MEMORY"):
         out.add_column(col)
     for row in table:
         out.add_row(
             row["id"],
+            row["kind"],
             str(row["pid"]),
-            (row["model"] or "-")
-            + (f" ({row['instance']})" if row["instance"] not in ("default", row["model"]) else ""),
+            _model(row),
             row["url"],
             row["state"],
             row["uptime_human"],
@@ -67,21 +77,26 @@ def ps(as_json: bool) -> None:
 
 @click.command(cls=Command)
 @click.argument("record_id", required=False)
-@click.option("--all", "stop_all", is_flag=True, help="Stop every running serve.")
+@click.option("--all", "stop_all", is_flag=True, help="Stop every running serve and worker.")
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds before SIGKILL.")
 def stop(record_id: str | None, stop_all: bool, timeout: float) -> None:
-    """Stop a running serve (by id or port; the only one when there is one)."""
+    """Stop a running serve or worker (by id or port; the only one when there is one)."""
     from llamactl.serve import records
     from llamactl.serve.ps import stop_serve
 
+    live = records.live_records(kind=None)
     if stop_all:
-        targets = records.live_records()
-    elif record_id is None and len(records.live_records()) > 1:
-        raise UsageError("several serves are running: name one (see `llamactl ps`) or use --all")
-    else:
+        targets = live
+    elif record_id is not None:
         targets = [_pick(record_id)]
+    elif len(live) > 1:
+        raise UsageError(
+            "several serves or workers are running: name one (see `llamactl ps`) or use --all"
+        )
+    else:
+        targets = live
     if not targets:
-        click.echo("no llamactl serve is running")
+        click.echo("no llamactl serve or worker is running")
         return
     for rec in targets:
         stop_serve(rec, timeout=timeout)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llamactl.errors import UsageError
+from llamactl.serve.listen import parse_mode, split_hosts
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -25,6 +26,11 @@ OWN_OPTIONS = {
     "--queue-timeout": "Seconds a request waits for a starting model before 503 (default 120).",
     "--start-timeout": "Seconds of no loading progress before a start fails (default 120).",
     "--max-body-size": "Largest request body accepted, e.g. 64M (default 64M); larger: 413.",
+    "--socket-mode": "Permissions of a Unix socket (--host PATH.sock), octal (default 0600).",
+    "--allowed-hosts": "More Host names accepted without an API key, comma-separated; * = any.",
+    "--max-connections": "Client connections at once; more get 503 (default: from the fd limit).",
+    "--remote": "URL of another llamactl serve or llama-server to use as a replica "
+    "(repeatable; key from LLAMACTL_REMOTE_API_KEY; with no -m, no local model).",
     "--config": "A TOML file declaring models (default: serve.toml in the config directory).",
 }
 #: llama-server flags that llamactl takes for the proxy instead of passing them on; the
@@ -32,10 +38,14 @@ OWN_OPTIONS = {
 TAKEN_FLAGS = (
     "--host",
     "--port",
+    "--reuse-port",
+    "--ssl-key-file",
+    "--ssl-cert-file",
     "--api-key",
     "--api-key-file",
     "-m",
     "--model",
+    "--log-disable",
     "--models-dir",
     "--models-preset",
     "--models-max",
@@ -45,10 +55,7 @@ TAKEN_FLAGS = (
 #: llama-server's default for --models-max (common/common.h).
 DEFAULT_MODELS_MAX = 4
 #: llama-server flags that cannot work behind the proxy, with the reason.
-REFUSED_FLAGS = {
-    "--ssl-key-file": "TLS is not supported by llamactl serve yet: put a TLS proxy in front",
-    "--ssl-cert-file": "TLS is not supported by llamactl serve yet: put a TLS proxy in front",
-}
+REFUSED_FLAGS: dict[str, str] = {}
 _NO_VALUE = frozenset({"-h", "--help"})
 
 
@@ -73,6 +80,16 @@ class ServeSpec:
     start_timeout: float = 120.0
     max_body_bytes: int = DEFAULT_MAX_BODY
     show_help: bool = False
+    reuse_port: bool = False
+    ssl_key_file: str | None = None
+    ssl_cert_file: str | None = None
+    socket_mode: int = 0o600
+    allowed_hosts: tuple[str, ...] = ()
+    max_connections: int | None = None  # None: sized from RLIMIT_NOFILE
+    #: Copy llama-server's output to serve's stderr (off with --log-disable; the log file
+    #: keeps it either way, for `llamactl logs` and for the diagnosis of a failed start).
+    log_to_stderr: bool = True
+    remotes: tuple[str, ...] = ()  # --remote URLs, in order
     env_overrides: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -117,6 +134,8 @@ def parse_serve_args(argv: list[str], environ: dict[str, str] | None = None) -> 
     env = dict(os.environ if environ is None else environ)
     values: dict[str, Any] = {}
     keys: list[str] = []
+    remotes: list[str] = []
+    allowed: list[str] = []
     models: list[str] = []
     passthrough: list[str] = []
     i = 0
@@ -142,10 +161,34 @@ def parse_serve_args(argv: list[str], environ: dict[str, str] | None = None) -> 
             raise UsageError(f"{flag}: {REFUSED_FLAGS[flag]}")
         elif flag == "--host":
             values["host"] = take(flag, inline)
+            if not split_hosts(values["host"]):
+                raise UsageError("--host requires at least one address")
+        elif flag == "--reuse-port":
+            values["reuse_port"] = True
+        elif flag in ("--ssl-key-file", "--ssl-cert-file"):
+            values[flag[2:].replace("-", "_")] = take(flag, inline)
+        elif flag == "--log-disable":
+            values["log_to_stderr"] = False
+        elif flag == "--socket-mode":
+            raw = take(flag, inline)
+            try:
+                values["socket_mode"] = parse_mode(raw)
+            except ValueError:
+                raise UsageError(
+                    f"--socket-mode takes an octal mode such as 0660, not {raw!r}"
+                ) from None
+        elif flag == "--max-connections":
+            raw = take(flag, inline)
+            if not raw.isdigit() or int(raw) < 1:
+                raise UsageError(f"--max-connections takes a positive number, not {raw!r}")
+            values["max_connections"] = int(raw)
+        elif flag == "--allowed-hosts":
+            allowed.extend(h.strip().lower() for h in take(flag, inline).split(",") if h.strip())
         elif flag == "--port":
             raw = take(flag, inline)
-            if not raw.isdigit() or not 0 < int(raw) < 65536:
-                raise UsageError(f"--port must be a number from 1 to 65535, not {raw!r}")
+            # 0: a port the system picks, as llama-server takes it (shown in "listening at").
+            if not raw.isdigit() or not 0 <= int(raw) < 65536:
+                raise UsageError(f"--port must be a number from 0 to 65535, not {raw!r}")
             values["port"] = int(raw)
         elif flag == "--api-key":
             keys.extend(k for k in take(flag, inline).split(",") if k)
@@ -181,6 +224,8 @@ def parse_serve_args(argv: list[str], environ: dict[str, str] | None = None) -> 
             values[flag[2:].replace("-", "_")] = seconds
         elif flag == "--max-body-size":
             values["max_body_bytes"] = parse_size(take(flag, inline))
+        elif flag == "--remote":
+            remotes.append(take(flag, inline))
         else:
             passthrough.append(arg)
         i += 1
@@ -206,12 +251,27 @@ def parse_serve_args(argv: list[str], environ: dict[str, str] | None = None) -> 
         values["host"] = env["LLAMA_ARG_HOST"]
     if "port" not in values and env.get("LLAMA_ARG_PORT", "").isdigit():
         values["port"] = int(env["LLAMA_ARG_PORT"])
+    for name in ("ssl_key_file", "ssl_cert_file"):
+        if name not in values and env.get(f"LLAMA_ARG_{name.upper()}"):
+            values[name] = env[f"LLAMA_ARG_{name.upper()}"]
+    if "reuse_port" not in values and env.get("LLAMA_ARG_REUSE_PORT", "") not in ("", "0"):
+        values["reuse_port"] = True
+    if bool(values.get("ssl_key_file")) != bool(values.get("ssl_cert_file")):
+        # llama-server silently serves plain HTTP when only one is given: a user who asked
+        # for TLS would send secrets in the clear.
+        raise UsageError("TLS needs both --ssl-key-file and --ssl-cert-file")
     if not keys:
         for name in ("LLAMACTL_API_KEY", "LLAMA_API_KEY"):
             if env.get(name):
                 keys.extend(k for k in env[name].split(",") if k)
                 break
-    return ServeSpec(api_keys=tuple(keys), passthrough=tuple(passthrough), **values)
+    return ServeSpec(
+        api_keys=tuple(keys),
+        allowed_hosts=tuple(allowed),
+        passthrough=tuple(passthrough),
+        remotes=tuple(remotes),
+        **values,
+    )
 
 
 HELP = """Usage: llamactl serve [-m MODEL] [--host HOST] [--port PORT] [--api-key KEY]
@@ -224,10 +284,16 @@ HELP = """Usage: llamactl serve [-m MODEL] [--host HOST] [--port PORT] [--api-ke
   Taken by llamactl (same meaning as in llama-server):
     -m, --model PATH|NAME   a GGUF file, or a model name (see `llamactl models`);
                             several -m serve several models, routed by `model`
-    --host HOST             address to listen on (default 127.0.0.1)
+    --host HOST[,HOST]      addresses to listen on (default 127.0.0.1): IPv4, IPv6, names,
+                            or a Unix socket path ending in .sock
     --port PORT             port to listen on (default 8080)
+    --reuse-port            let other sockets bind the same port (SO_REUSEPORT)
+    --ssl-key-file FILE     with --ssl-cert-file: serve HTTPS (PEM files)
+    --ssl-cert-file FILE    (llama-server behind stays plain HTTP on loopback)
     --api-key KEY[,KEY]     required from clients (env LLAMACTL_API_KEY); /health stays open
     --api-key-file FILE     keys, one per line
+    --log-disable           do not copy llama-server's output to stderr (the log file
+                            keeps it: `llamactl logs`)
     --models-dir DIR        serve every .gguf in DIR, loaded on demand (router mode's flag;
                             llamactl routes itself: one llama-server per loaded model)
     --models-preset FILE    router mode's INI presets ([*] defaults, [name] per model)
@@ -238,8 +304,10 @@ HELP = """Usage: llamactl serve [-m MODEL] [--host HOST] [--port PORT] [--api-ke
   llamactl's own:
 {own}
 
-  Every other flag goes to llama-server unchanged (-ngl, -c, --alias, -t, ...):
-  see `$(llamactl which) --help`.
+  Every other flag goes to llama-server unchanged (-ngl, -c, --alias, -t, -v,
+  --log-file, --log-colors, ...): see `$(llamactl which) --help`.
+  llama-server's output is copied to stderr as it prints it, and kept in a log file
+  (`llamactl logs`); serve's own lines start with "llamactl:".
 """
 
 

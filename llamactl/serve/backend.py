@@ -12,12 +12,23 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from llamactl.errors import ServerStartError
+    from llamactl.serve.rpc import Endpoint
 
-__all__ = ["Backend", "BackendFactory", "Clock", "InstanceConfig", "Sleep"]
+__all__ = ["Backend", "BackendFactory", "Clock", "InstanceConfig", "Sleep", "Vitals"]
 
 #: The supervisor's time seams: a monotonic clock in seconds, and an awaitable pause.
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Vitals:
+    """What the system says of a backend's process at one moment: signs of life that /health
+    cannot give (for a local llama-server, read from /proc: server.read_vitals)."""
+
+    cpu_ticks: int  # user + system time of all its threads, in clock ticks
+    stopped: bool  # SIGSTOP (state T) or a tracer's stop (t): it cannot answer anything
+    active: bool  # a thread runnable (R: waiting for a CPU) or in disk sleep (D: waiting for I/O)
 
 
 @dataclass
@@ -35,6 +46,11 @@ class InstanceConfig:
     pinned: bool = False
     groups: tuple[str, ...] = ()
     estimate_bytes: int = 0
+    #: Where llama-server's output goes besides its log file (serve's stderr: output.py).
+    echo: Callable[[bytes], None] | None = None
+    #: The RPC workers its llama-server splits the model over (its --rpc flag): a head whose
+    #: worker is gone aborts, and cannot start again until the worker is back (RESOURCES.md).
+    rpc_workers: tuple[Endpoint, ...] = ()
 
 
 class Backend(Protocol):
@@ -108,6 +124,11 @@ class Backend(Protocol):
 
     async def stop(self, grace: float = 5.0) -> int | None:
         """Stop it for sure (SIGTERM, `grace`, SIGKILL); gone already is success."""
+        ...
+
+    def vitals(self) -> Vitals | None:
+        """Its process's signs of life now; None when nothing can tell (a remote server, no
+        /proc, gone): then only the slow hang rule applies."""
         ...
 
     def kill_now(self) -> None:

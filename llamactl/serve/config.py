@@ -253,6 +253,7 @@ _MODEL_KEYS = {
     "groups": list,
     "load_on_startup": bool,
     "queue_limit": int,
+    "rpc": list,  # RPC workers HOST:PORT: the model is split over them (llama-server --rpc)
 }
 _SERVE_KEYS = {"models_max": int, "autoload": bool, "args": list, "queue_limit": int}
 
@@ -318,8 +319,8 @@ def parse_toml(path: Path) -> tuple[list[ModelDecl], dict[str, Any], frozenset[s
                 raise fail(table, key, "expected a list of strings")
 
     for key in data:
-        if key not in ("serve", "models", "groups"):
-            raise fail(key, None, "unknown table (known: serve, models, groups)")
+        if key not in ("serve", "models", "groups", "remotes"):
+            raise fail(key, None, "unknown table (known: serve, models, groups, remotes)")
     serve = data.get("serve", {})
     if not isinstance(serve, dict):
         raise fail("serve", None, "expected a table")
@@ -360,12 +361,21 @@ def parse_toml(path: Path) -> tuple[list[ModelDecl], dict[str, Any], frozenset[s
         for group in values.get("groups", []):
             if group not in groups:
                 raise fail(table, "groups", f"no [groups.{group}] table declares {group!r}")
+        args = tuple(values.get("args", ()))
+        if values.get("rpc"):
+            from llamactl.serve.rpc import parse_endpoints
+
+            try:
+                workers = parse_endpoints(values["rpc"])
+            except UsageError as exc:
+                raise fail(table, "rpc", exc.message) from None
+            args = (*args, "--rpc", ",".join(str(w) for w in workers))
         out.append(
             ModelDecl(
                 name=name,
                 source=source,
                 aliases=tuple(values.get("aliases", ())),
-                args=tuple(values.get("args", ())),
+                args=args,
                 ttl=float(ttl) if ttl is not None else None,
                 pinned=bool(values.get("pinned", False)),
                 replicas=int(replicas),

@@ -27,6 +27,7 @@ from llamactl.serve.config import Fleet, ModelDecl
 from llamactl.serve.control import CONTROL, ControlServer, Reply
 from llamactl.serve.metrics import Metrics, label_instance_metrics
 from llamactl.serve.router import Decision, Limits, Seen, expired, route
+from llamactl.serve.rpc import rpc_endpoints_in, wait_for_workers_async
 from llamactl.serve.supervisor import Instance, InstanceConfig, State, Supervisor
 from llamactl.serve.upstream import ProxyError, Upstream
 
@@ -122,8 +123,12 @@ class ModelFleet:
         estimate: Callable[[Path, tuple[str, ...]], int] | None = None,
         fetch: Callable[..., Any] = http_get,
         drain_timeout: float = 30.0,
+        echo: Callable[[bytes], None] | None = None,
+        worker_wait: float = 60.0,
     ) -> None:
         self.fleet = fleet
+        #: Where every llama-server's output goes besides its log file (serve's stderr).
+        self.echo = echo
         self.supervisor = supervisor
         self.binary = binary
         self.log_dir = log_dir
@@ -135,6 +140,7 @@ class ModelFleet:
         self._estimate = estimate if estimate is not None else _estimate_bytes
         self._fetch = fetch
         self.drain_timeout = drain_timeout
+        self.worker_wait = worker_wait
         self.decls = {d.name: d for d in fleet.models}
         self._names = fleet.names()
         if len(fleet.models) == 1:
@@ -225,6 +231,9 @@ class ModelFleet:
                 inst.last_used = self._clock()
                 return upstream
         return await self._acquire_slow(model)
+
+    def replayable(self, upstream: Upstream) -> bool:
+        return upstream.name != CONTROL and self.supervisor.replayable(upstream)
 
     def release(self, upstream: Upstream, outcome: int, elapsed: float = 0.0) -> None:
         if upstream.name == CONTROL:
@@ -387,6 +396,7 @@ class ModelFleet:
             pinned=decl.pinned,
             groups=decl.groups,
             estimate_bytes=self._need.get(decl.name, 0),
+            echo=self.echo,
         )
         inst = self.supervisor.instances.get(name)
         if inst is None:
@@ -416,7 +426,17 @@ class ModelFleet:
             args = self._args(decl, inst.name, path)
             if decl.name not in self._need:
                 self._need[decl.name] = self._estimate(path, args)
-            inst.config = replace(inst.config, args=args, estimate_bytes=self._need[decl.name])
+            workers = rpc_endpoints_in(args)
+            inst.config = replace(
+                inst.config,
+                args=args,
+                estimate_bytes=self._need[decl.name],
+                rpc_workers=workers,
+            )
+            if workers:
+                # llama-server aborts at start when a worker is missing: every worker must
+                # answer its hello first (bounded), and a missing one is named.
+                await wait_for_workers_async(workers, deadline_s=self.worker_wait)
             log.info(
                 "loading %s from %s (about %.0f MiB): %s",
                 inst.name,
@@ -477,7 +497,13 @@ class ModelFleet:
         An eviction that finds the model still generating after the bound gives up (_Busy):
         the newcomer gets 503 with Retry-After, the busy model keeps serving."""
         inst = self.supervisor.instances.get(name)
-        if inst is None or inst.state not in _LIVE or name in self._unloading:
+        if inst is None or inst.state not in _LIVE:
+            return
+        if name in self._unloading:  # already going: wait until it is gone (its own bound)
+            while inst.state in _LIVE and name in self._unloading:
+                await self._wait_change(1.0)
+            if inst.state in _LIVE and evict:
+                raise _Busy(f"model {inst.config.model} is still generating; retry shortly")
             return
         self._unloading.add(name)
         try:

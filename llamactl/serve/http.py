@@ -25,6 +25,7 @@ __all__ = [
     "origin_allowed",
     "query_model",
     "sse_error_event",
+    "wants_stream",
 ]
 
 # Hop-by-hop request headers (RFC 9110 7.6.1) plus the ones the proxy rewrites itself.
@@ -184,8 +185,20 @@ def error_response(
     return b"".join(parts)
 
 
-def sse_error_event(message: str) -> bytes:
+def sse_error_event(message: str, type: str = "server_error", code: int = 502) -> bytes:
     """The event llama-server itself sends when a stream fails (server-context.cpp format_error):
     `data: {"error": {...}}` and no [DONE]."""
-    payload = {"error": {"message": message, "type": "server_error", "code": 502}}
+    payload = {"error": {"message": message, "type": type, "code": code}}
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def wants_stream(body: bytes) -> bool:
+    """Whether a JSON request body asks for a stream (`"stream": true`). Only asked of requests
+    that wait for their model, never on the per-request path."""
+    if b'"stream"' not in body:
+        return False
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(obj, dict) and obj.get("stream") is True

@@ -30,6 +30,8 @@ from llamactl.serve.args import (
 )
 
 if TYPE_CHECKING:
+    from llamactl.serve.listen import Front
+    from llamactl.serve.output import StderrCopy
     from llamactl.serve.server import LocalServer
 
 __all__ = [
@@ -64,7 +66,7 @@ def _ngl_requested(passthrough: tuple[str, ...]) -> bool:
 
 def _say(line: str) -> None:
     """A progress line on stderr (plain: rich is not imported on serve's fast path)."""
-    print(line, file=sys.stderr, flush=True)
+    print(f"llamactl: {line}", file=sys.stderr, flush=True)
 
 
 def resolve_binary(spec: ServeSpec) -> tuple[Path, str | None]:
@@ -137,7 +139,9 @@ def main(argv: list[str]) -> int:
     from llamactl.errors import LlamactlError
 
     logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+        # "llamactl:" first: serve's lines stand apart from llama-server's on the same stderr.
+        level=logging.WARNING,
+        format="llamactl: %(asctime)s %(levelname)s %(message)s",
     )
     try:
         return serve(parse_serve_args(argv))
@@ -153,19 +157,54 @@ def serve(spec: ServeSpec) -> int:
 
     The order is for time to ready: resolve the model and binary, bind the port, spawn
     llama-server, and only then import asyncio, the proxy and rich, while the model loads."""
-    from llamactl.serve import listen, records, server
+    from llamactl.serve import listen, output, records, server
 
     if spec.show_help:
         print(help_text())
         return 0
+    config = spec.config or (_default_config() if not spec.has_model_source else None)
+    if spec.remotes or (config is not None and _declares_remotes(config)):
+        from llamactl.serve import remote
+
+        remotes = remote.remotes_from_args(spec.remotes, dict(os.environ))
+        local_models = False
+        if config is not None:
+            from_file, local_models = remote.remotes_from_toml(config, dict(os.environ))
+            remotes += from_file
+        # A config file alone counts as a model source (many_models): its [models] decide.
+        local = bool(spec.model is not None or spec.models_dir or spec.models_preset) or any(
+            a.split("=", 1)[0] in server.MODEL_SOURCE_FLAGS for a in spec.passthrough
+        )
+        if not local and not local_models:
+            from llamactl.serve.front import serve_remote_only
+
+            return serve_remote_only(spec, remotes)
+    else:
+        remotes = ()
     if spec.many_models or (not spec.has_model_source and _default_config_exists()):
         from llamactl.serve.many import serve_many
 
         binary, backend = resolve_binary(spec)
-        return serve_many(spec, binary, backend)
+        return serve_many(spec, binary, backend, tuple(remotes))
     args, model_label = resolve_model_args(spec)
     binary, backend = resolve_binary(spec)
-    sockets = listen.bind(spec.host, spec.port)  # a taken port fails before any model loads
+    workers: tuple[Any, ...] = ()
+    if any(a == "--rpc" or a.startswith("--rpc=") for a in args):
+        from llamactl.serve import rpc
+
+        # llama-server aborts at start when a worker is missing, and the workers may be
+        # starting at this moment: wait for their hello first (bounded), and name the missing.
+        workers = rpc.rpc_endpoints_in(args)
+        rpc.wait_for_workers(workers, deadline_s=min(spec.start_timeout, 60.0), say=_say)
+    # A bad certificate or a taken port fails before any model loads.
+    front = listen.open_front(
+        spec.host,
+        spec.port,
+        reuse_port=spec.reuse_port,
+        socket_mode=spec.socket_mode,
+        ssl_key_file=spec.ssl_key_file,
+        ssl_cert_file=spec.ssl_cert_file,
+    )
     record_id = records.new_id()
     log_dir = paths.logs_dir()
     log_problem = None
@@ -173,14 +212,20 @@ def serve(spec: ServeSpec) -> int:
         paths.ensure_private_dir(log_dir)
     except OSError as exc:
         log_problem = f"cannot create the log directory {log_dir}: {exc.strerror or exc}"
+    log_path = log_dir / f"{record_id}-default.log"
+    echo = None
+    if spec.log_to_stderr:
+        args = (*args, *output.color_flags(args, os.environ, sys.stderr.isatty()))
+        echo = output.StderrCopy(note_path=str(log_path))
     process = server.LocalServer(
-        server.private_spec(binary, args, log_dir / f"{record_id}-default.log")
+        server.private_spec(binary, args, log_path), echo=echo.write if echo else None
     )
     process.spawn()
     try:
-        if spec.host not in ("127.0.0.1", "localhost", "::1") and not spec.api_keys:
+        exposed = listen.exposed(spec.host)
+        if exposed and not spec.api_keys:
             _say(
-                f"warning: listening on {spec.host} without --api-key: anyone who "
+                f"warning: listening on {', '.join(exposed)} without --api-key: anyone who "
                 "can reach this address can use the model"
             )
         if log_problem:
@@ -188,19 +233,44 @@ def serve(spec: ServeSpec) -> int:
         if backend == "cpu" and _ngl_requested(spec.passthrough):
             _say("note: this llama.cpp build is CPU-only: -ngl has no effect")
         _say(f"loading {model_label} with {binary} ...")
-        port = int(sockets[0].getsockname()[1])  # the real one when --port 0 was asked for
-        started = _Started(record_id, sockets, port, process, backend, model_label, binary)
+        started = _Started(
+            record_id, front, process, backend, model_label, binary, echo, workers, tuple(remotes)
+        )
         return _run(_serve_async(spec, started))
     except KeyboardInterrupt:
         return 130
     finally:
-        for sock in sockets:
-            sock.close()
+        front.close()  # removes a Unix socket's file
         if process.returncode is None:  # the loop never adopted it, or failed to stop it
             from llamactl import proc
 
             assert process.popen is not None
             proc.stop_group(process.popen.pid, grace=5.0, popen=process.popen)
+        if echo is not None:
+            echo.close()  # llama-server's last lines (its shutdown) reach stderr
+
+
+def _default_config() -> Path | None:
+    """The config directory's serve.toml, when there is one (as serve/many.py reads it)."""
+    path = paths.config_dir() / "serve.toml"
+    return path if path.is_file() else None
+
+
+def _alias_in(args: tuple[str, ...]) -> str | None:
+    """The model name llama-server answers under (its -a / --alias)."""
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag in ("-a", "--alias"):
+            return value if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return None
+
+
+def _declares_remotes(config: Path) -> bool:
+    """Whether a TOML file has a [remotes.NAME] table (a cheap look before parsing it)."""
+    try:
+        return "[remotes." in config.read_text()
+    except OSError:
+        return False
 
 
 def _default_config_exists() -> bool:
@@ -213,12 +283,14 @@ class _Started:
     """What serve prepared before the event loop: the ids, the bound sockets, llama-server."""
 
     record_id: str
-    sockets: list[Any]
-    port: int
+    front: Front  # the bound sockets, TLS, the addresses
     process: LocalServer
     backend: str | None
     model_label: str
     binary: Path
+    echo: StderrCopy | None = None
+    rpc_workers: tuple[Any, ...] = ()  # the --rpc workers its llama-server splits the model over
+    remotes: tuple[Any, ...] = ()  # remote replicas beside the local model (serve/front.py)
 
 
 def _run(coro: Any) -> int:
@@ -231,6 +303,7 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
     import asyncio
 
     from llamactl.serve import records
+    from llamactl.serve.many import where_label
     from llamactl.serve.proxy import Proxy, ProxyConfig
     from llamactl.serve.supervisor import InstanceConfig, Policy, Supervisor
 
@@ -251,8 +324,9 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
         pid=os.getpid(),
         pid_started=records.process_start_time(os.getpid()) or time.time(),
         host=spec.host,
-        port=started.port,
+        port=started.front.port,
         started_at=time.time(),
+        urls=started.front.urls,
         backend=started.backend,
         server_bin=str(started.binary),
         auth=bool(spec.api_keys),
@@ -277,20 +351,49 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
                     else None,
                     log_path=str(inst.config.log_path),
                     last_error=(inst.last_error or "").splitlines()[0] if inst.last_error else None,
+                    where=where_label(inst.config.rpc_workers),
                 )
             )
+        if pool is not None:
+            record.instances += [
+                records.InstanceRecord(
+                    name=r.name,
+                    state=r.state,
+                    model=", ".join(r.models) or None,
+                    last_error=r.last_error,
+                    where=r.address.base,
+                )
+                for r in pool.replicas
+            ]
         records.write(record)
 
     policy = Policy(queue_timeout=spec.queue_timeout, stall_timeout=spec.start_timeout)
     supervisor = Supervisor(policy, on_change=write_record)
+    provider: Any = supervisor
+    pool: Any = None
+    mixed: Any = None
+    if started.remotes:
+        from llamactl.serve.front import Mixed
+        from llamactl.serve.remote import PoolPolicy, RemotePool
+
+        pool = RemotePool(
+            started.remotes,
+            PoolPolicy(queue_timeout=spec.queue_timeout),
+            on_change=lambda _pool: write_record(supervisor),
+        )
+        mixed = provider = Mixed(supervisor, pool, _alias_in(process.spec.args))
+    from llamactl.serve import listen
+
     proxy = Proxy(
         ProxyConfig(
             host=spec.host,
             port=spec.port,
             api_key=",".join(spec.api_keys) or None,
             max_body_bytes=spec.max_body_bytes,
+            host_names=listen.guarded_names(spec.host, spec.allowed_hosts),
+            max_connections=spec.max_connections or listen.connection_bound(),
         ),
-        supervisor,
+        provider,
     )
     inst = supervisor.add(
         InstanceConfig(
@@ -299,19 +402,24 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
             args=process.spec.args,
             log_path=process.spec.log_path,
             model_label=started.model_label,
+            echo=started.echo.write if started.echo is not None else None,
+            rpc_workers=started.rpc_workers,
         ),
         process=process,
     )
     start = asyncio.ensure_future(supervisor.start(inst.name))
     waiter = asyncio.ensure_future(stop.wait())
     try:
-        await proxy.start(started.sockets)
+        await proxy.start(started.front.sockets, ssl=started.front.tls)
         await asyncio.wait({start, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if not start.done():
             start.cancel()
             await asyncio.gather(start, return_exceptions=True)
             return _signal_exit(received)
         start.result()  # raises ServerStartError with the diagnosis
+        if mixed is not None:
+            await pool.start()
+            await mixed.read_local_slots()
         detail = [started.model_label, f"backend {started.backend or 'unknown'}"]
         if inst.process is not None:
             layers = _layers_offloaded(inst.process.tail(400))
@@ -320,7 +428,7 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
         elapsed = time.monotonic() - process.started_at
         _say(f"ready in {elapsed:.2f} s: " + ", ".join(detail))
         # stdout, flushed: scripts wait for this line.
-        print(f"listening at http://{_display_host(spec.host)}:{started.port}", flush=True)
+        print(started.front.listening_line(), flush=True)
         await waiter
         return _signal_exit(received)
     finally:
@@ -329,12 +437,10 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
             start.cancel()
             await asyncio.gather(start, return_exceptions=True)
         await proxy.close()
+        if pool is not None:
+            await pool.close()
         await supervisor.close()
         records.remove(record.id)
-
-
-def _display_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 def _signal_exit(received: list[int]) -> int:

@@ -17,6 +17,8 @@ from llamactl import paths
 if TYPE_CHECKING:
     from llamactl.serve.args import ServeSpec
     from llamactl.serve.config import Fleet
+    from llamactl.serve.listen import Front
+    from llamactl.serve.output import StderrCopy
     from llamactl.serve.supervisor import Supervisor
 
 #: The TOML file read when --config is not given (and it exists).
@@ -45,16 +47,26 @@ def declare_fleet(spec: ServeSpec) -> Fleet:
 
 
 def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    print(f"llamactl: {line}", file=sys.stderr, flush=True)
 
 
-def serve_many(spec: ServeSpec, binary: Path, backend: str | None) -> int:
+def serve_many(
+    spec: ServeSpec, binary: Path, backend: str | None, remotes: tuple[Any, ...] = ()
+) -> int:
     """Run a serve with several models in the foreground until stopped; its exit code."""
-    from llamactl.serve import listen, records
+    from llamactl.serve import listen, output, records
     from llamactl.serve.runner import run
 
     fleet = declare_fleet(spec)
-    sockets = listen.bind(spec.host, spec.port)
+    front = listen.open_front(
+        spec.host,
+        spec.port,
+        reuse_port=spec.reuse_port,
+        socket_mode=spec.socket_mode,
+        ssl_key_file=spec.ssl_key_file,
+        ssl_cert_file=spec.ssl_cert_file,
+    )
+    echo = None
     try:
         record_id = records.new_id()
         log_dir = paths.logs_dir()
@@ -62,20 +74,23 @@ def serve_many(spec: ServeSpec, binary: Path, backend: str | None) -> int:
             paths.ensure_private_dir(log_dir)
         except OSError as exc:
             _say(f"warning: cannot create the log directory {log_dir}: {exc.strerror or exc}")
-        if spec.host not in ("127.0.0.1", "localhost", "::1") and not spec.api_keys:
+        exposed = listen.exposed(spec.host)
+        if exposed and not spec.api_keys:
             _say(
-                f"warning: listening on {spec.host} without --api-key: anyone who "
+                f"warning: listening on {', '.join(exposed)} without --api-key: anyone who "
                 "can reach this address can use the models"
             )
         names = ", ".join(d.name for d in fleet.models)
         _say(f"serving {len(fleet.models)} models with {binary}: {names}")
-        port = int(sockets[0].getsockname()[1])
-        return int(run(_serve_async(spec, fleet, sockets, port, record_id, binary, backend)))
+        if spec.log_to_stderr:
+            echo = output.StderrCopy(note_path=str(log_dir))
+        return int(run(_serve_async(spec, fleet, front, echo, record_id, binary, backend, remotes)))
     except KeyboardInterrupt:
         return 130
     finally:
-        for sock in sockets:
-            sock.close()
+        front.close()  # removes a Unix socket's file
+        if echo is not None:
+            echo.close()
 
 
 def instance_records(sup: Supervisor) -> list[Any]:
@@ -100,23 +115,31 @@ def instance_records(sup: Supervisor) -> list[Any]:
                 last_error=(inst.last_error or "").splitlines()[0] if inst.last_error else None,
                 memory=inst.config.estimate_bytes or None,
                 in_flight=inst.in_flight,
+                where=where_label(inst.config.rpc_workers),
             )
         )
     return out
 
 
+def where_label(workers: tuple[Any, ...]) -> str:
+    """Where an instance's model runs, as ps shows it."""
+    return "rpc " + ",".join(str(w) for w in workers) if workers else "local"
+
+
 async def _serve_async(
     spec: ServeSpec,
     fleet: Fleet,
-    sockets: list[Any],
-    port: int,
+    front: Front,
+    echo: StderrCopy | None,
     record_id: str,
     binary: Path,
     backend: str | None,
+    remotes: tuple[Any, ...] = (),
 ) -> int:
     import asyncio
 
-    from llamactl.serve import records
+    from llamactl.models.estimate import FreeMemory
+    from llamactl.serve import listen, records
     from llamactl.serve.fleet import ModelFleet
     from llamactl.serve.proxy import Proxy, ProxyConfig
     from llamactl.serve.supervisor import Policy, Supervisor
@@ -139,48 +162,82 @@ async def _serve_async(
         pid=os.getpid(),
         pid_started=records.process_start_time(os.getpid()) or time.time(),
         host=spec.host,
-        port=port,
+        port=front.port,
         started_at=time.time(),
+        urls=front.urls,
         backend=backend,
         server_bin=str(binary),
         auth=bool(spec.api_keys),
     )
     models: ModelFleet | None = None
+    pool: Any = None
 
     def on_change(sup: Supervisor) -> None:
         if models is not None:
             models.changed()
         record.instances = instance_records(sup)
+        if pool is not None:  # remote replicas beside the local models (serve/front.py)
+            record.instances += [
+                records.InstanceRecord(
+                    name=r.name,
+                    state=r.state,
+                    model=", ".join(r.models) or None,
+                    last_error=r.last_error,
+                    where=r.address.base,
+                )
+                for r in pool.replicas
+            ]
         records.write(record)
 
     policy = Policy(queue_timeout=spec.queue_timeout, stall_timeout=spec.start_timeout)
     supervisor = Supervisor(policy, on_change=on_change)
     models = ModelFleet(
-        fleet, supervisor, binary=binary, log_dir=paths.logs_dir(), record_id=record_id
+        fleet,
+        supervisor,
+        binary=binary,
+        log_dir=paths.logs_dir(),
+        record_id=record_id,
+        echo=echo.write if echo is not None else None,
+        worker_wait=min(spec.start_timeout, 60.0),
+        # A GPU build decides by free VRAM, a CPU build by free RAM (models/estimate.py).
+        memory=FreeMemory(gpu=backend in ("cuda",)),
     )
+    provider: Any = models
+    if remotes:
+        from llamactl.serve.front import MixedFleet
+        from llamactl.serve.remote import PoolPolicy, RemotePool
+
+        pool = RemotePool(
+            remotes,
+            PoolPolicy(queue_timeout=spec.queue_timeout),
+            on_change=lambda _pool: on_change(supervisor),
+        )
+        provider = MixedFleet(models, pool)
     proxy = Proxy(
         ProxyConfig(
             host=spec.host,
             port=spec.port,
             api_key=",".join(spec.api_keys) or None,
             max_body_bytes=spec.max_body_bytes,
+            host_names=listen.guarded_names(spec.host, spec.allowed_hosts),
+            max_connections=spec.max_connections or listen.connection_bound(),
         ),
-        models,
+        provider,
     )
     try:
         await models.start()
-        await proxy.start(sockets)
+        if pool is not None:
+            await pool.start()
+        await proxy.start(front.sockets, ssl=front.tls)
         records.write(record)
         # stdout, flushed: scripts wait for this line.
-        print(f"listening at http://{_display_host(spec.host)}:{port}", flush=True)
+        print(front.listening_line(), flush=True)
         await stop.wait()
         return 128 + received[0] if received else 0
     finally:
         await proxy.close()
+        if pool is not None:
+            await pool.close()
         await models.close()
         await supervisor.close()
         records.remove(record.id)
-
-
-def _display_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host

@@ -16,7 +16,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from functools import partial
 from time import monotonic as _monotonic
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
@@ -30,9 +30,13 @@ from llamactl.serve.http import error_response, is_public, model_of
 from llamactl.serve.http import origin_allowed as _origin_allowed
 from llamactl.serve.http import query_model as _query_model
 from llamactl.serve.http import sse_error_event as _sse_error_event
+from llamactl.serve.http import wants_stream as _wants_stream
 from llamactl.serve.listen import ProxyBindError
 from llamactl.serve.runner import run
 from llamactl.serve.upstream import ProxyError, Upstream, UpstreamProvider
+
+if TYPE_CHECKING:
+    from ssl import SSLContext
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,17 @@ class ProxyConfig:
     #: Idle pooled connections kept per upstream.
     max_idle_per_upstream: int = 64
     backlog: int = 1024
+    #: DNS-rebinding guard: when set and no API key is required, a request whose Host header
+    #: names none of these (nor an IP address, nor *.localhost: listen.host_allowed) gets 403.
+    #: serve sets it to listen.local_names(--host) plus --allowed-hosts.
+    host_names: frozenset[bytes] | None = None
+    #: Client connections served at once; more get a 503 and are closed, so that descriptors
+    #: never run out (serve sizes it from RLIMIT_NOFILE: listen.connection_bound). 0: no bound.
+    max_connections: int = 0
+    #: A streamed request that waits this long for its model (loading) gets its 200 head and
+    #: an SSE comment, then one more every as many seconds, so that clients and proxies in
+    #: between do not time out (0: never).
+    sse_wait_comment_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +107,11 @@ class ProxyStats:
 
 # Response framings towards the client.
 _NONE, _LENGTH, _CHUNKED, _CLOSE = 0, 1, 2, 3
+#: An upstream error answer to a stream whose 200 head the client already has (it waited for
+#: its model with SSE comments): its body becomes one SSE error event.
+_WRAP = 4
+_WAIT_COMMENT = b": waiting for the model to load\n\n"
+_WAIT_CHUNK = b"%x\r\n%s\r\n" % (len(_WAIT_COMMENT), _WAIT_COMMENT)
 
 
 #: How long a request whose upstream refuses connections keeps asking for the upstream again
@@ -144,6 +164,7 @@ class _Exchange:
         "connect_task",
         "cred",
         "declared",
+        "early",
         "error",
         "expect",
         "finished",
@@ -151,15 +172,19 @@ class _Exchange:
         "has_host",
         "head_size",
         "hop",
+        "host",
         "http10",
         "json_body",
         "keep_alive",
+        "keepalive",
         "lines",
         "method",
         "model",
+        "moved",
         "origin",
         "payload",
         "released",
+        "replayed",
         "requeue_until",
         "started",
         "status",
@@ -185,6 +210,8 @@ class _Exchange:
         self.authz: bytes | None = None
         self.xkey: bytes | None = None
         self.has_host = False
+        self.host: bytes | None = None
+        self.moved = False  # sent again to another replica once already
         self.json_body = True
         self.expect = False
         self.auth_ok = False
@@ -200,10 +227,13 @@ class _Exchange:
         self.payload: list[bytes] = []
         self.attempts = 0
         self.released = False
+        self.replayed = False
         self.model: str | None = None
         self.requeue_until = 0.0  # loop time until which a refused connect waits for a restart
         self.status = 0
         self.t0 = 0.0
+        self.early = False  # a 200 SSE head went out while the model loaded
+        self.keepalive: asyncio.TimerHandle | None = None
         self.timed_out = False
         self.acquire_task: asyncio.Task[Upstream] | None = None
         self.connect_task: asyncio.Future[Any] | None = None
@@ -236,6 +266,8 @@ class _ClientConn(asyncio.Protocol):
         self.unsent = 0
         self.unsent_at = proxy.now
         self.linger: asyncio.TimerHandle | None = None
+        #: The Host names this connection's requests must use (None: any); see connection_made.
+        self.hosts = proxy._hosts
 
     # asyncio callbacks
 
@@ -244,6 +276,12 @@ class _ClientConn(asyncio.Protocol):
         # Bounded buffering towards a slow reader; past it the upstream is paused instead.
         self.transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
         self.proxy._clients.add(self)
+        if self.hosts is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family == socket.AF_UNIX:
+                # No browser reaches a Unix socket: no rebinding, whatever Host it sends
+                # (`curl --unix-socket S http://x/` sends "Host: x").
+                self.hosts = None
 
     def data_received(self, data: bytes) -> None:
         if self.ignore_input:
@@ -338,7 +376,7 @@ class _ClientConn(asyncio.Protocol):
                 ex.json_body = False
         elif lname == b"host":
             ex.has_host = True
-            ex.lines += (name, b": ", value, b"\r\n")
+            ex.host = value  # kept apart from ex.lines: a remote upstream replaces it
         elif lname == b"authorization":
             ex.cred += (name, b": ", value, b"\r\n")
             ex.authz = value
@@ -386,6 +424,19 @@ class _ClientConn(asyncio.Protocol):
             ]
         if proxy._key is not None:
             ex.auth_ok = proxy._check_key(ex.authz, ex.xkey)
+        elif (
+            self.hosts is not None
+            and ex.host is not None
+            and not (proxy._hosts_seen.get(ex.host) or proxy._host_ok(ex.host))
+        ):
+            # No key: only the key would stop a page whose name was rebound to this address.
+            ex.error = ProxyError(
+                403,
+                "the Host header does not name this server (a guard against DNS rebinding): "
+                "use the address it listens on, add the name with --allowed-hosts, or set an "
+                "API key",
+                code="host_not_allowed",
+            )
         if proxy._key is not None and not ex.auth_ok:
             path = ex.url.partition(b"?")[0]
             if not is_public(ex.method, path):
@@ -552,9 +603,45 @@ class _ClientConn(asyncio.Protocol):
                 task = loop.create_task(_resume(coro, yielded))
         ex.acquire_task = task
         task.add_done_callback(partial(self._acquire_done, ex))
+        wait = self.proxy.config.sse_wait_comment_s
+        if (
+            wait > 0
+            and ex.keepalive is None
+            and ex.method == b"POST"
+            and not ex.http10
+            and _wants_stream(ex.body[0] if len(ex.body) == 1 else b"".join(ex.body))
+        ):
+            ex.keepalive = loop.call_later(wait, self._wait_comment, ex)
+
+    def _wait_comment(self, ex: _Exchange) -> None:
+        """A stream still waits for its model: its 200 SSE head first, then a comment."""
+        ex.keepalive = None
+        if self.closed or ex.finished or ex.acquire_task is None:
+            return
+        if not ex.early:
+            ex.early = True
+            head = [
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n",
+                b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n",
+                b"X-Accel-Buffering: no\r\n",
+            ]
+            cors = self.proxy.config.cors_origins
+            if cors is not None and ex.origin is not None and _origin_allowed(cors, ex.origin):
+                head.append(b"Access-Control-Allow-Origin: %s\r\nVary: Origin\r\n" % ex.origin)
+            if not ex.keep_alive:
+                head.append(b"Connection: close\r\n")
+            head.append(b"\r\n")
+            self.transport.write(b"".join(head))
+        self.transport.write(_WAIT_CHUNK)
+        ex.keepalive = asyncio.get_running_loop().call_later(
+            self.proxy.config.sse_wait_comment_s, self._wait_comment, ex
+        )
 
     def _acquire_done(self, ex: _Exchange, task: asyncio.Task[Upstream]) -> None:
         ex.acquire_task = None
+        if ex.keepalive is not None:
+            ex.keepalive.cancel()
+            ex.keepalive = None
         if task.cancelled() or self.closed or ex.finished:
             if not task.cancelled() and task.exception() is None:
                 self.proxy.provider.release(task.result(), 499)
@@ -577,7 +664,12 @@ class _ClientConn(asyncio.Protocol):
                 auth = b"Authorization: " + upstream.auth + b"\r\n"
         elif ex.cred:
             auth = b"".join(ex.cred)
-        host = b"" if ex.has_host else b"Host: %s:%d\r\n" % (upstream.host.encode(), upstream.port)
+        if upstream.host_header is not None:
+            host = b"Host: %s\r\n" % upstream.host_header
+        elif ex.has_host:
+            host = b"Host: %s\r\n" % ex.host
+        else:
+            host = b"Host: %s:%d\r\n" % (upstream.host.encode(), upstream.port)
         # The body was read whole (bounded), so it always goes out with a Content-Length.
         length = b"Content-Length: %d\r\n" % len(body) if ex.has_body or body else b""
         head = b"%s %s HTTP/1.1\r\n%s%s%s%s\r\n" % (
@@ -620,10 +712,14 @@ class _ClientConn(asyncio.Protocol):
             return
         if self.closed or ex.finished:
             return
+        if self._replay(ex):
+            return
         if ex.attempts < 2 and not isinstance(exc, asyncio.TimeoutError):
             self._send(ex, fresh=True)
             return
         if isinstance(exc, ConnectionRefusedError) and self._requeue(ex):
+            return
+        if self._move(ex):
             return
         upstream = ex.upstream
         assert upstream is not None
@@ -636,6 +732,22 @@ class _ClientConn(asyncio.Protocol):
         else:
             err = ProxyError(502, f"cannot reach the model server {upstream.name}: {exc}")
         self._reply_error(ex, err)
+
+    def _replay(self, ex: _Exchange) -> bool:
+        """Send a request that got no byte of an answer to the successor of a llama-server that
+        was killed as hung (acquire waits for the restart), once; False when that is not the
+        case (see UpstreamProvider.replayable)."""
+        upstream = ex.upstream
+        if ex.replayed or upstream is None or not self.proxy.provider.replayable(upstream):
+            return False
+        ex.replayed = True
+        self._release(ex, 503)  # neither a failure nor a success of that server
+        ex.released = False
+        ex.upstream = None
+        ex.attempts = 0
+        ex.payload = []
+        self._acquire(ex)
+        return True
 
     def _requeue(self, ex: _Exchange) -> bool:
         """Nothing listens on the upstream's port: its llama-server has died, and the
@@ -654,6 +766,23 @@ class _ClientConn(asyncio.Protocol):
         asyncio.get_running_loop().call_later(REQUEUE_PAUSE_S, self._reacquire, ex)
         return True
 
+    def _move(self, ex: _Exchange) -> bool:
+        """A replicated upstream (a remote server) dropped the request before any byte of its
+        answer: ask for an upstream again, once; the provider has counted the failure and
+        picks another replica."""
+        upstream = ex.upstream
+        if upstream is None or not upstream.replicated or ex.moved:
+            return False
+        ex.moved = True
+        log.warning("%s dropped a request before answering: sent to another", upstream.name)
+        self._release(ex, 0)
+        ex.released = False
+        ex.upstream = None
+        ex.attempts = 0
+        ex.payload = []
+        self._acquire(ex)
+        return True
+
     def _reacquire(self, ex: _Exchange) -> None:
         if not (self.closed or ex.finished):
             self._acquire(ex)
@@ -664,6 +793,14 @@ class _ClientConn(asyncio.Protocol):
             self.proxy.provider.release(ex.upstream, outcome, _monotonic() - ex.t0)
 
     def _reply_error(self, ex: _Exchange, err: ProxyError) -> None:
+        if ex.early:
+            # The client has a 200 SSE head already: the error goes in-band, as llama-server
+            # reports a failed stream, then the end of the stream.
+            if not self.closed:
+                event = _sse_error_event(err.message, err.type, err.status)
+                self.transport.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+            self._done(ex)
+            return
         extra = b""
         cors = self.proxy.config.cors_origins
         if cors is not None and ex.origin is not None and _origin_allowed(cors, ex.origin):
@@ -722,6 +859,9 @@ class _ClientConn(asyncio.Protocol):
 
     def _abandon(self, ex: _Exchange) -> None:
         """The client is gone: stop the upstream request so llama-server stops generating."""
+        if ex.keepalive is not None:
+            ex.keepalive.cancel()
+            ex.keepalive = None
         if ex.acquire_task is not None:
             ex.acquire_task.cancel()
         if ex.connect_task is not None:
@@ -742,13 +882,17 @@ class _ClientConn(asyncio.Protocol):
             self._release(ex, 0)
             return
         ex.conn = None
+        upstream = ex.upstream
+        assert upstream is not None
+        if self._replay(ex):
+            return
         if retry and ex.attempts < 2:
             # A pooled keep-alive connection that llama-server closed meanwhile is normal.
             self._send(ex, fresh=True)
             return
+        if not ex.timed_out and self._move(ex):
+            return
         self._release(ex, 0)
-        upstream = ex.upstream
-        assert upstream is not None
         if ex.timed_out:
             err = ProxyError(504, f"the model server {upstream.name} did not answer in time")
         else:
@@ -801,6 +945,49 @@ class _ClientConn(asyncio.Protocol):
         return now - self.unsent_at
 
 
+class _Refused(asyncio.Protocol):
+    """A connection over ProxyConfig.max_connections: a 503 with Retry-After, then closed.
+
+    Its descriptor is held for at most a second (the answer, then a lingering close so that a
+    request still arriving does not turn it into a reset); past a further bound of such
+    connections, new ones are closed at once, so a flood cannot exhaust descriptors either."""
+
+    _ERROR = ProxyError(
+        503,
+        "too many connections to this server; retry shortly",
+        code="too_many_connections",
+        retry_after=1,
+    )
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        proxy = self.proxy
+        proxy.refused += 1
+        proxy.refusing += 1
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if proxy.refusing > 64:
+            transport.abort()
+            return
+        transport.write(error_response(self._ERROR, keep_alive=False))
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.timer = asyncio.get_running_loop().call_later(1.0, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the request is not read: the answer is already decided
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proxy.refusing -= 1
+        if self.timer is not None:
+            self.timer.cancel()
+
+
 # -- the upstream side -----------------------------------------------------------------------
 
 
@@ -818,6 +1005,7 @@ class _UpstreamConn(asyncio.Protocol):
         self.out: list[bytes] = []
         self.closed = False
         self.stamp = proxy.now
+        self.wrapped: list[bytes] = []  # the body of a _WRAP answer, until it ends
         self._reset()
 
     def _reset(self) -> None:
@@ -939,6 +1127,14 @@ class _UpstreamConn(asyncio.Protocol):
         assert ex is not None
         self.status = status
         ex.status = status
+        if ex.early:
+            # The client has its 200 SSE head (it waited for the model): only the body goes
+            # on, in chunks; an error answer becomes an SSE error event.
+            self.hdrs = []
+            self.sse = True
+            self.framing = _CHUNKED if status == 200 else _WRAP
+            self.head_sent = True
+            return
         parts: list[bytes] = []
         hdrs = self.hdrs
         length = False
@@ -989,6 +1185,8 @@ class _UpstreamConn(asyncio.Protocol):
     def on_body(self, data: bytes) -> None:
         if self.framing == _CHUNKED:
             self.out += (b"%x\r\n" % len(data), data, b"\r\n")
+        elif self.framing == _WRAP:
+            self.wrapped.append(data)
         else:
             self.out.append(data)
 
@@ -998,6 +1196,10 @@ class _UpstreamConn(asyncio.Protocol):
             return
         if self.framing == _CHUNKED:
             self.out.append(b"0\r\n\r\n")
+        elif self.framing == _WRAP:
+            event = b"data: " + b"".join(self.wrapped).strip() + b"\n\n"
+            self.wrapped = []
+            self.out.append(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
         # llhttp answers this only inside the callback; after feed_data it says False.
         if not self.parser.should_keep_alive():
             self.upstream_close = True
@@ -1060,11 +1262,11 @@ class _UpstreamConn(asyncio.Protocol):
         if self.out:
             client.transport.writelines(self.out)
             self.out.clear()
-        if self.sse and self.framing in (_CHUNKED, _CLOSE):
+        if self.sse and self.framing in (_CHUNKED, _CLOSE, _WRAP):
             # A stream that already started can only report the failure in-band, as
             # llama-server does: an error event, then a proper end of the stream.
             event = _sse_error_event(message)
-            if self.framing == _CHUNKED:
+            if self.framing != _CLOSE:
                 client.transport.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
                 client._done(ex)
             else:
@@ -1092,6 +1294,12 @@ class Proxy:
         self._key = keys[0] if keys else None
         self._servers: list[asyncio.AbstractServer] = []
         self._clients: set[_ClientConn] = set()
+        #: Connections being turned away with a 503 (over max_connections).
+        self.refusing = 0
+        self.refused = 0
+        self._hosts = config.host_names if not keys else None
+        #: Host header values already judged: a dict lookup per request, bounded in size.
+        self._hosts_seen: dict[bytes, bool] = {}
         self._idle: dict[tuple[str, str, int], list[_UpstreamConn]] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._address: tuple[str, int] | None = None
@@ -1100,6 +1308,22 @@ class Proxy:
         self.now = 0.0
         self.requests = 0
         self.in_flight = 0
+
+    def _host_ok(self, value: bytes) -> bool:
+        ok = self._hosts_seen.get(value)
+        if ok is None:
+            assert self._hosts is not None
+            ok = listen.host_allowed(value, self._hosts)
+            if len(self._hosts_seen) < 1024:  # a client inventing names cannot grow it
+                self._hosts_seen[value] = ok
+        return ok
+
+    def _new_connection(self) -> asyncio.Protocol:
+        """The protocol for a connection just accepted: served, or over the bound refused."""
+        bound = self.config.max_connections
+        if bound and len(self._clients) >= bound:
+            return _Refused(self)
+        return _ClientConn(self)
 
     def _check_key(self, authz: bytes | None, xkey: bytes | None) -> bool:
         """Constant-time check of the key, read as llama-server reads it: `Authorization`
@@ -1114,9 +1338,12 @@ class Proxy:
             ok |= hmac.compare_digest(value, key)
         return ok
 
-    async def start(self, sockets: list[socket.socket] | None = None) -> None:
+    async def start(
+        self, sockets: list[socket.socket] | None = None, *, ssl: SSLContext | None = None
+    ) -> None:
         """Listen on `sockets` (see listen.bind), else bind the configured address;
-        ProxyBindError when the address is taken or cannot be used."""
+        ProxyBindError when the address is taken or cannot be used. With `ssl`, clients
+        speak TLS (terminated here: upstreams stay plain HTTP on loopback)."""
         loop = asyncio.get_running_loop()
         self.now = loop.time()
         config = self.config
@@ -1124,14 +1351,20 @@ class Proxy:
             sockets = listen.bind(config.host, config.port, config.backlog)
         try:
             for sock in sockets:
-                self._servers.append(await loop.create_server(lambda: _ClientConn(self), sock=sock))
+                server: asyncio.AbstractServer
+                if sock.family == socket.AF_UNIX:
+                    server = await loop.create_unix_server(self._new_connection, sock=sock, ssl=ssl)
+                else:
+                    server = await loop.create_server(self._new_connection, sock=sock, ssl=ssl)
+                self._servers.append(server)
         except BaseException:
             for server in self._servers:
                 server.close()
             self._servers.clear()
             raise
-        name = sockets[0].getsockname()
-        self._address = (name[0], name[1])
+        tcp = [s.getsockname() for s in sockets if s.family != socket.AF_UNIX]
+        name = tcp[0] if tcp else (sockets[0].getsockname(), 0)
+        self._address = (str(name[0]), int(name[1]))
         self._ticker = loop.create_task(self._tick())
 
     @property
@@ -1189,7 +1422,11 @@ class Proxy:
         key = (upstream.name, upstream.host, upstream.port)
         _, conn = await asyncio.wait_for(
             loop.create_connection(
-                lambda: _UpstreamConn(self, key, upstream.generation), upstream.host, upstream.port
+                lambda: _UpstreamConn(self, key, upstream.generation),
+                upstream.host,
+                upstream.port,
+                ssl=upstream.tls,
+                server_hostname=upstream.host if upstream.tls is not None else None,
             ),
             self.config.connect_timeout,
         )

@@ -50,7 +50,7 @@ def rows(now: float | None = None) -> list[dict[str, Any]]:
     """One row per running serve instance (a serve with no instance yet gets one row)."""
     now = time.time() if now is None else now
     out: list[dict[str, Any]] = []
-    for rec in records.live_records():
+    for rec in records.live_records(kind=None):
         instances = rec.instances or [records.InstanceRecord(name="-", state="starting")]
         for inst in instances:
             pids = [rec.pid] + ([inst.pid] if inst.pid else [])
@@ -59,10 +59,12 @@ def rows(now: float | None = None) -> list[dict[str, Any]]:
             out.append(
                 {
                     "id": rec.id,
+                    "kind": rec.kind,
                     "pid": rec.pid,
                     "server_pid": inst.pid,
                     "instance": inst.name,
                     "model": inst.model,
+                    "where": inst.where,
                     "url": rec.url,
                     "state": inst.state,
                     "uptime_s": round(uptime, 1),

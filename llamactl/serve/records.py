@@ -30,6 +30,8 @@ class InstanceRecord:
     started_at: float | None = None
     log_path: str | None = None
     last_error: str | None = None
+    #: Where the model runs: "local", "rpc HOST:PORT,..." (split over RPC workers), ...
+    where: str | None = None
     memory: int | None = None  # estimated bytes (several models: from the GGUF header)
     in_flight: int = 0
 
@@ -48,9 +50,23 @@ class ServeRecord:
     server_bin: str | None = None
     auth: bool = False
     instances: list[InstanceRecord] = field(default_factory=list)
+    #: Every address it listens on (several --host addresses, a Unix socket, https).
+    urls: list[str] = field(default_factory=list)
+    #: "serve", or "worker" (`llamactl worker`: a ggml-rpc-server, no HTTP).
+    kind: str = "serve"
 
     @property
     def url(self) -> str:
+        """Where a client on this machine reaches it: the first TCP address, else the first;
+        a worker's is what a head's --rpc takes (the RPC protocol is no HTTP)."""
+        if self.kind == "worker":
+            return f"{self.host}:{self.port}"
+        tcp = [u for u in self.urls if not u.startswith("unix://")]
+        if tcp or self.urls:
+            url = (tcp or self.urls)[0]
+            for wildcard in ("://0.0.0.0:", "://[::]:"):
+                url = url.replace(wildcard, "://127.0.0.1:")
+            return url
         host = self.host
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
@@ -65,7 +81,11 @@ class ServeRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ServeRecord:
-        insts = [InstanceRecord(**i) for i in data.get("instances", [])]
+        known = InstanceRecord.__dataclass_fields__
+        insts = [
+            InstanceRecord(**{k: v for k, v in i.items() if k in known})
+            for i in data.get("instances", [])
+        ]
         fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "instances"}
         return cls(**fields, instances=insts)
 
@@ -128,8 +148,9 @@ def _is_live(record: ServeRecord) -> bool:
     return started is not None and abs(started - record.pid_started) < 2.0
 
 
-def live_records(*, clean: bool = True) -> list[ServeRecord]:
-    """Records of serves that are still running, newest first; stale ones are removed."""
+def live_records(*, clean: bool = True, kind: str | None = "serve") -> list[ServeRecord]:
+    """Records of serves (or of `kind`; None: of every kind) that are still running, newest
+    first; stale ones are removed."""
     directory = paths.run_dir()
     if not directory.is_dir():
         return []
@@ -142,16 +163,17 @@ def live_records(*, clean: bool = True) -> list[ServeRecord]:
                 path.unlink(missing_ok=True)
             continue
         if _is_live(record):
-            found.append(record)
+            if kind is None or record.kind == kind:
+                found.append(record)
         elif clean:
             path.unlink(missing_ok=True)
     found.sort(key=lambda r: r.started_at, reverse=True)
     return found
 
 
-def find(prefix: str) -> ServeRecord | None:
+def find(prefix: str, kind: str | None = None) -> ServeRecord | None:
     """The live record whose id starts with prefix (or whose port equals it)."""
-    for record in live_records():
+    for record in live_records(kind=kind):
         if record.id.startswith(prefix) or str(record.port) == prefix:
             return record
     return None

@@ -131,6 +131,12 @@ def route(
         if n not in names
     )
     victims, why = _victims(model, need_bytes, groups, everyone, limits)
+    if victims is None and any(
+        s.model != model and s.state in ("starting", "backoff", "stopping") for s in everyone
+    ):
+        # Another model is loading or unloading: once it settles there may be room (or one
+        # more to evict). Wait for that, bounded by the queue timeout, rather than refuse.
+        return Decision("wait", None, reason=f"waiting for other models to settle: {why}")
     if victims is None:
         return Decision(
             "reject",

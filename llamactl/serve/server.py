@@ -15,7 +15,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 from llamactl import proc
 from llamactl.errors import ServerStartError
 from llamactl.net import free_port
+from llamactl.serve.backend import Vitals
+from llamactl.serve.output import strip_colors
 
 if TYPE_CHECKING:
     import asyncio
@@ -94,6 +96,10 @@ def build_env(spec: ServerSpec, base: Mapping[str, str] | None = None) -> dict[s
     # llama-server's own --host/--port env values would fight the explicit flags.
     env.pop("LLAMA_ARG_HOST", None)
     env.pop("LLAMA_ARG_PORT", None)
+    # The proxy terminates TLS and owns the listening socket: a llama-server that read these
+    # would speak TLS to the proxy's plain HTTP on loopback.
+    for name in ("LLAMA_ARG_SSL_KEY_FILE", "LLAMA_ARG_SSL_CERT_FILE", "LLAMA_ARG_REUSE_PORT"):
+        env.pop(name, None)
     env.update(spec.env)
     if spec.api_key:
         env["LLAMA_API_KEY"] = spec.api_key
@@ -130,6 +136,16 @@ _DIAGNOSES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
             r"out of memory|failed to allocate|cudaMalloc failed|unable to allocate|"
             r"ErrorOutOfDeviceMemory|std::bad_alloc",
             "out of memory: try fewer GPU layers (-ngl) or a smaller context (-c)",
+        ),
+        # ggml-rpc.cpp aborts (SIGABRT) with these when a --rpc worker is missing at start, or
+        # lost (killed, its host gone) while the model was loading or generating.
+        (
+            r"Failed to connect to \S+:\d+",
+            "an RPC worker (--rpc) does not answer: is `llamactl worker` running there?",
+        ),
+        (
+            r"Remote RPC server crashed or returned malformed response",
+            "an RPC worker (--rpc) was lost: killed, or its host is unreachable",
         ),
         (r"error loading model|failed to load model", "llama-server could not load the model"),
     )
@@ -215,13 +231,60 @@ async def http_status(host: str, port: int, path: str, *, timeout: float = 3.0) 
     return None
 
 
+def read_vitals(pid: int, proc_root: str = "/proc") -> Vitals | None:
+    """The process's Vitals, or None where /proc cannot tell (not Linux, gone)."""
+    try:
+        with open(f"{proc_root}/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        states = set()
+        for task in os.listdir(f"{proc_root}/{pid}/task"):
+            with (
+                contextlib.suppress(OSError, IndexError),
+                open(f"{proc_root}/{pid}/task/{task}/stat", "rb") as fh,
+            ):
+                states.add(fh.read().rsplit(b")", 1)[1].split()[0])
+    except (OSError, IndexError):
+        return None
+    # After the ")" that ends the name: state is field 3, utime 14, stime 15 (proc(5)).
+    state = fields[0]
+    return Vitals(
+        cpu_ticks=int(fields[11]) + int(fields[12]),
+        stopped=state in (b"T", b"t"),
+        active=bool(states & {b"R", b"D"}),
+    )
+
+
+def probe_request(args: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """The broken-server probe's request, (path, JSON body): a one-token job on an endpoint
+    that this llama-server offers. An embedding server answers /completion with 501, a
+    reranking one too: probing that would restart a healthy server (common/arg.cpp:
+    --embedding, --rerank; --pooling other than none makes an embedding server as well)."""
+    env = os.environ if env is None else env
+    flags = {a.split("=", 1)[0] for a in args}
+    pooling = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == "--pooling"), None)
+    if flags & {"--rerank", "--reranking"} or env.get("LLAMA_ARG_RERANKING"):
+        return "/rerank", '{"query": "a", "documents": ["a"]}'
+    embedding = flags & {"--embedding", "--embeddings"} or env.get("LLAMA_ARG_EMBEDDINGS")
+    if embedding or (pooling is not None and pooling != "none"):
+        return "/embedding", '{"content": "a"}'
+    return "/completion", '{"prompt": "a", "n_predict": 1}'
+
+
 class LocalServer:
     """A llama-server on this machine, the first `Backend` (serve/backend.py): spawned from an
     argument list in its own process group, its output copied to a log file and a ring buffer,
     its health polled, stopped for sure."""
 
-    def __init__(self, spec: ServerSpec, *, ring_size: int = 200) -> None:
+    def __init__(
+        self,
+        spec: ServerSpec,
+        *,
+        ring_size: int = 200,
+        echo: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.spec = spec
+        #: Where each output line goes besides the log file (serve's stderr: serve/output.py).
+        self.echo = echo
         self.popen: subprocess.Popen[bytes] | None = None
         self.ring: collections.deque[str] = collections.deque(maxlen=ring_size)
         self.lines_seen = 0
@@ -262,21 +325,23 @@ class LocalServer:
         return describe_exit(code)
 
     async def probe(self, auth: bytes | None) -> bool:
-        """One tiny real generation (`POST /completion`, one token): True when it answers 200.
-        httpx, imported here: only a server that failed many requests in a row is probed."""
+        """One tiny real job on an endpoint this server offers (probe_request): True when it
+        answers like a working server, anything below 500 or a 501. httpx, imported here: only
+        a server that failed many requests in a row is probed."""
         import httpx
 
+        path, body = probe_request(self.spec.args)
+        headers = {"Content-Type": "application/json"}
+        if auth:
+            headers["Authorization"] = auth.decode()
         try:
             async with httpx.AsyncClient(trust_env=False) as client:
                 resp = await client.post(
-                    f"{self.url}/completion",
-                    json={"prompt": "a", "n_predict": 1},
-                    headers={"Authorization": auth.decode()} if auth else None,
-                    timeout=60.0,
+                    f"{self.url}{path}", content=body, headers=headers, timeout=60.0
                 )
         except httpx.HTTPError:
             return False
-        return resp.status_code == 200
+        return resp.status_code < 500 or resp.status_code == 501
 
     @property
     def attached(self) -> bool:
@@ -336,12 +401,15 @@ class LocalServer:
                     raw = await reader.read(1 << 16)
                 if not raw:
                     break
+                if self.echo is not None:
+                    self.echo(raw)  # unchanged, colors included, as llama-server wrote it
+                plain = strip_colors(raw)
                 if logfile is not None:
                     try:
-                        logfile.write(raw)
+                        logfile.write(plain)
                     except OSError:
                         pass
-                self.ring.append(raw.decode(errors="replace").rstrip())
+                self.ring.append(plain.decode(errors="replace").rstrip())
                 self.lines_seen += 1
                 self.last_line_at = time.monotonic()
         finally:
@@ -453,6 +521,12 @@ class LocalServer:
                 await asyncio.wait_for(asyncio.shield(self._reader), timeout=2.0)
         return code
 
+    def vitals(self) -> Vitals | None:
+        """Its signs of life now (see Vitals); None once it has exited or off Linux."""
+        if self.popen is None or self.popen.poll() is not None:
+            return None
+        return read_vitals(self.popen.pid)
+
     def kill_now(self) -> None:
         """SIGKILL the group at once (a hung server gets no grace)."""
         if self.popen is not None and self.popen.poll() is None:
@@ -469,4 +543,4 @@ ServerProcess = LocalServer
 def local_backend(config: InstanceConfig) -> LocalServer:
     """The supervisor's default BackendFactory: a fresh llama-server spec (new private port and
     key) for the instance."""
-    return LocalServer(private_spec(config.binary, config.args, config.log_path))
+    return LocalServer(private_spec(config.binary, config.args, config.log_path), echo=config.echo)

@@ -16,7 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llamactl.errors import ServerStartError
-from llamactl.serve.backend import Backend, BackendFactory, Clock, InstanceConfig, Sleep
+from llamactl.serve import rpc
+from llamactl.serve.backend import (
+    Backend,
+    BackendFactory,
+    Clock,
+    InstanceConfig,
+    Sleep,
+    Vitals,
+)
 from llamactl.serve.upstream import ProxyError, Upstream
 
 log = logging.getLogger(__name__)
@@ -47,6 +55,14 @@ class Policy:
     health_interval: float = 2.0  # while ready: how often /health is asked
     health_timeout: float = 5.0
     hung_after: int = 3  # consecutive unanswered health checks before a kill
+    #: The fast way to a hang: /health unanswered for `quick_timeout` s while the process shows
+    #: no sign of life (stopped by SIGSTOP, or: no CPU time used, no thread runnable or in disk
+    #: I/O, no log line, no request answered) is a sure miss; `sure_after` of them in a row,
+    #: `recheck_after` s apart, kill it. Anything alive on a loaded machine uses CPU, waits
+    #: for one, or waits for the disk, so load alone never makes a sure miss (docs/reliability.md).
+    quick_timeout: float = 1.0
+    sure_after: int = 2
+    recheck_after: float = 0.5
     broken_after: int = 5  # consecutive upstream 5xx / transport failures before a probe
     stop_grace: float = 5.0
     #: A first start that llama-server ends by exiting (a bad flag, a bad model file, no memory)
@@ -58,6 +74,13 @@ class Policy:
     #: free when asked) are retried at once on another port, this many times, and are not
     #: counted as crashes.
     port_retries: int = 5
+    #: While an RPC worker of an instance is gone: how often it is asked for its hello.
+    worker_poll: float = 0.5
+    worker_probe_timeout: float = 2.0
+    #: While ready: how often a head's workers are checked, and how long a hello may wait
+    #: (a worker serving its head does not answer: that is the good case).
+    worker_check_interval: float = 2.0
+    worker_busy_timeout: float = 0.5
 
 
 @dataclass
@@ -75,6 +98,8 @@ class Instance:
     ready_at: float | None = None
     failures: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=64))
     consecutive_bad: int = 0
+    #: The generation that was killed as hung: a request it never answered is sent again.
+    hung_generation: int = -1
     in_flight: int = 0
     last_ok: float = 0.0  # clock time of the last request answered below 500
     ready_event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -149,7 +174,10 @@ class Supervisor:
                 break
             except ServerStartError as exc:
                 code = inst.last_exit
-                if code is None or code >= 0 or tries >= self.policy.first_start_retries:
+                killed = code is not None and code < 0
+                # A worker lost while the model loaded over RPC: wait for it, then try again.
+                lost_worker = await self._wait_for_workers(inst, exc.message.splitlines()[0])
+                if tries >= self.policy.first_start_retries or not (killed or lost_worker):
                     raise
                 tries += 1
                 inst.failures.append(self._clock())
@@ -258,11 +286,17 @@ class Supervisor:
             if self._stopping:
                 return
             down_since = self._clock()
+            lost = self._lost_worker(inst, reason)
+            if lost:
+                reason = f"{reason}: {lost} (not counted as a crash)"
             # Warnings: serve logs at WARNING, and whoever runs it should see each failure.
             log.warning("instance %s: %s; restarting it", inst.name, reason)
             inst.last_error = reason
-            inst.failures.append(down_since)
             await self._stop_process(inst, reason)
+            if not (await self._wait_for_workers(inst, reason) or lost):
+                # A head that died with its worker is not a crash of its own: a worker lost is
+                # waited for (or is back already), not counted against the crash-loop budget.
+                inst.failures.append(down_since)
             while not self._stopping:
                 recent = self._recent_failures(inst)
                 if recent >= self.policy.crash_limit:
@@ -299,7 +333,47 @@ class Supervisor:
                     reason = exc.message.splitlines()[0]
                     log.warning("instance %s: restart failed: %s", inst.name, reason)
                     inst.last_error = exc.message
-                    inst.failures.append(self._clock())
+                    if not await self._wait_for_workers(inst, reason):
+                        inst.failures.append(self._clock())
+
+    def _lost_worker(self, inst: Instance, reason: str = "") -> str | None:
+        """Why the head of an RPC-backed instance died, when its log says a worker was lost
+        (ggml-rpc.cpp aborts with these lines) or the worker watch said so; None otherwise."""
+        if not inst.config.rpc_workers or inst.process is None:
+            return None
+        if reason.startswith("RPC worker "):
+            return "an RPC worker was lost"
+        for line in reversed(inst.process.tail(80)):
+            if "Remote RPC server crashed" in line or "Failed to connect to" in line:
+                return "an RPC worker was lost"
+        return None
+
+    async def _wait_for_workers(self, inst: Instance, reason: str) -> bool:
+        """When a worker of the instance does not answer its hello, wait (state BACKOFF, named
+        in the reason) until every worker does; True when there was a wait. Stopping ends it."""
+        workers = inst.config.rpc_workers
+        if not workers:
+            return False
+        waited = False
+        while not self._stopping:
+            probes = await asyncio.gather(
+                *(rpc.probe_async(w, timeout=self.policy.worker_probe_timeout) for w in workers)
+            )
+            missing = [p for p in probes if not p.ok]
+            if not missing:
+                if waited:
+                    log.warning("instance %s: every RPC worker answers again", inst.name)
+                return waited
+            what = "; ".join(f"RPC worker {p.endpoint} {p.problem}" for p in missing)
+            if not waited:
+                log.warning("instance %s: %s; waiting for it: %s", inst.name, reason, what)
+            waited = True
+            inst.last_error = f"waiting for {what}"
+            names = ", ".join(str(p.endpoint) for p in missing)
+            inst.set_state(State.BACKOFF, f"waiting for {names}")
+            self._notify()
+            await self._sleep(self.policy.worker_poll)
+        return waited
 
     async def _watch(self, inst: Instance) -> str:
         """Wait until the instance needs a restart; say why."""
@@ -307,24 +381,49 @@ class Supervisor:
         assert process is not None
         exited = asyncio.ensure_future(process.wait_exit())
         broken = asyncio.ensure_future(inst.broken.wait())
-        misses = 0
+        # A head over RPC workers: also watch that each worker still serves it.
+        workers = asyncio.ensure_future(
+            self._watch_workers(inst) if inst.config.rpc_workers else asyncio.Event().wait()
+        )
+        policy = self.policy
+        misses = sure = 0
         try:
             while True:
-                window = self._clock()
-                tick = asyncio.ensure_future(self._sleep(self.policy.health_interval))
+                tick = asyncio.ensure_future(
+                    self._sleep(policy.recheck_after if sure else policy.health_interval)
+                )
                 try:
                     done, _ = await asyncio.wait(
-                        {exited, broken, tick}, return_when=asyncio.FIRST_COMPLETED
+                        {exited, broken, tick, workers}, return_when=asyncio.FIRST_COMPLETED
                     )
                 finally:
                     tick.cancel()
+                if workers in done:
+                    return str(workers.result())
                 if exited in done:
                     code = exited.result()
                     how = "?" if code is None else process.describe_exit(code)
                     return f"llama-server exited unexpectedly ({how})"
                 if broken in done:
                     return "llama-server answers /health but fails every request"
-                status = await process.health(timeout=self.policy.health_timeout)
+                window = self._clock()
+                before = process.vitals()
+                check = asyncio.ensure_future(process.health(timeout=policy.health_timeout))
+                quick = asyncio.ensure_future(self._sleep(policy.quick_timeout))
+                try:
+                    await asyncio.wait({check, quick}, return_when=asyncio.FIRST_COMPLETED)
+                    if not check.done():
+                        lifeless = self._lifeless(inst, before, window)
+                        if lifeless is not None:
+                            sure += 1
+                            if sure >= policy.sure_after:
+                                return self._kill_hung(inst, lifeless)
+                            continue
+                    sure = 0
+                    status = await check
+                finally:
+                    check.cancel()
+                    quick.cancel()
                 if status is None and process.returncode is None:
                     if max(process.last_line_at, inst.last_ok) > window:
                         # A new log line or a request answered since this check began: busy
@@ -332,14 +431,70 @@ class Supervisor:
                         misses = 0
                         continue
                     misses += 1
-                    if misses >= self.policy.hung_after:
-                        process.kill_now()
-                        return f"llama-server stopped answering /health ({misses} checks)"
+                    if misses >= policy.hung_after:
+                        return self._kill_hung(
+                            inst, f"llama-server stopped answering /health ({misses} checks)"
+                        )
                 else:
                     misses = 0
         finally:
             exited.cancel()
             broken.cancel()
+            workers.cancel()
+
+    async def _watch_workers(self, inst: Instance) -> str:
+        """While a head runs, each of its workers is busy serving it (a worker serves one
+        client at a time, and llama-server holds its connections). A worker seen busy that
+        then answers a hello has lost the head's connection (it was restarted: the head would
+        abort on its next request); one that then refuses connections is gone. Either way
+        the head cannot go on: the reason, so that it is restarted once the worker answers.
+        A worker never seen busy (one the head does not use) is left alone."""
+        seen_busy: set[rpc.Endpoint] = set()
+        first = True
+        while True:
+            # The first look at once: a worker lost before it would go unseen.
+            if not first:
+                await self._sleep(self.policy.worker_check_interval)
+            first = False
+            probes = await asyncio.gather(
+                *(
+                    rpc.probe_async(w, timeout=self.policy.worker_busy_timeout)
+                    for w in inst.config.rpc_workers
+                )
+            )
+            for p in probes:
+                if p.busy:
+                    seen_busy.add(p.endpoint)
+                elif p.endpoint in seen_busy and p.ok:
+                    return (
+                        f"RPC worker {p.endpoint} answers a new client: it was restarted, and "
+                        "the head's connection to it is gone"
+                    )
+                elif p.endpoint in seen_busy and p.problem and "refuses" in p.problem:
+                    return f"RPC worker {p.endpoint} is gone ({p.problem})"
+
+    def _lifeless(self, inst: Instance, before: Vitals | None, since: float) -> str | None:
+        """Why a server whose /health is late is surely hung, or None when it may be busy."""
+        process = inst.backend
+        assert process is not None
+        now = process.vitals()
+        if before is None or now is None:
+            return None  # no /proc: only the slow rule (hung_after) decides
+        if now.stopped:
+            return "llama-server is stopped (SIGSTOP) and cannot answer"
+        if max(process.last_line_at, inst.last_ok) > since:
+            return None
+        if now.active or now.cpu_ticks != before.cpu_ticks:
+            return None
+        return "llama-server stopped answering /health and shows no sign of life"
+
+    def _kill_hung(self, inst: Instance, reason: str) -> str:
+        # First mark the generation: requests that got no answer from it are sent again to
+        # its successor when their connections fail (Supervisor.replayable).
+        inst.hung_generation = inst.generation
+        assert inst.backend is not None
+        inst.backend.kill_now()
+        return reason
 
     # -- the proxy's side ---------------------------------------------------------------------
 
@@ -393,6 +548,13 @@ class Supervisor:
             # Ready wakes every waiter at once; a failure is noticed within half a second.
             await self._wait_event(inst.ready_event, min(remaining, 0.5))
 
+    def replayable(self, upstream: Upstream) -> bool:
+        """Whether a request sent to `upstream` that got no byte of an answer may be sent
+        again: its llama-server was killed as hung, so the request did not fail there; a
+        server that died by itself might have died of the request, which is not replayed."""
+        inst = self.instances.get(upstream.name)
+        return inst is not None and inst.hung_generation == upstream.generation
+
     async def stop_instance(self, name: str, reason: str) -> None:
         """Stop one instance for sure and leave it STOPPED (unloaded); it can start again."""
         inst = self.instances[name]
@@ -415,9 +577,11 @@ class Supervisor:
         inst.in_flight = max(0, inst.in_flight - 1)
         if upstream.generation != inst.generation:
             return
-        if 0 < outcome < 500:
+        if 0 < outcome < 500 or outcome == 501:
+            # 501: an endpoint this server does not offer (/completion on an embedding
+            # server): the client's mistake, answered by a working server.
             inst.last_ok = self._clock()
-        if outcome == 0 or (outcome >= 500 and outcome != 503):
+        if outcome == 0 or (outcome >= 500 and outcome not in (501, 503)):
             inst.consecutive_bad += 1
             if inst.consecutive_bad == self.policy.broken_after:
                 asyncio.get_running_loop().create_task(self._probe(inst, upstream))
@@ -425,7 +589,8 @@ class Supervisor:
             inst.consecutive_bad = 0
 
     async def _probe(self, inst: Instance, upstream: Upstream) -> None:
-        """One tiny real request: the server is broken only if this fails too."""
+        """One tiny real job on an endpoint the server offers (LocalServer.probe): the server
+        is broken only if this fails too."""
         process = inst.backend
         ok = process is not None and await process.probe(upstream.auth)
         if not ok and upstream.generation == inst.generation:

@@ -8,7 +8,7 @@ other."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = ["ERROR_TYPES", "ProxyError", "Upstream", "UpstreamProvider"]
 
@@ -28,6 +28,14 @@ class Upstream:
     auth: bytes | None = None
     #: Changes when the instance restarts.
     generation: int = 0
+    #: Another replica can take a request this one dropped before its first byte of answer
+    #: (a remote server): the proxy then asks for an upstream again, once.
+    replicated: bool = False
+    #: An ssl.SSLContext for an https upstream (a remote server); None: plain TCP.
+    tls: Any = None
+    #: The Host header to send instead of the client's (a remote server behind a name-based
+    #: TLS front wants its own name).
+    host_header: bytes | None = None
 
 
 class UpstreamProvider(Protocol):
@@ -44,6 +52,12 @@ class UpstreamProvider(Protocol):
         """Called once per acquire with the lease: the upstream's HTTP status, 0 for a
         transport failure, 499 when the client went away before the upstream answered; and
         the seconds since the request was dispatched (for latency metrics)."""
+        ...
+
+    def replayable(self, upstream: Upstream) -> bool:
+        """Whether a request that got no byte of an answer from `upstream` before its
+        connection failed may be sent again (acquired anew): true when the supervisor killed
+        that upstream as hung, so the request cannot have been what broke it."""
         ...
 
 

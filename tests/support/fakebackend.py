@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamactl.errors import ServerStartError
+from llamactl.serve.backend import Vitals
 from llamactl.serve.server import describe_exit
 
 
@@ -85,6 +86,9 @@ class Script:
     hang: bool = False
     #: The one-token probe of a server that fails requests succeeds.
     probe_ok: bool = True
+    #: What its process shows (serve/backend.py Vitals); None: nothing can tell, only the slow
+    #: hang rule applies.
+    vitals: Vitals | None = None
     #: Models (InstanceConfig.model) whose every start fails with code 1.
     fail_models: set[str] = field(default_factory=set)
 
@@ -180,6 +184,9 @@ class FakeBackend:
         if self._exited is not None:
             self._end(-15)
         return self.returncode
+
+    def vitals(self) -> Vitals | None:
+        return self.factory.script.vitals if self.returncode is None else None
 
     def kill_now(self) -> None:
         self.killed = True

@@ -68,6 +68,7 @@ class StaticProvider:
         self.delay = 0.0
         self.models: list[str | None] = []
         self.releases: list[int] = []
+        self.hung_generations: set[int] = set()
 
     async def acquire(
         self, model: str | None, method: bytes = b"GET", path: bytes = b"/"
@@ -81,6 +82,10 @@ class StaticProvider:
 
     def release(self, upstream: Upstream, outcome: int, elapsed: float = 0.0) -> None:
         self.releases.append(outcome)
+
+    def replayable(self, upstream: Upstream) -> bool:
+        """As Supervisor.replayable: true for generations a test marks as killed as hung."""
+        return upstream.generation in self.hung_generations
 
 
 class ProxyThread:
