@@ -159,6 +159,7 @@ def file_of(test_id: str) -> str:
 
 def report(files: Sequence[str], sides: dict[str, Side], only: dict[str, list[str]]) -> dict:
     """The per-file table on stdout, and the same as a JSON-ready dict."""
+    files = list(dict.fromkeys(file_of(f) for f in files))  # node ids count in their file
     table: dict[str, dict[str, int]] = {}
     everything = set().union(*(s.outcomes for s in sides.values()))
     for f in files:
