@@ -56,11 +56,18 @@ def pytest_runtest_logreport(report: Any) -> None:
         _RESULTS[report.nodeid] = "skipped"
     elif report.passed and previous is None:
         _RESULTS[report.nodeid] = "passed"
+    if report.when == "teardown":
+        _write()  # after every test: a run stopped by its deadline still reports what ran
+
+
+def _write() -> None:
+    target = os.environ.get("LLAMACTL_UPSTREAM_RESULTS")
+    if target:
+        with open(f"{target}.tmp", "w") as f:
+            json.dump(_RESULTS, f, indent=1, sort_keys=True)
+        os.replace(f"{target}.tmp", target)
 
 
 def pytest_sessionfinish(session: Any) -> None:
     """Write the outcomes as JSON to LLAMACTL_UPSTREAM_RESULTS, when set."""
-    target = os.environ.get("LLAMACTL_UPSTREAM_RESULTS")
-    if target:
-        with open(target, "w") as f:
-            json.dump(_RESULTS, f, indent=1, sort_keys=True)
+    _write()

@@ -7,7 +7,8 @@ test that passes on one side only; exit 1 when a test passes direct but not thro
 Models come from the local default model (scripts/upstream_plugin.py): nothing is downloaded.
 A difference is run again (--retries) before it counts, as a few upstream tests are flaky.
 
-    .venv/bin/python scripts/upstream_server_tests.py              # the files that pass here
+    .venv/bin/python scripts/upstream_server_tests.py              # the files that need no network
+    .venv/bin/python scripts/upstream_server_tests.py --set quick  # what tests/ runs of them
     .venv/bin/python scripts/upstream_server_tests.py --set all    # every file named below
     .venv/bin/python scripts/upstream_server_tests.py unit/test_basic.py -k health
 """
@@ -33,8 +34,10 @@ sys.path.insert(0, str(ROOT))
 
 from llamactl import net, paths  # noqa: E402
 
-#: Files whose tests run on the default model here (no network, no other model): the README's
-#: test command runs these through tests/test_upstream_real.py.
+#: The quick share of NO_NETWORK (40 tests: start-up, props, tokenizing, API keys, CORS, media
+#: paths) that tests/test_upstream_real.py runs, so that the README's test command stays short.
+QUICK = ("unit/test_basic.py", "unit/test_tokenize.py", "unit/test_security.py")
+#: Files whose tests run on the default model here (no network, no other model).
 NO_NETWORK = (
     "unit/test_basic.py",
     "unit/test_tokenize.py",
@@ -156,6 +159,7 @@ def file_of(test_id: str) -> str:
 
 def report(files: Sequence[str], sides: dict[str, Side], only: dict[str, list[str]]) -> dict:
     """The per-file table on stdout, and the same as a JSON-ready dict."""
+    files = list(dict.fromkeys(file_of(f) for f in files))  # node ids count in their file
     table: dict[str, dict[str, int]] = {}
     everything = set().union(*(s.outcomes for s in sides.values()))
     for f in files:
@@ -182,7 +186,7 @@ def report(files: Sequence[str], sides: dict[str, Side], only: dict[str, list[st
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="*", help="test files (unit/test_x.py) [default: --set]")
-    parser.add_argument("--set", choices=("no-network", "all"), default="no-network")
+    parser.add_argument("--set", choices=("quick", "no-network", "all"), default="no-network")
     parser.add_argument("-k", dest="keyword", help="pytest -k expression")
     parser.add_argument("--retries", type=int, default=1, help="runs again of each difference")
     parser.add_argument("--json", type=Path, help="write the counts and differences here")
@@ -204,9 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     server = find_server_binary()
     model = default_model_path()
-    files = list(args.files) or list(
-        NO_NETWORK if args.set == "no-network" else NO_NETWORK + OTHERS
-    )
+    sets = {"quick": QUICK, "no-network": NO_NETWORK, "all": (*NO_NETWORK, *OTHERS)}
+    files = list(args.files) or list(sets[args.set])
 
     with tempfile.TemporaryDirectory(prefix="llamactl-upstream-") as tmp:
         scratch = args.keep or Path(tmp)

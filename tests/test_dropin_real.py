@@ -16,8 +16,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from support.serve import SEED
-from support.serving import Serve, make_certificate, start_serve
+from support.serve import SEED, Serve, make_certificate, start_serve
 
 from llamactl.serve.output import strip_colors
 from llamactl.serve.server import probe_request
@@ -101,7 +100,7 @@ def test_the_seed_over_tls_answers_paris(
         ["--port", "0", "--ssl-key-file", str(key), "--ssl-cert-file", str(cert)],
     )
     try:
-        port = _port(s.url("https"))
+        port = _port(s.url_of("https"))
         verify = ssl.create_default_context(cafile=str(cert))
         r = httpx.post(
             f"https://localhost:{port}/v1/chat/completions", json=SEED, verify=verify, timeout=HANG
@@ -128,7 +127,7 @@ def test_log_flags_behave_as_for_llama_server(
         ["--port", "0", "--log-colors", "on", "--log-file", str(own_log), "-v"],
     )
     try:
-        httpx.post(s.url("http") + "/v1/chat/completions", json=SEED, timeout=HANG)
+        httpx.post(s.url_of("http") + "/v1/chat/completions", json=SEED, timeout=HANG)
         _wait_for(s, "prompt eval time")
     finally:
         s.stop()
@@ -142,7 +141,7 @@ def test_log_flags_behave_as_for_llama_server(
     quiet_home = tmp_path / "quiet"
     q = start_serve(server_bin, default_model, quiet_home, ["--port", "0", "--log-disable"])
     try:
-        httpx.post(q.url("http") + "/v1/chat/completions", json=SEED, timeout=HANG)
+        httpx.post(q.url_of("http") + "/v1/chat/completions", json=SEED, timeout=HANG)
     finally:
         q.stop()
     assert "prompt eval time" not in q.stderr() and "load_model" not in q.stderr()
@@ -156,7 +155,7 @@ def test_a_request_in_flight_on_a_frozen_llama_server_is_answered_by_its_success
 ) -> None:
     s = start_serve(server_bin, default_model, tmp_path / "home", ["--port", "0"])
     try:
-        url = s.url("http")
+        url = s.url_of("http")
         (victim,) = [p for p in psutil.Process(s.proc.pid).children() if p.name() == "llama-server"]
         victim.suspend()  # SIGSTOP: its port still accepts connections, nothing answers
         frozen_at = time.monotonic()
@@ -178,7 +177,7 @@ def test_an_embedding_server_is_not_restarted_for_a_clients_501s(
 ) -> None:
     s = start_serve(server_bin, default_model, tmp_path / "home", ["--port", "0", "--embeddings"])
     try:
-        url = s.url("http")
+        url = s.url_of("http")
         (first,) = [p for p in psutil.Process(s.proc.pid).children() if p.name() == "llama-server"]
         # An endpoint this server does not offer answers 501 (server-context.cpp: /metrics
         # without --metrics): the client's mistake. Well past broken_after (5) in a row.

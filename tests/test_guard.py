@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from support.serving import Serve, fake_binary, fake_model, start_serve
+from support.serve import Serve, fake_binary, fake_model, start_serve
 
 from llamactl.serve import listen
 
@@ -41,7 +41,7 @@ def _get(url: str, host: str | None, **headers: str) -> httpx.Response:
 
 
 def test_no_key_a_foreign_host_is_refused_in_the_openai_shape(open_serve: Serve) -> None:
-    url = open_serve.url("http") + "/v1/models"
+    url = open_serve.url_of("http") + "/v1/models"
     port = url.split(":")[2].split("/")[0]
     r = _get(url, f"rebind.example:{port}")
     assert r.status_code == 403
@@ -51,13 +51,13 @@ def test_no_key_a_foreign_host_is_refused_in_the_openai_shape(open_serve: Serve)
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", "box.lan", "app.localhost", None):
         assert _get(url, host).status_code == 200, host
     # The web UI and /health are no exception: a rebound page may not read them either.
-    assert _get(open_serve.url("http") + "/health", "rebind.example").status_code == 403
+    assert _get(open_serve.url_of("http") + "/health", "rebind.example").status_code == 403
 
 
 def test_with_a_key_the_key_decides_not_the_host(tmp_path: Path) -> None:
     s = _serve(tmp_path, "--api-key", "k1")
     try:
-        url = s.url("http") + "/v1/models"
+        url = s.url_of("http") + "/v1/models"
         assert _get(url, "rebind.example").status_code == 401
         ok = _get(url, "rebind.example", Authorization="Bearer k1")
         assert ok.status_code == 200
@@ -68,7 +68,7 @@ def test_with_a_key_the_key_decides_not_the_host(tmp_path: Path) -> None:
 def test_allowed_hosts_star_turns_the_rule_off(tmp_path: Path) -> None:
     s = _serve(tmp_path, "--allowed-hosts", "*")
     try:
-        assert _get(s.url("http") + "/v1/models", "rebind.example").status_code == 200
+        assert _get(s.url_of("http") + "/v1/models", "rebind.example").status_code == 200
     finally:
         s.stop()
 
@@ -100,7 +100,7 @@ def _read_all(sock: socket.socket) -> bytes:
 
 def test_connections_over_the_bound_get_503_and_the_rest_are_served(tmp_path: Path) -> None:
     s = _serve(tmp_path, "--max-connections", "4")
-    port = int(s.url("http").rsplit(":", 1)[1])
+    port = int(s.url_of("http").rsplit(":", 1)[1])
     held: list[socket.socket] = []
     try:
         for _ in range(4):
@@ -132,7 +132,7 @@ def test_connections_over_the_bound_get_503_and_the_rest_are_served(tmp_path: Pa
 
 def test_a_flood_of_connections_never_exhausts_descriptors(tmp_path: Path) -> None:
     s = _serve(tmp_path, "--max-connections", "16")
-    port = int(s.url("http").rsplit(":", 1)[1])
+    port = int(s.url_of("http").rsplit(":", 1)[1])
     serve_proc = psutil.Process(s.proc.pid)
     flood: list[socket.socket] = []
     try:
@@ -175,6 +175,6 @@ def test_the_host_rule_spares_unix_socket_clients(tmp_path: Path) -> None:
         # No browser reaches a Unix socket, so no rebinding: any Host is fine there.
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock))) as client:
             assert client.get("http://docker/v1/models").status_code == 200
-        assert _get(s.url("http") + "/v1/models", "docker").status_code == 403
+        assert _get(s.url_of("http") + "/v1/models", "docker").status_code == 403
     finally:
         s.stop()

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from support.serving import FAKE, fake_binary, fake_model, start_serve
+from support.serve import FAKE, fake_binary, fake_model, start_serve
 
 from llamactl.serve.backend import Vitals
 from llamactl.serve.proxy import Upstream
@@ -288,7 +288,7 @@ def test_a_busy_server_is_not_taken_for_hung_by_the_fast_rule(tmp_path: Path) ->
 def test_a_request_in_flight_on_a_frozen_server_goes_to_its_successor(tmp_path: Path) -> None:
     s = start_serve(fake_binary(tmp_path), fake_model(tmp_path), tmp_path / "home", ["--port", "0"])
     try:
-        url = s.url("http")
+        url = s.url_of("http")
         (victim,) = [
             p
             for p in psutil.Process(s.proc.pid).children(recursive=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.serving import fake_binary, fake_model, make_certificate, start_serve
+from support.serve import fake_binary, fake_model, make_certificate, start_serve
 
 from llamactl.serve import listen, output
 from llamactl.serve.listen import ProxyBindError, host_allowed, local_names, split_hosts
@@ -384,7 +384,7 @@ def test_serve_terminates_tls_and_speaks_plain_http_to_llama_server(tmp_path: Pa
         ["--port", "0", "--ssl-key-file", str(key), "--ssl-cert-file", str(cert)],
     )
     try:
-        url = s.url("https")
+        url = s.url_of("https")
         port = url.rsplit(":", 1)[1]
         with httpx.Client(verify=ssl.create_default_context(cafile=str(cert))) as client:
             r = client.post(
@@ -493,7 +493,7 @@ def test_several_models_listen_the_same_ways(tmp_path: Path) -> None:
 @fake
 def test_a_front_for_remotes_listens_the_same_ways(tmp_path: Path) -> None:
     """serve with remote servers only (serve/remote.py) takes every listen form and TLS too."""
-    from support.serving import FAKE
+    from support.serve import FAKE
 
     from llamactl.net import free_port, wait_ready
     from llamactl.proc import stop_group

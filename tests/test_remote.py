@@ -484,3 +484,93 @@ def test_a_front_from_the_config_file_alone(fakes: list[Fake], llamactl_home: Pa
         assert r.status_code == 200, r.text
     finally:
         stop_group(proc.pid, grace=10, popen=proc)
+
+
+@pytest.mark.fake
+def test_a_local_model_and_a_remote_replica_share_one_front(
+    fakes: list[Fake], llamactl_home: Path, tmp_path: Path
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from support.serve import start, stop
+
+    fakebin = tmp_path / "llama-server"
+    fakebin.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
+    fakebin.chmod(0o755)
+    model = tmp_path / "smol.gguf"
+    model.write_bytes(b"GGUF")
+    serve = start(fakebin, model, tmp_path / "home", "--remote", fakes[0].url)
+    pool = ThreadPoolExecutor(4)
+    try:
+        before = fakes[0].requests()
+        slow = {**ASK, "max_tokens": 40}
+        codes = list(
+            pool.map(
+                lambda _: (
+                    httpx.post(
+                        f"{serve.url}/v1/chat/completions", json=slow, timeout=HANG
+                    ).status_code
+                ),
+                range(8),
+            )
+        )
+        assert codes == [200] * 8
+        metrics = httpx.get(f"{serve.url}/metrics", timeout=HANG).text
+        assert fakes[0].requests() - before >= 2, metrics  # the remote took a share
+        models = httpx.get(f"{serve.url}/v1/models", timeout=HANG).json()["data"]
+        places = {p["url"] for m in models for p in m["replicas"]}
+        assert {"local", fakes[0].url} <= places, models
+        assert httpx.get(f"{serve.url}/health", timeout=HANG).json()["replicas"][0] == "local"
+        rows = serve.ps()
+        assert {r["where"] for r in rows} == {"local", fakes[0].url}
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        stop(serve)
+
+
+@pytest.mark.fake
+def test_several_local_models_and_a_remote_one_behind_one_front(
+    llamactl_home: Path, tmp_path: Path
+) -> None:
+    from support.serve import start, stop
+
+    fakebin = tmp_path / "llama-server"
+    fakebin.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
+    fakebin.chmod(0o755)
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("alpha", "beta"):
+        (models / f"{name}.gguf").write_bytes(b"GGUF")
+    port = free_port()
+    gamma = subprocess.Popen(
+        [sys.executable, FAKE, "--port", str(port), "--load-time", "0", "--alias", "gamma"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_ready("127.0.0.1", port, deadline_s=HANG)
+    serve = start(
+        fakebin,
+        None,
+        tmp_path / "home",
+        *("--models-dir", str(models), "--remote", f"http://127.0.0.1:{port}"),
+    )
+    try:
+        listed: dict[str, Any] = {}
+        deadline = time.monotonic() + HANG
+        while "gamma" not in listed:  # the remote's models arrive with its first check
+            assert time.monotonic() < deadline, listed
+            data = httpx.get(f"{serve.url}/v1/models", timeout=HANG).json()["data"]
+            listed = {m["id"]: m for m in data}
+        assert {"alpha", "beta", "gamma"} <= set(listed)
+        assert [r["url"] for r in listed["gamma"]["replicas"]] == [f"http://127.0.0.1:{port}"]
+        for model in ("alpha", "gamma"):
+            body = {**ASK, "model": model}
+            r = httpx.post(f"{serve.url}/v1/chat/completions", json=body, timeout=HANG)
+            assert r.status_code == 200, r.text
+            assert r.json()["model"] == model
+        where = {row["where"] for row in serve.ps()}
+        assert {"local", f"http://127.0.0.1:{port}"} <= where
+    finally:
+        stop(serve)
+        stop_group(gamma.pid, grace=1, popen=gamma)

@@ -217,3 +217,60 @@ def test_two_real_replicas_share_load_and_one_killed_mid_load_is_routed_around(
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         stop_group(front.pid, grace=10, popen=front)
+
+
+def test_model_over_two_workers_on_hosts_of_their_own(
+    rpc_bin: Path, serve_factory: Callable[..., Serve], tmp_path: Path
+) -> None:
+    """Each worker in its own network namespace (a veth pair, addresses of the test's own):
+    the head reaches them across the links, as it would other machines. Loopback ports
+    stand in where namespaces cannot be made."""
+    import contextlib
+
+    from support.netns import host_namespace
+
+    with contextlib.ExitStack() as stack:
+        hosts = [stack.enter_context(host_namespace()) for _ in range(2)]
+        workers = []
+        for i, ns in enumerate(hosts):
+            w = launch(
+                tmp_path / f"ns-worker-{i}",
+                "--threads",
+                "1",
+                rpc_bin=rpc_bin,
+                prefix=ns.prefix() if ns else (),
+                host=ns.address if ns else None,
+            )
+            stack.callback(w.stop)
+            w.wait_for("worker ready at")
+            workers.append(w)
+        rpc_arg = ",".join(w.endpoint for w in workers)
+        serve = serve_factory("--rpc", rpc_arg, "-ngl", "999")
+        resp = httpx.post(f"{serve.url}/v1/chat/completions", json=SEED, timeout=HANG)
+        assert "Paris" in answer(resp)
+        (row,) = serve.ps()
+        assert row["where"] == f"rpc {rpc_arg}"
+        print(f"\nHOSTS {'namespaces' if all(hosts) else 'loopback'}: {rpc_arg}")
+
+
+def test_a_worker_restarted_under_an_idle_head_gets_the_head_restarted(
+    workers: Callable[[], Worker], serve_factory: Callable[..., Serve]
+) -> None:
+    """No request needed: the worker answering a hello while its head should hold it shows
+    that the head's connection is gone; the head is restarted before anyone asks."""
+    w1, w2 = workers(), workers()
+    serve = serve_factory("--rpc", f"{w1.endpoint},{w2.endpoint}", "-ngl", "999")
+    assert "Paris" in answer(
+        httpx.post(f"{serve.url}/v1/chat/completions", json=SEED, timeout=HANG)
+    )
+    (head,) = serve.llama_servers()
+    (victim,) = w1.rpc_children()
+    victim.kill()
+    killed_at = time.monotonic()
+    w1.wait_for("worker ready again")
+    serve.wait_state(lambda i: i["state"] == "ready" and i["restarts"] >= 1)
+    print(f"\nRECOVERY idle head restarted {time.monotonic() - killed_at:.2f} s after the kill")
+    assert not head.is_running() or head.status() == "zombie"
+    assert "answers a new client" in serve.stderr() or "was lost" in serve.stderr()
+    first = httpx.post(f"{serve.url}/v1/chat/completions", json=SEED, timeout=HANG)
+    assert "Paris" in answer(first)

@@ -9,7 +9,6 @@ import ast
 import contextlib
 import json
 import os
-import shlex
 import signal
 import stat
 import subprocess
@@ -22,12 +21,11 @@ import httpx
 import psutil
 import pytest
 from support.proxyharness import fake_server, request, running_proxy
-from support.serve import Serve, start, stop
+from support.serve import Serve, fake_binary, fake_model, start, stop
 
 from llamactl.net import free_port
 from llamactl.serve.proxy import ProxyError, is_public
 
-FAKE = Path(__file__).parent / "fakes" / "fake_llama_server.py"
 PACKAGE = Path(__file__).resolve().parent.parent / "llamactl"
 USER_KEY = "user-key-8c1f52d0e47b"
 EVIL_ORIGIN = "http://evil.example"
@@ -35,21 +33,6 @@ real = pytest.mark.real
 
 
 # -- running serve as a user would (tests/support/serve.py) ---------------------------------
-
-
-def fake_binary(tmp_path: Path) -> Path:
-    """The fake llama-server as an executable, as --server-bin wants one."""
-    script = tmp_path / "llama-server"
-    run = shlex.join([sys.executable, str(FAKE), "--load-time", "0"])
-    script.write_text(f'#!/bin/sh\nexec {run} "$@"\n')
-    script.chmod(0o755)
-    return script
-
-
-def fake_model(tmp_path: Path) -> Path:
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF")
-    return model
 
 
 def listening(proc: psutil.Process) -> set[str]:

@@ -1,6 +1,7 @@
 """llama.cpp's own server tests, from the vendored source, through `llamactl serve`: every
 test that passes against the llama-server llamactl built passes through llamactl too. Runs
-scripts/upstream_server_tests.py on the files that need no network (docs/drop-in.md)."""
+scripts/upstream_server_tests.py on its quick set, a share of the files that need no network
+(docs/drop-in.md: the script runs the rest; they take too long for every test run)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,10 @@ def test_upstream_server_tests_pass_through_llamactl(
     out = tmp_path / "summary.json"
     env = {**os.environ, "LLAMACTL_CACHE_DIR": str(REAL_CACHE)}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--json", str(out), "--keep", str(tmp_path / "logs")],
+        [
+            *(sys.executable, str(SCRIPT), "--set", "quick", "--json", str(out)),
+            *("--keep", str(tmp_path / "logs"), "--timeout", "780"),
+        ],
         env=env,
         capture_output=True,
         text=True,

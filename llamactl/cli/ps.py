@@ -34,7 +34,7 @@ def _pick(record_id: str | None) -> ServeRecord:
 def _model(row: dict[str, object]) -> str:
     """The model, its instance name when that says more, and where it runs when not here."""
     model = str(row["model"] or "-")
-    if row.get("instance") not in ("default", row["model"], None):
+    if row.get("kind") != "worker" and row.get("instance") not in ("default", row["model"], None):
         model += f" ({row['instance']})"
     where = row.get("where")
     return f"{model} @ {where}" if where and where != "local" else model

@@ -176,18 +176,16 @@ def serve(spec: ServeSpec) -> int:
             a.split("=", 1)[0] in server.MODEL_SOURCE_FLAGS for a in spec.passthrough
         )
         if not local and not local_models:
-            return remote.serve_remote_only(spec, remotes)
-        raise UsageError(
-            "remote servers beside local models (-m, or [models] in the config) are not "
-            "supported in one serve yet",
-            hint="serve the local models with their own `llamactl serve --port N` and add it "
-            "as one more remote: --remote http://127.0.0.1:N",
-        )
+            from llamactl.serve.front import serve_remote_only
+
+            return serve_remote_only(spec, remotes)
+    else:
+        remotes = ()
     if spec.many_models or (not spec.has_model_source and _default_config_exists()):
         from llamactl.serve.many import serve_many
 
         binary, backend = resolve_binary(spec)
-        return serve_many(spec, binary, backend)
+        return serve_many(spec, binary, backend, tuple(remotes))
     args, model_label = resolve_model_args(spec)
     binary, backend = resolve_binary(spec)
     workers: tuple[Any, ...] = ()
@@ -235,7 +233,9 @@ def serve(spec: ServeSpec) -> int:
         if backend == "cpu" and _ngl_requested(spec.passthrough):
             _say("note: this llama.cpp build is CPU-only: -ngl has no effect")
         _say(f"loading {model_label} with {binary} ...")
-        started = _Started(record_id, front, process, backend, model_label, binary, echo, workers)
+        started = _Started(
+            record_id, front, process, backend, model_label, binary, echo, workers, tuple(remotes)
+        )
         return _run(_serve_async(spec, started))
     except KeyboardInterrupt:
         return 130
@@ -254,6 +254,15 @@ def _default_config() -> Path | None:
     """The config directory's serve.toml, when there is one (as serve/many.py reads it)."""
     path = paths.config_dir() / "serve.toml"
     return path if path.is_file() else None
+
+
+def _alias_in(args: tuple[str, ...]) -> str | None:
+    """The model name llama-server answers under (its -a / --alias)."""
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag in ("-a", "--alias"):
+            return value if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return None
 
 
 def _declares_remotes(config: Path) -> bool:
@@ -281,6 +290,7 @@ class _Started:
     binary: Path
     echo: StderrCopy | None = None
     rpc_workers: tuple[Any, ...] = ()  # the --rpc workers its llama-server splits the model over
+    remotes: tuple[Any, ...] = ()  # remote replicas beside the local model (serve/front.py)
 
 
 def _run(coro: Any) -> int:
@@ -344,10 +354,34 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
                     where=where_label(inst.config.rpc_workers),
                 )
             )
+        if pool is not None:
+            record.instances += [
+                records.InstanceRecord(
+                    name=r.name,
+                    state=r.state,
+                    model=", ".join(r.models) or None,
+                    last_error=r.last_error,
+                    where=r.address.base,
+                )
+                for r in pool.replicas
+            ]
         records.write(record)
 
     policy = Policy(queue_timeout=spec.queue_timeout, stall_timeout=spec.start_timeout)
     supervisor = Supervisor(policy, on_change=write_record)
+    provider: Any = supervisor
+    pool: Any = None
+    mixed: Any = None
+    if started.remotes:
+        from llamactl.serve.front import Mixed
+        from llamactl.serve.remote import PoolPolicy, RemotePool
+
+        pool = RemotePool(
+            started.remotes,
+            PoolPolicy(queue_timeout=spec.queue_timeout),
+            on_change=lambda _pool: write_record(supervisor),
+        )
+        mixed = provider = Mixed(supervisor, pool, _alias_in(process.spec.args))
     from llamactl.serve import listen
 
     proxy = Proxy(
@@ -359,7 +393,7 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
             host_names=listen.guarded_names(spec.host, spec.allowed_hosts),
             max_connections=spec.max_connections or listen.connection_bound(),
         ),
-        supervisor,
+        provider,
     )
     inst = supervisor.add(
         InstanceConfig(
@@ -383,6 +417,9 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
             await asyncio.gather(start, return_exceptions=True)
             return _signal_exit(received)
         start.result()  # raises ServerStartError with the diagnosis
+        if mixed is not None:
+            await pool.start()
+            await mixed.read_local_slots()
         detail = [started.model_label, f"backend {started.backend or 'unknown'}"]
         if inst.process is not None:
             layers = _layers_offloaded(inst.process.tail(400))
@@ -400,6 +437,8 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
             start.cancel()
             await asyncio.gather(start, return_exceptions=True)
         await proxy.close()
+        if pool is not None:
+            await pool.close()
         await supervisor.close()
         records.remove(record.id)
 

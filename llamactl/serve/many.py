@@ -50,7 +50,9 @@ def _say(line: str) -> None:
     print(f"llamactl: {line}", file=sys.stderr, flush=True)
 
 
-def serve_many(spec: ServeSpec, binary: Path, backend: str | None) -> int:
+def serve_many(
+    spec: ServeSpec, binary: Path, backend: str | None, remotes: tuple[Any, ...] = ()
+) -> int:
     """Run a serve with several models in the foreground until stopped; its exit code."""
     from llamactl.serve import listen, output, records
     from llamactl.serve.runner import run
@@ -82,7 +84,7 @@ def serve_many(spec: ServeSpec, binary: Path, backend: str | None) -> int:
         _say(f"serving {len(fleet.models)} models with {binary}: {names}")
         if spec.log_to_stderr:
             echo = output.StderrCopy(note_path=str(log_dir))
-        return int(run(_serve_async(spec, fleet, front, echo, record_id, binary, backend)))
+        return int(run(_serve_async(spec, fleet, front, echo, record_id, binary, backend, remotes)))
     except KeyboardInterrupt:
         return 130
     finally:
@@ -132,9 +134,11 @@ async def _serve_async(
     record_id: str,
     binary: Path,
     backend: str | None,
+    remotes: tuple[Any, ...] = (),
 ) -> int:
     import asyncio
 
+    from llamactl.models.estimate import FreeMemory
     from llamactl.serve import listen, records
     from llamactl.serve.fleet import ModelFleet
     from llamactl.serve.proxy import Proxy, ProxyConfig
@@ -166,11 +170,23 @@ async def _serve_async(
         auth=bool(spec.api_keys),
     )
     models: ModelFleet | None = None
+    pool: Any = None
 
     def on_change(sup: Supervisor) -> None:
         if models is not None:
             models.changed()
         record.instances = instance_records(sup)
+        if pool is not None:  # remote replicas beside the local models (serve/front.py)
+            record.instances += [
+                records.InstanceRecord(
+                    name=r.name,
+                    state=r.state,
+                    model=", ".join(r.models) or None,
+                    last_error=r.last_error,
+                    where=r.address.base,
+                )
+                for r in pool.replicas
+            ]
         records.write(record)
 
     policy = Policy(queue_timeout=spec.queue_timeout, stall_timeout=spec.start_timeout)
@@ -183,7 +199,20 @@ async def _serve_async(
         record_id=record_id,
         echo=echo.write if echo is not None else None,
         worker_wait=min(spec.start_timeout, 60.0),
+        # A GPU build decides by free VRAM, a CPU build by free RAM (models/estimate.py).
+        memory=FreeMemory(gpu=backend in ("cuda",)),
     )
+    provider: Any = models
+    if remotes:
+        from llamactl.serve.front import MixedFleet
+        from llamactl.serve.remote import PoolPolicy, RemotePool
+
+        pool = RemotePool(
+            remotes,
+            PoolPolicy(queue_timeout=spec.queue_timeout),
+            on_change=lambda _pool: on_change(supervisor),
+        )
+        provider = MixedFleet(models, pool)
     proxy = Proxy(
         ProxyConfig(
             host=spec.host,
@@ -193,10 +222,12 @@ async def _serve_async(
             host_names=listen.guarded_names(spec.host, spec.allowed_hosts),
             max_connections=spec.max_connections or listen.connection_bound(),
         ),
-        models,
+        provider,
     )
     try:
         await models.start()
+        if pool is not None:
+            await pool.start()
         await proxy.start(front.sockets, ssl=front.tls)
         records.write(record)
         # stdout, flushed: scripts wait for this line.
@@ -205,6 +236,8 @@ async def _serve_async(
         return 128 + received[0] if received else 0
     finally:
         await proxy.close()
+        if pool is not None:
+            await pool.close()
         await models.close()
         await supervisor.close()
         records.remove(record.id)

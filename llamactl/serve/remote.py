@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import os
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
@@ -387,6 +386,11 @@ class RemotePool:
                 )
             )
         self._by_name = {r.name: r for r in self.replicas}
+        self.names = frozenset(self._by_name)
+        #: A local model beside the replicas (serve/front.py's Mixed): its /v1/models entry
+        #: and whether it is ready, for the front's own answers.
+        self.extra_models: Callable[[], dict[str, Any] | None] = lambda: None
+        self.extra_health: Callable[[], bool] = lambda: False
         self._turn = 0
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -437,7 +441,7 @@ class RemotePool:
             replica = choose(self.replicas, model, now, turn=self._turn)
             if replica is not None:
                 self._turn += 1
-                return self._lease(replica)
+                return self.lease(replica)
             if model is not None and not any(r.serves(model) for r in self.replicas):
                 raise ProxyError(
                     404,
@@ -459,7 +463,7 @@ class RemotePool:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=min(left, 0.25))
 
-    def _lease(self, replica: Replica) -> Upstream:
+    def lease(self, replica: Replica) -> Upstream:
         from llamactl.serve.upstream import Upstream
 
         replica.breaker.on_trial()
@@ -607,36 +611,37 @@ class RemotePool:
     # -- the front's own answers
 
     def models_json(self) -> dict[str, Any]:
-        """/v1/models of the front: every model a replica serves, with where it runs."""
+        """/v1/models of the front: every model, with where it runs (the local instance
+        beside remote replicas, when there is one: serve/front.py's Mixed)."""
         now = int(time.time())
-        by_model: dict[str, list[Replica]] = {}
+        where: dict[str, list[dict[str, Any]]] = {}
+        local = self.extra_models()
+        if local is not None:
+            entry = {k: v for k, v in local.items() if k != "model"}
+            where.setdefault(local["model"], []).append(entry)
         for r in self.replicas:
             for model in r.models:
-                by_model.setdefault(model, []).append(r)
-        data = []
-        for model, replicas in by_model.items():
-            data.append(
-                {
-                    "id": model,
-                    "object": "model",
-                    "owned_by": "llamactl",
-                    "created": now,
-                    "status": {
-                        "value": "loaded"
-                        if any(r.state == "ready" for r in replicas)
-                        else "unloaded"
-                    },
-                    "replicas": [
-                        {
-                            "url": r.address.base,
-                            "state": r.state,
-                            "in_flight": r.in_flight,
-                            "total_slots": r.total_slots,
-                        }
-                        for r in replicas
-                    ],
-                }
-            )
+                where.setdefault(model, []).append(
+                    {
+                        "url": r.address.base,
+                        "state": r.state,
+                        "in_flight": r.in_flight,
+                        "total_slots": r.total_slots,
+                    }
+                )
+        data = [
+            {
+                "id": model,
+                "object": "model",
+                "owned_by": "llamactl",
+                "created": now,
+                "status": {
+                    "value": "loaded" if any(p["state"] == "ready" for p in places) else "unloaded"
+                },
+                "replicas": places,
+            }
+            for model, places in where.items()
+        ]
         return {"object": "list", "data": data}
 
     def metrics_text(self) -> str:
@@ -663,6 +668,8 @@ class RemotePool:
 
         if path in ("/health", "/v1/health"):
             ready = [r.address.base for r in self.replicas if _usable(r)]
+            if self.extra_health():
+                ready.insert(0, "local")
             if ready:
                 return Reply.json(200, {"status": "ok", "replicas": ready})
             raise ProxyError(
@@ -719,122 +726,3 @@ def _describe(exc: Exception) -> str:
             "or verify_tls = false for a test server"
         )
     return text
-
-
-# -- serve with remotes only -------------------------------------------------------------------
-
-
-def serve_remote_only(spec: Any, remotes: Sequence[RemoteSpec]) -> int:
-    """`llamactl serve --remote URL ...` with no local model: the proxy in front of the remotes
-    only, until Ctrl-C or SIGTERM; the exit code."""
-    from llamactl.serve import listen
-    from llamactl.serve.main import _run
-
-    front = listen.open_front(
-        spec.host,
-        spec.port,
-        reuse_port=spec.reuse_port,
-        socket_mode=spec.socket_mode,
-        ssl_key_file=spec.ssl_key_file,
-        ssl_cert_file=spec.ssl_cert_file,
-    )
-    try:
-        return _run(_serve_remote_async(spec, remotes, front))
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        front.close()  # removes a Unix socket's file
-
-
-async def _serve_remote_async(spec: Any, remotes: Sequence[RemoteSpec], front: Any) -> int:
-    import signal
-    import sys
-
-    from llamactl.errors import ServerStartError
-    from llamactl.serve import records
-    from llamactl.serve.proxy import Proxy, ProxyConfig
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    received: list[int] = []
-
-    def on_signal(signum: int) -> None:
-        received.append(signum)
-        stop.set()
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(signum, on_signal, signum)
-    record = records.ServeRecord(
-        id=records.new_id(),
-        pid=os.getpid(),
-        pid_started=records.process_start_time(os.getpid()) or time.time(),
-        host=spec.host,
-        port=front.port,
-        urls=front.urls,
-        started_at=time.time(),
-        auth=bool(spec.api_keys),
-    )
-
-    def write_record(pool: RemotePool) -> None:
-        record.instances = [
-            records.InstanceRecord(
-                name=r.name,
-                state=r.state,
-                model=", ".join(r.models) or None,
-                last_error=r.last_error,
-                where=r.address.base,
-            )
-            for r in pool.replicas
-        ]
-        try:
-            records.write(record)
-        except OSError as exc:
-            log.warning("cannot write the state record: %s", exc)
-
-    pool = RemotePool(
-        remotes,
-        PoolPolicy(queue_timeout=spec.queue_timeout),
-        on_change=write_record,
-    )
-    from llamactl.serve import listen
-
-    proxy = Proxy(
-        ProxyConfig(
-            host=spec.host,
-            port=spec.port,
-            api_key=",".join(spec.api_keys) or None,
-            max_body_bytes=spec.max_body_bytes,
-            host_names=listen.guarded_names(spec.host, spec.allowed_hosts),
-            max_connections=spec.max_connections or listen.connection_bound(),
-        ),
-        pool,
-    )
-    write_record(pool)
-    waiter = asyncio.ensure_future(stop.wait())
-    try:
-        await proxy.start(front.sockets, ssl=front.tls)
-        starting = asyncio.ensure_future(pool.start(wait=spec.start_timeout))
-        await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if not starting.done():
-            starting.cancel()
-            return 128 + received[0] if received else 0
-        if not pool.is_ready():
-            raise ServerStartError(
-                f"no remote server answered /health within {spec.start_timeout:g} s:\n"
-                + "\n".join(f"  {r.address.base}: {r.last_error or r.state}" for r in pool.replicas)
-            )
-        ready = [r.address.base for r in pool.replicas if r.healthy]
-        print(
-            f"ready: {len(ready)} of {len(pool.replicas)} remote servers answer "
-            f"({', '.join(ready)}); no local model",
-            file=sys.stderr,
-            flush=True,
-        )
-        print(front.listening_line(), flush=True)
-        await waiter
-        return 128 + received[0] if received else 0
-    finally:
-        waiter.cancel()
-        await proxy.close()
-        await pool.close()
-        records.remove(record.id)

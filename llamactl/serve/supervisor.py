@@ -77,6 +77,10 @@ class Policy:
     #: While an RPC worker of an instance is gone: how often it is asked for its hello.
     worker_poll: float = 0.5
     worker_probe_timeout: float = 2.0
+    #: While ready: how often a head's workers are checked, and how long a hello may wait
+    #: (a worker serving its head does not answer: that is the good case).
+    worker_check_interval: float = 2.0
+    worker_busy_timeout: float = 0.5
 
 
 @dataclass
@@ -282,7 +286,7 @@ class Supervisor:
             if self._stopping:
                 return
             down_since = self._clock()
-            lost = self._lost_worker(inst)
+            lost = self._lost_worker(inst, reason)
             if lost:
                 reason = f"{reason}: {lost} (not counted as a crash)"
             # Warnings: serve logs at WARNING, and whoever runs it should see each failure.
@@ -332,11 +336,13 @@ class Supervisor:
                     if not await self._wait_for_workers(inst, reason):
                         inst.failures.append(self._clock())
 
-    def _lost_worker(self, inst: Instance) -> str | None:
+    def _lost_worker(self, inst: Instance, reason: str = "") -> str | None:
         """Why the head of an RPC-backed instance died, when its log says a worker was lost
-        (ggml-rpc.cpp aborts with these lines); None otherwise."""
+        (ggml-rpc.cpp aborts with these lines) or the worker watch said so; None otherwise."""
         if not inst.config.rpc_workers or inst.process is None:
             return None
+        if reason.startswith("RPC worker "):
+            return "an RPC worker was lost"
         for line in reversed(inst.process.tail(80)):
             if "Remote RPC server crashed" in line or "Failed to connect to" in line:
                 return "an RPC worker was lost"
@@ -375,6 +381,10 @@ class Supervisor:
         assert process is not None
         exited = asyncio.ensure_future(process.wait_exit())
         broken = asyncio.ensure_future(inst.broken.wait())
+        # A head over RPC workers: also watch that each worker still serves it.
+        workers = asyncio.ensure_future(
+            self._watch_workers(inst) if inst.config.rpc_workers else asyncio.Event().wait()
+        )
         policy = self.policy
         misses = sure = 0
         try:
@@ -384,10 +394,12 @@ class Supervisor:
                 )
                 try:
                     done, _ = await asyncio.wait(
-                        {exited, broken, tick}, return_when=asyncio.FIRST_COMPLETED
+                        {exited, broken, tick, workers}, return_when=asyncio.FIRST_COMPLETED
                     )
                 finally:
                     tick.cancel()
+                if workers in done:
+                    return str(workers.result())
                 if exited in done:
                     code = exited.result()
                     how = "?" if code is None else process.describe_exit(code)
@@ -428,6 +440,38 @@ class Supervisor:
         finally:
             exited.cancel()
             broken.cancel()
+            workers.cancel()
+
+    async def _watch_workers(self, inst: Instance) -> str:
+        """While a head runs, each of its workers is busy serving it (a worker serves one
+        client at a time, and llama-server holds its connections). A worker seen busy that
+        then answers a hello has lost the head's connection (it was restarted: the head would
+        abort on its next request); one that then refuses connections is gone. Either way
+        the head cannot go on: the reason, so that it is restarted once the worker answers.
+        A worker never seen busy (one the head does not use) is left alone."""
+        seen_busy: set[rpc.Endpoint] = set()
+        first = True
+        while True:
+            # The first look at once: a worker lost before it would go unseen.
+            if not first:
+                await self._sleep(self.policy.worker_check_interval)
+            first = False
+            probes = await asyncio.gather(
+                *(
+                    rpc.probe_async(w, timeout=self.policy.worker_busy_timeout)
+                    for w in inst.config.rpc_workers
+                )
+            )
+            for p in probes:
+                if p.busy:
+                    seen_busy.add(p.endpoint)
+                elif p.endpoint in seen_busy and p.ok:
+                    return (
+                        f"RPC worker {p.endpoint} answers a new client: it was restarted, and "
+                        "the head's connection to it is gone"
+                    )
+                elif p.endpoint in seen_busy and p.problem and "refuses" in p.problem:
+                    return f"RPC worker {p.endpoint} is gone ({p.problem})"
 
     def _lifeless(self, inst: Instance, before: Vitals | None, since: float) -> str | None:
         """Why a server whose /health is late is surely hung, or None when it may be busy."""

@@ -19,7 +19,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -204,7 +204,6 @@ class Status:
     started_at: float | None = None
     last_error: str | None = None
     version: rpc.RpcVersion | None = None
-    history: list[str] = field(default_factory=list)
 
 
 def _tail(path: Path, n: int = 30) -> list[str]:
@@ -260,7 +259,6 @@ class WorkerRunner:
     def _set(self, state: State, reason: str) -> None:
         if state is not self.status.state:
             log.info("worker: %s -> %s (%s)", self.status.state.value, state.value, reason)
-            self.status.history.append(f"{state.value}: {reason}")
         self.status.state = state
         self._on_change(self.status)
 
@@ -466,7 +464,7 @@ def run_worker(spec: WorkerSpec, *, err: IO[str] | None = None) -> int:
                 state=status.state.value,
                 pid=status.pid,
                 port=spec.port,
-                model=f"ggml-rpc-server (RPC {status.version})" if status.version else None,
+                model=f"RPC v{status.version}" if status.version else None,
                 restarts=status.restarts,
                 started_at=status.started_at,
                 log_path=str(log_path),

@@ -1,5 +1,6 @@
-"""A real `llamactl serve` in a subprocess, the way a user runs it: one helper for every test
-that needs one (tests/conftest.py builds the shared fixtures on it).
+"""`llamactl serve` in a subprocess, the way a user runs it: one helper for every test that
+needs one, with the real llama-server or the fake one, and any command line (several hosts, a
+Unix socket, TLS). tests/conftest.py builds the shared fixtures on it.
 
 serve's stdout is a pipe read only for its one `listening at` line, with a deadline; its stderr
 goes to a file, so that a chatty serve can never block on a full pipe, and a failure quotes it.
@@ -12,10 +13,11 @@ import json
 import os
 import re
 import select
+import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,8 @@ import psutil
 
 from llamactl.net import free_port
 from llamactl.proc import stop_group
+
+FAKE = Path(__file__).resolve().parent.parent / "fakes" / "fake_llama_server.py"
 
 #: Far above any start or recovery seen here (seconds), so only a hang trips it.
 HANG = 120.0
@@ -54,10 +58,16 @@ class Serve:
     stderr_path: Path
     ready_line: str = ""
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8))
+    #: Every address of the `listening at` line (http://, https://, unix://).
+    urls: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def url_of(self, scheme: str = "http") -> str:
+        """The first listening address of that scheme (http, https, unix)."""
+        return next(u for u in self.urls if u.startswith(scheme + ":"))
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
@@ -73,10 +83,23 @@ class Serve:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         line = self.proc.stdout.readline() if ready else ""
         if not line.startswith("listening at"):
-            stop_group(self.proc.pid, grace=5, popen=self.proc)
-            raise AssertionError(f"serve did not start: {line!r}\n{self.stderr()[-4000:]}")
+            code = stop_group(self.proc.pid, grace=5, popen=self.proc)
+            raise ServeFailed(
+                f"serve did not start (code {code}): {line!r}\n{self.stderr()[-4000:]}"
+            )
         self.ready_line = line.strip()
+        self.urls = [u.strip() for u in self.ready_line[len("listening at ") :].split(",")]
+        if not self.port:  # the port came with the command line (or --port 0)
+            self.port = next((_port_of(u) for u in self.urls if u.startswith("http")), 0)
         return time.monotonic() - t0
+
+    def stop(self, grace: float = 20.0) -> int | None:
+        """SIGTERM to serve's group (as Ctrl-C would), SIGKILL after `grace`; its exit code."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        code = stop_group(self.proc.pid, grace=grace, popen=self.proc)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return code
 
     def children(self) -> list[psutil.Process]:
         try:
@@ -132,6 +155,14 @@ class Serve:
         return list(json.loads(out.stdout))
 
 
+class ServeFailed(AssertionError):
+    """serve exited (or said nothing) before its `listening at` line."""
+
+
+def _port_of(url: str) -> int:
+    return int(url.rstrip("/").rsplit(":", 1)[1])
+
+
 def serve_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The test's environment for serve, without any API key a developer may have set."""
     base = {k: v for k, v in os.environ.items() if not k.endswith("API_KEY")}
@@ -143,18 +174,20 @@ def launch(
     model: Path | None,
     home: Path,
     *extra: str,
-    port: int = 0,
+    port: int | None = 0,
     env: dict[str, str] | None = None,
     umask: int = -1,
 ) -> Serve:
-    """Start `llamactl serve` without waiting for it (see Serve.wait_listening)."""
-    port = port or free_port()
+    """Start `llamactl serve` without waiting for it (see Serve.wait_listening). `port` 0
+    picks a free one; None adds no --port (the command line in `extra` says where to listen)."""
+    if port == 0:
+        port = free_port()
     home.mkdir(parents=True, exist_ok=True)
-    stderr_path = home.parent / f"{home.name}-serve-{port}.err"
+    stderr_path = home.parent / f"{home.name}-serve-{port or time.monotonic_ns()}.err"
     argv = [sys.executable, "-m", "llamactl", "serve", "--server-bin", str(server_bin)]
     if model is not None:
         argv += ["-m", str(model)]
-    argv += ["--port", str(port), *extra]
+    argv += [*(["--port", str(port)] if port else []), *extra]
     with open(stderr_path, "w") as err:
         proc = subprocess.Popen(
             argv,
@@ -165,7 +198,7 @@ def launch(
             start_new_session=True,
             umask=umask,
         )
-    return Serve(proc, home, port, stderr_path)
+    return Serve(proc, home, port or 0, stderr_path)
 
 
 def start(
@@ -173,7 +206,7 @@ def start(
     model: Path | None,
     home: Path,
     *extra: str,
-    port: int = 0,
+    port: int | None = 0,
     env: dict[str, str] | None = None,
     umask: int = -1,
     timeout: float = HANG,
@@ -186,8 +219,45 @@ def start(
 
 def stop(serve: Serve, grace: float = 20.0) -> str:
     """Stop serve as Ctrl-C would (SIGTERM to its group, SIGKILL after `grace`); its stderr."""
-    serve.pool.shutdown(wait=False, cancel_futures=True)
-    stop_group(serve.proc.pid, grace=grace, popen=serve.proc)
-    if serve.proc.stdout is not None:
-        serve.proc.stdout.close()
+    serve.stop(grace)
     return serve.stderr()
+
+
+def start_serve(
+    binary: Path,
+    model: Path | None,
+    home: Path,
+    args: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    deadline: float = HANG,
+) -> Serve:
+    """`llamactl serve --server-bin BINARY [-m MODEL] ARGS` with the command line as given
+    (where to listen included); returns once it printed `listening at`, ServeFailed with its
+    stderr when it exits first or the deadline passes."""
+    return start(binary, model, home, *args, port=None, env=env, timeout=deadline)
+
+
+def fake_binary(folder: Path, *fake_args: str) -> Path:
+    """The fake llama-server as an executable, as --server-bin wants one."""
+    script = folder / "llama-server"
+    run = shlex.join([sys.executable, str(FAKE), "--load-time", "0", *fake_args])
+    script.write_text(f'#!/bin/sh\nexec {run} "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
+def fake_model(folder: Path) -> Path:
+    model = folder / "m.gguf"
+    model.write_bytes(b"GGUF")
+    return model
+
+
+def make_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost, 127.0.0.1 and ::1 (openssl): (key, cert)."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    san = "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1"
+    argv = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    argv += ["-subj", "/CN=localhost", "-addext", san, "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(argv, check=True, capture_output=True, timeout=60)
+    return key, cert

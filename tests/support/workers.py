@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +26,11 @@ class Worker:
     err: Path
     home: Path
 
+    host: str = "127.0.0.1"
+
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def stderr(self) -> str:
         return self.err.read_text(errors="replace")
@@ -65,12 +68,17 @@ def launch(
     rpc_bin: Path | None = None,
     port: int = 0,
     env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
+    host: str | None = None,
 ) -> Worker:
-    """Start `llamactl worker` (with `rpc_bin` as its ggml-rpc-server when given)."""
+    """Start `llamactl worker` (with `rpc_bin` as its ggml-rpc-server when given); `prefix`
+    runs it elsewhere (`ip netns exec NS`), on `host` (an address of its own there)."""
     port = port or free_port()
     home.mkdir(parents=True, exist_ok=True)
     err = home.parent / f"worker-{port}.err"
-    argv = [sys.executable, "-m", "llamactl", "worker", "--port", str(port)]
+    argv = [*prefix, sys.executable, "-m", "llamactl", "worker", "--port", str(port)]
+    if host is not None:
+        argv += ["--host", host, "--i-understand-no-auth"]
     if rpc_bin is not None:
         argv += ["--rpc-bin", str(rpc_bin)]
     with open(err, "w") as fh:
@@ -82,4 +90,4 @@ def launch(
             env={**os.environ, "LLAMACTL_HOME": str(home), **(env or {})},
             start_new_session=True,
         )
-    return Worker(proc, port, err, home)
+    return Worker(proc, port, err, home, host or "127.0.0.1")

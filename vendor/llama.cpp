@@ -1,1 +1,0 @@
-/root/.cache/llamactl/vendor/llama.cpp
