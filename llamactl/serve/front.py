@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -39,45 +38,18 @@ def serve_remote_only(spec: Any, remotes: Sequence[RemoteSpec]) -> int:
 
 
 async def _serve_remote_async(spec: Any, remotes: Sequence[RemoteSpec], front: Any) -> int:
-    import signal
     import sys
 
     from llamactl.errors import ServerStartError
     from llamactl.serve import records
     from llamactl.serve.proxy import Proxy, ProxyConfig
+    from llamactl.serve.runner import stop_on_signals
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    received: list[int] = []
-
-    def on_signal(signum: int) -> None:
-        received.append(signum)
-        stop.set()
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(signum, on_signal, signum)
-    record = records.ServeRecord(
-        id=records.new_id(),
-        pid=os.getpid(),
-        pid_started=records.process_start_time(os.getpid()) or time.time(),
-        host=spec.host,
-        port=front.port,
-        urls=front.urls,
-        started_at=time.time(),
-        auth=bool(spec.api_keys),
-    )
+    stop, received = stop_on_signals()
+    record = records.serve_record(records.new_id(), spec, front)
 
     def write_record(pool: RemotePool) -> None:
-        record.instances = [
-            records.InstanceRecord(
-                name=r.name,
-                state=r.state,
-                model=", ".join(r.models) or None,
-                last_error=r.last_error,
-                where=r.address.base,
-            )
-            for r in pool.replicas
-        ]
+        record.instances = records.replica_records(pool.replicas)
         try:
             records.write(record)
         except OSError as exc:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -305,31 +304,18 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
     from llamactl.serve import records
     from llamactl.serve.many import where_label
     from llamactl.serve.proxy import Proxy, ProxyConfig
+    from llamactl.serve.runner import stop_on_signals
     from llamactl.serve.supervisor import InstanceConfig, Policy, Supervisor
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    received: list[int] = []
-
-    def on_signal(signum: int) -> None:
-        received.append(signum)
-        stop.set()
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(signum, on_signal, signum)
+    stop, received = stop_on_signals()
 
     process = started.process
-    record = records.ServeRecord(
-        id=started.record_id,
-        pid=os.getpid(),
-        pid_started=records.process_start_time(os.getpid()) or time.time(),
-        host=spec.host,
-        port=started.front.port,
-        started_at=time.time(),
-        urls=started.front.urls,
+    record = records.serve_record(
+        started.record_id,
+        spec,
+        started.front,
         backend=started.backend,
         server_bin=str(started.binary),
-        auth=bool(spec.api_keys),
     )
 
     def write_record(sup: Supervisor) -> None:
@@ -355,16 +341,7 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
                 )
             )
         if pool is not None:
-            record.instances += [
-                records.InstanceRecord(
-                    name=r.name,
-                    state=r.state,
-                    model=", ".join(r.models) or None,
-                    last_error=r.last_error,
-                    where=r.address.base,
-                )
-                for r in pool.replicas
-            ]
+            record.instances += records.replica_records(pool.replicas)
         records.write(record)
 
     policy = Policy(queue_timeout=spec.queue_timeout, stall_timeout=spec.start_timeout)

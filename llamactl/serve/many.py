@@ -5,8 +5,6 @@ loads each model when it is first asked for."""
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -136,7 +134,6 @@ async def _serve_async(
     backend: str | None,
     remotes: tuple[Any, ...] = (),
 ) -> int:
-    import asyncio
 
     from llamactl.models.estimate import FreeMemory
     from llamactl.serve import listen, records
@@ -146,29 +143,11 @@ async def _serve_async(
 
     # Why each model was loaded, where, and why each was evicted: said at INFO, shown.
     logging.getLogger("llamactl.serve.fleet").setLevel(logging.INFO)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    received: list[int] = []
+    from llamactl.serve.runner import stop_on_signals
 
-    def on_signal(signum: int) -> None:
-        received.append(signum)
-        stop.set()
+    stop, received = stop_on_signals()
 
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(signum, on_signal, signum)
-
-    record = records.ServeRecord(
-        id=record_id,
-        pid=os.getpid(),
-        pid_started=records.process_start_time(os.getpid()) or time.time(),
-        host=spec.host,
-        port=front.port,
-        started_at=time.time(),
-        urls=front.urls,
-        backend=backend,
-        server_bin=str(binary),
-        auth=bool(spec.api_keys),
-    )
+    record = records.serve_record(record_id, spec, front, backend=backend, server_bin=str(binary))
     models: ModelFleet | None = None
     pool: Any = None
 
@@ -177,16 +156,7 @@ async def _serve_async(
             models.changed()
         record.instances = instance_records(sup)
         if pool is not None:  # remote replicas beside the local models (serve/front.py)
-            record.instances += [
-                records.InstanceRecord(
-                    name=r.name,
-                    state=r.state,
-                    model=", ".join(r.models) or None,
-                    last_error=r.last_error,
-                    where=r.address.base,
-                )
-                for r in pool.replicas
-            ]
+            record.instances += records.replica_records(pool.replicas)
         records.write(record)
 
     policy = Policy(queue_timeout=spec.queue_timeout, stall_timeout=spec.start_timeout)

@@ -90,6 +90,45 @@ class ServeRecord:
         return cls(**fields, instances=insts)
 
 
+def serve_record(
+    record_id: str,
+    spec: Any,
+    front: Any,
+    *,
+    backend: str | None = None,
+    server_bin: str | None = None,
+) -> ServeRecord:
+    """The record of this serve process: `spec` is its ServeSpec (host, api_keys), `front`
+    where it listens (listen.Front: port, urls)."""
+    me = os.getpid()
+    return ServeRecord(
+        id=record_id,
+        pid=me,
+        pid_started=process_start_time(me) or time.time(),
+        host=spec.host,
+        port=front.port,
+        started_at=time.time(),
+        urls=front.urls,
+        backend=backend,
+        server_bin=server_bin,
+        auth=bool(spec.api_keys),
+    )
+
+
+def replica_records(replicas: Any) -> list[InstanceRecord]:
+    """One row per remote replica (serve/remote.py's Replica) for ps."""
+    return [
+        InstanceRecord(
+            name=r.name,
+            state=r.state,
+            model=", ".join(r.models) or None,
+            last_error=r.last_error,
+            where=r.address.base,
+        )
+        for r in replicas
+    ]
+
+
 def new_id() -> str:
     return os.urandom(4).hex()  # what secrets.token_hex does, without its ~8 ms import
 

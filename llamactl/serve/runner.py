@@ -31,3 +31,22 @@ def new_loop() -> Any:
 
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def stop_on_signals() -> tuple[Any, list[int]]:
+    """In the running loop: an asyncio.Event that SIGINT, SIGTERM or SIGHUP sets, and the list
+    of the signals received (serve exits with 128 + the first)."""
+    import asyncio
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, on_signal, signum)
+    return stop, received
