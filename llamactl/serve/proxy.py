@@ -892,6 +892,11 @@ class _ClientConn(asyncio.Protocol):
             return
         if not ex.timed_out and self._move(ex):
             return
+        if retry and self._requeue(ex):
+            # A fresh connection closed before any byte of an answer, after a pooled one was:
+            # the llama-server was dying as it accepted (a SIGKILLed server's socket lingers
+            # for an instant). Wait for its successor as for a refused connect (REQUEUE_S).
+            return
         self._release(ex, 0)
         if ex.timed_out:
             err = ProxyError(504, f"the model server {upstream.name} did not answer in time")
