@@ -42,7 +42,7 @@ async def _serve_remote_async(spec: Any, remotes: Sequence[RemoteSpec], front: A
 
     from llamactl.errors import ServerStartError
     from llamactl.serve import records
-    from llamactl.serve.proxy import Proxy, ProxyConfig
+    from llamactl.serve.proxy import Proxy, proxy_config
     from llamactl.serve.runner import stop_on_signals
 
     stop, received = stop_on_signals()
@@ -60,19 +60,8 @@ async def _serve_remote_async(spec: Any, remotes: Sequence[RemoteSpec], front: A
         PoolPolicy(queue_timeout=spec.queue_timeout),
         on_change=write_record,
     )
-    from llamactl.serve import listen
 
-    proxy = Proxy(
-        ProxyConfig(
-            host=spec.host,
-            port=spec.port,
-            api_key=",".join(spec.api_keys) or None,
-            max_body_bytes=spec.max_body_bytes,
-            host_names=listen.guarded_names(spec.host, spec.allowed_hosts),
-            max_connections=spec.max_connections or listen.connection_bound(),
-        ),
-        pool,
-    )
+    proxy = Proxy(proxy_config(spec), pool)
     write_record(pool)
     waiter = asyncio.ensure_future(stop.wait())
     try:

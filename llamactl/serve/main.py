@@ -303,7 +303,7 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
 
     from llamactl.serve import records
     from llamactl.serve.many import where_label
-    from llamactl.serve.proxy import Proxy, ProxyConfig
+    from llamactl.serve.proxy import Proxy, proxy_config
     from llamactl.serve.runner import stop_on_signals
     from llamactl.serve.supervisor import InstanceConfig, Policy, Supervisor
 
@@ -359,19 +359,8 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
             on_change=lambda _pool: write_record(supervisor),
         )
         mixed = provider = Mixed(supervisor, pool, _alias_in(process.spec.args))
-    from llamactl.serve import listen
 
-    proxy = Proxy(
-        ProxyConfig(
-            host=spec.host,
-            port=spec.port,
-            api_key=",".join(spec.api_keys) or None,
-            max_body_bytes=spec.max_body_bytes,
-            host_names=listen.guarded_names(spec.host, spec.allowed_hosts),
-            max_connections=spec.max_connections or listen.connection_bound(),
-        ),
-        provider,
-    )
+    proxy = Proxy(proxy_config(spec), provider)
     inst = supervisor.add(
         InstanceConfig(
             name="default",

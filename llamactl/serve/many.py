@@ -136,9 +136,9 @@ async def _serve_async(
 ) -> int:
 
     from llamactl.models.estimate import FreeMemory
-    from llamactl.serve import listen, records
+    from llamactl.serve import records
     from llamactl.serve.fleet import ModelFleet
-    from llamactl.serve.proxy import Proxy, ProxyConfig
+    from llamactl.serve.proxy import Proxy, proxy_config
     from llamactl.serve.supervisor import Policy, Supervisor
 
     # Why each model was loaded, where, and why each was evicted: said at INFO, shown.
@@ -183,17 +183,7 @@ async def _serve_async(
             on_change=lambda _pool: on_change(supervisor),
         )
         provider = MixedFleet(models, pool)
-    proxy = Proxy(
-        ProxyConfig(
-            host=spec.host,
-            port=spec.port,
-            api_key=",".join(spec.api_keys) or None,
-            max_body_bytes=spec.max_body_bytes,
-            host_names=listen.guarded_names(spec.host, spec.allowed_hosts),
-            max_connections=spec.max_connections or listen.connection_bound(),
-        ),
-        provider,
-    )
+    proxy = Proxy(proxy_config(spec), provider)
     try:
         await models.start()
         if pool is not None:

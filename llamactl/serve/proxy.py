@@ -95,6 +95,19 @@ class ProxyConfig:
     sse_wait_comment_s: float = 2.0
 
 
+def proxy_config(spec: Any) -> ProxyConfig:
+    """The proxy's settings from serve's command line (serve/args.py's ServeSpec): the one
+    mapping for serve with one model, several, or remote servers only."""
+    return ProxyConfig(
+        host=spec.host,
+        port=spec.port,
+        api_key=",".join(spec.api_keys) or None,
+        max_body_bytes=spec.max_body_bytes,
+        host_names=listen.guarded_names(spec.host, spec.allowed_hosts),
+        max_connections=spec.max_connections or listen.connection_bound(),
+    )
+
+
 @dataclass(frozen=True)
 class ProxyStats:
     """Counters for `ps` and tests."""
@@ -741,11 +754,7 @@ class _ClientConn(asyncio.Protocol):
         if ex.replayed or upstream is None or not self.proxy.provider.replayable(upstream):
             return False
         ex.replayed = True
-        self._release(ex, 503)  # neither a failure nor a success of that server
-        ex.released = False
-        ex.upstream = None
-        ex.attempts = 0
-        ex.payload = []
+        self._detach(ex, 503)  # neither a failure nor a success of that server
         self._acquire(ex)
         return True
 
@@ -758,11 +767,7 @@ class _ClientConn(asyncio.Protocol):
             ex.requeue_until = now + REQUEUE_S
         elif now >= ex.requeue_until:
             return False
-        self._release(ex, 0)
-        ex.released = False
-        ex.upstream = None
-        ex.attempts = 0
-        ex.payload = []
+        self._detach(ex, 0)
         asyncio.get_running_loop().call_later(REQUEUE_PAUSE_S, self._reacquire, ex)
         return True
 
@@ -775,13 +780,18 @@ class _ClientConn(asyncio.Protocol):
             return False
         ex.moved = True
         log.warning("%s dropped a request before answering: sent to another", upstream.name)
-        self._release(ex, 0)
+        self._detach(ex, 0)
+        self._acquire(ex)
+        return True
+
+    def _detach(self, ex: _Exchange, outcome: int) -> None:
+        """Release the exchange's upstream with `outcome` and forget it, so that the request
+        can be acquired and built again (its private key may differ) for another upstream."""
+        self._release(ex, outcome)
         ex.released = False
         ex.upstream = None
         ex.attempts = 0
         ex.payload = []
-        self._acquire(ex)
-        return True
 
     def _reacquire(self, ex: _Exchange) -> None:
         if not (self.closed or ex.finished):
