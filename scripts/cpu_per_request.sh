@@ -9,7 +9,13 @@ server=$("$llamactl" which)
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 mkdir "$tmp/d"; ln -s "$model" "$tmp/d/alpha.gguf"; ln -s "$model" "$tmp/d/beta.gguf"
 text='Hello, world! The quick brown fox jumps over the lazy dog.'
-printf 'wrk.method = "POST"\nwrk.body = %q\n' "{\"content\":\"$text\"}" > "$tmp/one.lua"
+# (A Lua string in single quotes: bash's printf %q escaped the JSON into invalid Lua, and wrk
+# then sent GET /tokenize, which measured llama-server's 404 instead.)
+cat > "$tmp/one.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '{"content":"$text"}'
+wrk.headers["Content-Type"] = "application/json"
+LUA
 cat > "$tmp/two.lua" <<LUA
 local bodies = {'{"model":"alpha","content":"$text"}', '{"model":"beta","content":"$text"}'}
 local i = 0

@@ -222,6 +222,18 @@ class ModelFleet:
         model's instance (loaded on demand, waited for, bounded)."""
         if path in CONTROL_PATHS or (model is None and path in CONTROL_UNNAMED):
             return self._control_upstream
+        return self._ready(model) or await self._acquire_slow(model)
+
+    def acquire_nowait(
+        self, model: str | None, method: bytes = b"GET", path: bytes = b"/"
+    ) -> Upstream | None:
+        """acquire's answer when it needs neither a wait nor a decision (the model is loaded
+        and has a free slot), else None: the proxy calls this first, with no coroutine."""
+        if path in CONTROL_PATHS or (model is None and path in CONTROL_UNNAMED):
+            return self._control_upstream
+        return self._ready(model)
+
+    def _ready(self, model: str | None) -> Upstream | None:
         inst = self._fast.get(model)
         if inst is not None and inst.state is State.READY and inst.in_flight < inst.slots:
             upstream = inst.upstream
@@ -230,7 +242,7 @@ class ModelFleet:
                 inst.in_flight += 1
                 inst.last_used = self._clock()
                 return upstream
-        return await self._acquire_slow(model)
+        return None
 
     def replayable(self, upstream: Upstream) -> bool:
         return upstream.name != CONTROL and self.supervisor.replayable(upstream)

@@ -240,10 +240,11 @@ def serve(spec: ServeSpec) -> int:
         return 130
     finally:
         front.close()  # removes a Unix socket's file
-        if process.returncode is None:  # the loop never adopted it, or failed to stop it
+        # The loop never adopted it, or failed to stop it (asked of the kernel: the loop that
+        # would have heard of its exit is gone).
+        if process.popen is not None and process.popen.poll() is None:
             from llamactl import proc
 
-            assert process.popen is not None
             proc.stop_group(process.popen.pid, grace=5.0, popen=process.popen)
         if echo is not None:
             echo.close()  # llama-server's last lines (its shutdown) reach stderr

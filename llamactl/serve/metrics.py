@@ -43,6 +43,10 @@ class Histogram:
         return out
 
 
+#: The status class of an outcome, by its hundreds (no string formatting per request).
+_KINDS = tuple(f"{i}xx" for i in range(10))
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -64,7 +68,7 @@ class Metrics:
 
     def request_done(self, model: str, outcome: int, elapsed: float) -> None:
         """One request answered (its upstream status; 0: transport failure; 499: client gone)."""
-        kind = "error" if outcome == 0 else f"{outcome // 100}xx"
+        kind = _KINDS[outcome // 100] if 0 < outcome < 1000 else "error"
         self.requests[(model, kind)] += 1
         if outcome == 0 or outcome >= 500:
             self.errors[model] += 1

@@ -162,94 +162,55 @@ async def _resume(coro: Coroutine[Any, Any, Upstream], yielded: Any) -> Upstream
 
 
 class _Exchange:
-    """One request from a client and what became of it."""
+    """One request from a client and what became of it.
 
-    __slots__ = (
-        "acquire_task",
-        "attempts",
-        "auth_ok",
-        "authz",
-        "body",
-        "body_len",
-        "client",
-        "complete",
-        "conn",
-        "connect_task",
-        "cred",
-        "declared",
-        "early",
-        "error",
-        "expect",
-        "finished",
-        "has_body",
-        "has_host",
-        "head_size",
-        "hop",
-        "host",
-        "http10",
-        "json_body",
-        "keep_alive",
-        "keepalive",
-        "lines",
-        "method",
-        "model",
-        "moved",
-        "origin",
-        "payload",
-        "released",
-        "replayed",
-        "requeue_until",
-        "started",
-        "status",
-        "t0",
-        "timed_out",
-        "upstream",
-        "url",
-        "xkey",
-    )
+    Its fields start as the class's defaults: a new exchange per request sets only what is
+    mutable (docs/performance.md: a few dozen attribute stores per request saved)."""
+
+    client: _ClientConn
+    url: bytes = b""
+    method: bytes = b"GET"
+    body_len: int = 0
+    head_size: int = 0
+    has_body: bool = False
+    declared: int = 0
+    hop: set[bytes] | None = None
+    authz: bytes | None = None
+    xkey: bytes | None = None
+    has_host: bool = False
+    host: bytes | None = None
+    moved: bool = False  # sent again to another replica once already
+    json_body: bool = True
+    expect: bool = False
+    auth_ok: bool = False
+    origin: bytes | None = None
+    http10: bool = False
+    keep_alive: bool = True
+    complete: bool = False
+    started: bool = False
+    finished: bool = False
+    error: ProxyError | None = None
+    upstream: Upstream | None = None
+    conn: _UpstreamConn | None = None
+    attempts: int = 0
+    released: bool = False
+    replayed: bool = False
+    model: str | None = None
+    requeue_until: float = 0.0  # loop time until which a refused connect waits for a restart
+    status: int = 0
+    t0: float = 0.0
+    early: bool = False  # a 200 SSE head went out while the model loaded
+    keepalive: asyncio.TimerHandle | None = None
+    timed_out: bool = False
+    acquire_task: asyncio.Task[Upstream] | None = None
+    connect_task: asyncio.Future[Any] | None = None
 
     def __init__(self, client: _ClientConn) -> None:
         self.client = client
-        self.url = b""
-        self.method = b"GET"
         self.lines: list[bytes] = []
         self.cred: list[bytes] = []
         self.body: list[bytes] = []
-        self.body_len = 0
-        self.head_size = 0
-        self.has_body = False
-        self.declared = 0
-        self.hop: set[bytes] | None = None
-        self.authz: bytes | None = None
-        self.xkey: bytes | None = None
-        self.has_host = False
-        self.host: bytes | None = None
-        self.moved = False  # sent again to another replica once already
-        self.json_body = True
-        self.expect = False
-        self.auth_ok = False
-        self.origin: bytes | None = None
-        self.http10 = False
-        self.keep_alive = True
-        self.complete = False
-        self.started = False
-        self.finished = False
-        self.error: ProxyError | None = None
-        self.upstream: Upstream | None = None
-        self.conn: _UpstreamConn | None = None
         self.payload: list[bytes] = []
-        self.attempts = 0
-        self.released = False
-        self.replayed = False
-        self.model: str | None = None
-        self.requeue_until = 0.0  # loop time until which a refused connect waits for a restart
-        self.status = 0
-        self.t0 = 0.0
-        self.early = False  # a 200 SSE head went out while the model loaded
-        self.keepalive: asyncio.TimerHandle | None = None
-        self.timed_out = False
-        self.acquire_task: asyncio.Task[Upstream] | None = None
-        self.connect_task: asyncio.Future[Any] | None = None
 
 
 # -- the client side -------------------------------------------------------------------------
@@ -380,26 +341,26 @@ class _ClientConn(asyncio.Protocol):
         lname = name.lower()
         if lname not in _REQ_SPECIAL:
             ex.lines += (name, b": ", value, b"\r\n")
+        elif lname == b"host":
+            ex.has_host = True
+            ex.host = value  # kept apart from ex.lines: a remote upstream replaces it
+        elif lname == b"content-length":
+            ex.has_body = True
+            # llhttp has checked that it is a number and that there is only one.
+            ex.declared = int(value)
         elif lname == b"content-type":
             ex.lines += (name, b": ", value, b"\r\n")
             ctype = value.lower()
             # Multipart uploads (/v1/audio/transcriptions) are not JSON; everything else that
             # llama-server accepts by POST is parsed as JSON whatever its Content-Type says.
-            if ctype.startswith(b"multipart/") or ctype.startswith(b"application/octet-stream"):
+            if ctype.startswith((b"multipart/", b"application/octet-stream")):
                 ex.json_body = False
-        elif lname == b"host":
-            ex.has_host = True
-            ex.host = value  # kept apart from ex.lines: a remote upstream replaces it
         elif lname == b"authorization":
             ex.cred += (name, b": ", value, b"\r\n")
             ex.authz = value
         elif lname == b"x-api-key":
             ex.cred += (name, b": ", value, b"\r\n")
             ex.xkey = value
-        elif lname == b"content-length":
-            ex.has_body = True
-            # llhttp has checked that it is a number and that there is only one.
-            ex.declared = int(value)
         elif lname == b"transfer-encoding":
             ex.has_body = True
         elif lname == b"expect":
@@ -587,8 +548,15 @@ class _ClientConn(asyncio.Protocol):
         model = ex.model
         path = ex.url.partition(b"?")[0]
         ex.t0 = _monotonic()
+        proxy = self.proxy
+        if proxy._acquire_now is not None:
+            upstream = proxy._acquire_now(model, ex.method, path)
+            if upstream is not None:
+                self._acquired(ex, upstream)
+                return
+        # (Python 3.11's get_running_loop costs a getpid system call: not on the path above.)
         loop = asyncio.get_running_loop()
-        coro = self.proxy.provider.acquire(model, ex.method, path)
+        coro = proxy.provider.acquire(model, ex.method, path)
         if _EAGER_TASKS:
             # A ready instance answers in the first step, run right here (no scheduling).
             task: asyncio.Task[Upstream] = asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
@@ -1025,7 +993,9 @@ class _UpstreamConn(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.reason = b""
+        #: The answer's fields as the client's head will have them (name, ": ", value, CRLF).
         self.hdrs: list[bytes] = []
+        self.length = False  # it has a Content-Length
         self.status = 0
         self.framing = _NONE
         self.sse = False
@@ -1127,8 +1097,23 @@ class _UpstreamConn(asyncio.Protocol):
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.head_sent:
-            self.hdrs += (name, value)
+        """Each field as it comes, already as the client's head will have it: one pass."""
+        if self.head_sent:
+            return  # a trailer field
+        lname = name.lower()
+        if lname in _RESP_SPECIAL:
+            if lname == b"content-length":
+                self.length = True
+            elif lname == b"content-type":
+                if value[:17].lower() == b"text/event-stream":
+                    self.sse = True
+            elif lname == b"connection":
+                if b"close" in value.lower():
+                    self.upstream_close = True
+                return
+            else:
+                return
+        self.hdrs += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -1137,6 +1122,7 @@ class _UpstreamConn(asyncio.Protocol):
             self.interim = True
             self.hdrs = []
             self.reason = b""
+            self.length = self.sse = self.upstream_close = False
             return
         ex = self.ex
         assert ex is not None
@@ -1150,25 +1136,7 @@ class _UpstreamConn(asyncio.Protocol):
             self.framing = _CHUNKED if status == 200 else _WRAP
             self.head_sent = True
             return
-        parts: list[bytes] = []
-        hdrs = self.hdrs
-        length = False
-        for i in range(0, len(hdrs), 2):
-            name = hdrs[i]
-            lname = name.lower()
-            if lname in _RESP_SPECIAL:
-                if lname == b"content-length":
-                    length = True
-                elif lname == b"content-type":
-                    if hdrs[i + 1][:17].lower() == b"text/event-stream":
-                        self.sse = True
-                elif lname == b"connection":
-                    if b"close" in hdrs[i + 1].lower():
-                        self.upstream_close = True
-                    continue
-                else:
-                    continue
-            parts += (name, b": ", hdrs[i + 1], b"\r\n")
+        parts = self.hdrs
         self.hdrs = []
         if ex.method == b"HEAD" or status == 204 or status == 304:
             self.framing = _NONE
@@ -1179,7 +1147,7 @@ class _UpstreamConn(asyncio.Protocol):
                 self.renew_parser = True
                 if not self.parser.should_keep_alive():
                     self.upstream_close = True
-        elif length:
+        elif self.length:
             self.framing = _LENGTH
         elif ex.http10:
             self.framing = _CLOSE
@@ -1303,6 +1271,8 @@ class Proxy:
     def __init__(self, config: ProxyConfig, provider: UpstreamProvider) -> None:
         self.config = config
         self.provider = provider
+        #: The provider's acquire without a coroutine, when it has one (UpstreamProvider).
+        self._acquire_now = getattr(provider, "acquire_nowait", None)
         keys = tuple(k.strip().encode() for k in (config.api_key or "").split(",") if k.strip())
         self._keys = keys
         #: Set when a key is required (the first key; the check compares with every one).

@@ -299,7 +299,14 @@ class LocalServer:
 
     @property
     def returncode(self) -> int | None:
-        return self.popen.poll() if self.popen else None
+        """The exit status, None while it runs. Once attached, a server whose output is still
+        open is running (its output closes when it dies, and the supervisor hears of that at
+        once): no waitpid system call, which the proxy would otherwise make per request."""
+        if self.popen is None:
+            return None
+        if self.popen.returncode is None and self._exited is not None and not self._exited.is_set():
+            return None
+        return self.popen.poll()
 
     @property
     def url(self) -> str:

@@ -511,6 +511,20 @@ class Supervisor:
         except ProxyError:
             return False
 
+    def acquire_nowait(
+        self, model: str | None, method: bytes = b"GET", path: bytes = b"/"
+    ) -> Upstream | None:
+        """acquire's answer when the instance is ready (no wait), else None: the proxy calls
+        this first, with no coroutine."""
+        for inst in self.instances.values():  # the one instance (pick)
+            if inst.state is State.READY and inst.upstream is not None:
+                process = inst.backend
+                if process is None or process.returncode is None:
+                    inst.in_flight += 1
+                    return inst.upstream
+            return None
+        return None
+
     async def acquire(
         self, model: str | None, method: bytes = b"GET", path: bytes = b"/"
     ) -> Upstream:

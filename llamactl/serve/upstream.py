@@ -39,7 +39,11 @@ class Upstream:
 
 
 class UpstreamProvider(Protocol):
-    """What the proxy needs from the supervisor."""
+    """What the proxy needs from the supervisor.
+
+    A provider may also offer `acquire_nowait(model, method, path) -> Upstream | None`: the
+    lease when it is at hand without waiting, else None (then the proxy awaits `acquire`). The
+    proxy calls it first: a ready instance then costs no coroutine per request."""
 
     async def acquire(
         self, model: str | None, method: bytes = b"GET", path: bytes = b"/"
