@@ -43,6 +43,13 @@ def test_flag_values_take_the_last_and_the_equals_form() -> None:
     assert est.flag_value(["-t", "2"], "-c") is None
 
 
+def test_environment_settings_count_and_flags_win_over_them() -> None:
+    env = {"LLAMA_ARG_CTX_SIZE": "512", "LLAMA_ARG_THREADS": "2"}
+    assert est.env_as_flags(env) == ("--ctx-size", "512")
+    args = (*est.env_as_flags(env), "-c", "1024")
+    assert est.flag_value(args, "-c", "--ctx-size") == "1024"
+
+
 def test_gpu_free_memory_parses_nvidia_smi() -> None:
     assert est.parse_gpu_free("81000\n 512 \n\n") == [81000 * MIB, 512 * MIB]
     assert est.parse_gpu_free("[N/A]\n") == []

@@ -73,6 +73,7 @@ def drive(
     drain_timeout: float = 30.0,
     memory: int | None = None,
     need: int = 0,
+    estimated: list[tuple[str, ...]] | None = None,
 ) -> None:
     async def main() -> None:
         clock = FakeClock()
@@ -114,7 +115,9 @@ def drive(
                 - sum(i.config.estimate_bytes for i in sup.instances.values() if i.backend)
             ),
             resolve=lambda d: Path(d.source),
-            estimate=lambda path, args: need,
+            estimate=lambda path, args: (
+                (estimated.append(args) if estimated is not None else None) or need
+            ),
             fetch=fetch,
             drain_timeout=drain_timeout,
         )
@@ -283,6 +286,19 @@ def test_memory_decides_and_the_log_says_why(caplog: pytest.LogCaptureFixture) -
     text = caplog.text
     assert "loading a" in text and "fits: needs about 100 MiB" in text
     assert "to free memory" in text and "unloading a: evicted to make room for b" in text
+
+
+def test_a_presets_environment_reaches_the_instance_and_the_estimate() -> None:
+    estimated: list[tuple[str, ...]] = []
+
+    async def body(w: World) -> None:
+        await w.get("a")
+        (a,) = w.made_for("a")
+        assert a.config.env == {"LLAMA_ARG_CTX_SIZE": "512", "LLAMA_ARG_N_PARALLEL": "2"}
+        assert estimated and estimated[0][:2] == ("--ctx-size", "512")
+
+    env = (("LLAMA_ARG_CTX_SIZE", "512"), ("LLAMA_ARG_N_PARALLEL", "2"))
+    drive(body, [decl("a", env=env)], estimated=estimated)
 
 
 def test_control_load_unload_models_and_metrics() -> None:

@@ -106,3 +106,22 @@ def test_one_model_is_served_under_its_llamactl_name(
         assert answer["model"] == "SmolLM2-135M-Instruct.Q4_1"
     finally:
         stop(s)
+
+
+def test_a_presets_environment_variable_key_reaches_its_llama_server(
+    tmp_path: Path, server_bin: Path, default_model: Path
+) -> None:
+    """Router mode takes llama-server's environment-variable names as preset keys; llamactl
+    gives them to that model's llama-server as its environment, which it reads like flags."""
+    preset = tmp_path / "preset.ini"
+    preset.write_text(f"[small]\nmodel = {default_model}\nLLAMA_ARG_CTX_SIZE = 512\n")
+    s = start(server_bin, None, tmp_path / "home", "--models-preset", str(preset), "-t", "1")
+    try:
+        props = httpx.get(f"{s.url}/props", params={"model": "small"}, timeout=300)
+        assert props.status_code == 200, props.text
+        # The model's own context is 8192: 512 is the preset's.
+        assert props.json()["default_generation_settings"]["n_ctx"] == 512
+        (kid,) = s.llama_servers()
+        assert kid.environ().get("LLAMA_ARG_CTX_SIZE") == "512"
+    finally:
+        stop(s)

@@ -69,6 +69,49 @@ def test_preset_section_without_a_model_says_where(tmp_path: Path) -> None:
         parse_preset(ini)
 
 
+def test_preset_keys_named_by_environment_variable_become_that_models_environment(
+    tmp_path: Path,
+) -> None:
+    dirm = gguf(tmp_path / "d" / "alpha.gguf")
+    other = gguf(tmp_path / "other.gguf")
+    ini = tmp_path / "p.ini"
+    ini.write_text(
+        "[*]\nLLAMA_ARG_N_PARALLEL = 2\nLLAMA_ARG_CTX_SIZE = 4096\n\n"
+        f"[custom]\nLLAMA_ARG_MODEL = {other}\nLLAMA_ARG_CTX_SIZE = 512\n"
+        "LLAMA_ARG_ALIAS = c1,c2\nc = 8\n"
+    )
+    found = {d.name: d for d in parse_preset(ini, scan_models_dir(dirm.parent))}
+    custom = dict(found["custom"].env)
+    # The model's own section wins over [*], as in router mode; flags stay flags.
+    assert custom == {"LLAMA_ARG_N_PARALLEL": "2", "LLAMA_ARG_CTX_SIZE": "512"}
+    assert found["custom"].source == str(other) and found["custom"].aliases == ("c1", "c2")
+    assert found["custom"].args == ("-c", "8")
+    # A --models-dir model with no section still gets [*]'s variables.
+    assert dict(found["alpha"].env) == {"LLAMA_ARG_N_PARALLEL": "2", "LLAMA_ARG_CTX_SIZE": "4096"}
+
+
+@pytest.mark.parametrize("key", ["LLAMA_ARG_PORT", "LLAMA_API_KEY", "LLAMA_ARG_SSL_KEY_FILE"])
+def test_preset_environment_keys_that_llamactl_owns_are_refused(tmp_path: Path, key: str) -> None:
+    other = gguf(tmp_path / "other.gguf")
+    ini = tmp_path / "p.ini"
+    ini.write_text(f"[m]\nmodel = {other}\n{key} = 1\n")
+    with pytest.raises(ConfigError, match=rf"p\.ini:3: \[m\] {key}: llamactl sets {key} itself"):
+        parse_preset(ini)
+
+
+def test_toml_env_table_is_that_models_environment(tmp_path: Path) -> None:
+    gguf(tmp_path / "a.gguf")
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(
+        "[models.a]\nfile = 'a.gguf'\nenv = { LLAMA_ARG_CTX_SIZE = 512, LLAMA_ARG_JINJA = true }\n"
+    )
+    (a,) = declare(config=cfg).models
+    assert dict(a.env) == {"LLAMA_ARG_CTX_SIZE": "512", "LLAMA_ARG_JINJA": "true"}
+    cfg.write_text("[models.a]\nfile = 'a.gguf'\nenv = { LLAMA_ARG_HOST = '0.0.0.0' }\n")
+    with pytest.raises(ConfigError, match=r":3: \[models\.a\] env: llamactl sets LLAMA_ARG_HOST"):
+        declare(config=cfg)
+
+
 def test_toml_declares_everything(tmp_path: Path) -> None:
     a = gguf(tmp_path / "a.gguf")
     cfg = tmp_path / "serve.toml"

@@ -5,7 +5,7 @@ exact figures once it runs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from llamactl.models.gguf import GGUFInfo
@@ -60,6 +60,25 @@ def flag_value(args: Sequence[str], *names: str) -> str | None:
             elif i + 1 < len(args):
                 found = args[i + 1]
     return found
+
+
+#: llama-server's environment variables for the flags an estimate reads (common/arg.cpp).
+_ENV_FLAGS = {
+    "LLAMA_ARG_CTX_SIZE": "--ctx-size",
+    "LLAMA_ARG_UBATCH": "--ubatch-size",
+    "LLAMA_ARG_CACHE_TYPE_K": "--cache-type-k",
+}
+
+
+def env_as_flags(env: Mapping[str, str]) -> tuple[str, ...]:
+    """The settings an estimate reads, given as environment variables (a preset's
+    LLAMA_ARG_CTX_SIZE), as flags: put them before the real flags, which win over them in
+    llama-server as in `flag_value`."""
+    out: tuple[str, ...] = ()
+    for name, flag in _ENV_FLAGS.items():
+        if name in env:
+            out += (flag, env[name])
+    return out
 
 
 def _kv_bytes_per_element(args: Sequence[str]) -> float:

@@ -5,8 +5,8 @@ and its tests run on a fake one (tests/support/fakebackend.py) with a fake clock
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -51,6 +51,10 @@ class InstanceConfig:
     #: The RPC workers its llama-server splits the model over (its --rpc flag): a head whose
     #: worker is gone aborts, and cannot start again until the worker is back (RESOURCES.md).
     rpc_workers: tuple[Endpoint, ...] = ()
+    #: Added to its llama-server's environment: a preset's LLAMA_ARG_ keys, the GPU order.
+    env: Mapping[str, str] = field(default_factory=dict)
+    #: The GPU llamactl placed it on (its --device CUDAn); None: not placed by llamactl.
+    gpu: int | None = None
 
 
 class Backend(Protocol):

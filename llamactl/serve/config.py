@@ -36,6 +36,30 @@ DEFAULT_QUEUE_LIMIT = 256
 _PRESET_ONLY = frozenset({"load-on-startup", "stop-timeout", "dedup-cache-models", "version"})
 #: Flags llamactl owns for every instance: a preset or config may not set them.
 _RESERVED = frozenset({"host", "port", "api-key", "api-key-file", "models-dir", "models-preset"})
+#: The same, named by environment variable (llama-server's names, common/arg.cpp; router mode
+#: drops these too: server-models.cpp unset_reserved_args), and what a proxy in front needs.
+_RESERVED_ENV = frozenset(
+    {
+        "LLAMA_API_KEY",
+        "LLAMA_ARG_API_KEY",
+        "LLAMA_ARG_API_KEY_FILE",
+        "LLAMA_ARG_HOST",
+        "LLAMA_ARG_PORT",
+        "LLAMA_ARG_SSL_KEY_FILE",
+        "LLAMA_ARG_SSL_CERT_FILE",
+        "LLAMA_ARG_REUSE_PORT",
+        "LLAMA_ARG_MODELS_DIR",
+        "LLAMA_ARG_MODELS_MAX",
+        "LLAMA_ARG_MODELS_PRESET",
+        "LLAMA_ARG_MODELS_AUTOLOAD",
+    }
+)
+#: Environment-variable keys that name the model itself: the same as the preset's own keys.
+_ENV_SPECIAL = {
+    "LLAMA_ARG_MODEL": "model",
+    "LLAMA_ARG_HF_REPO": "hf-repo",
+    "LLAMA_ARG_ALIAS": "alias",
+}
 _SPLIT = re.compile(r"^(?P<prefix>.+)-\d{5}-of-\d{5}$")
 
 
@@ -60,6 +84,9 @@ class ModelDecl:
     load_on_startup: bool = False
     queue_limit: int = DEFAULT_QUEUE_LIMIT
     origin: str = ""  # where it was declared, for messages
+    #: Added to its llama-server's environment: a preset's LLAMA_ARG_ keys (llama-server reads
+    #: them as it reads its flags; a flag for the same setting wins over one).
+    env: tuple[tuple[str, str], ...] = ()
 
     @property
     def is_pull(self) -> bool:
@@ -180,19 +207,24 @@ def parse_preset(path: Path, known: Sequence[ModelDecl] = ()) -> list[ModelDecl]
         at = f"{path}:{line}" if line else str(path)
         return f"{at}: [{section}]" + (f" {key}" if key else "")
 
-    def section_args(section: str) -> tuple[tuple[str, ...], dict[str, str]]:
+    def section_args(
+        section: str,
+    ) -> tuple[tuple[str, ...], dict[str, str], dict[str, str]]:
         args: list[str] = []
         special: dict[str, str] = {}
+        env: dict[str, str] = {}
         for key, value in parser.items(section):
-            bare = key.lstrip("-")
+            bare = _ENV_SPECIAL.get(key, key.lstrip("-"))
             if bare in _PRESET_ONLY or bare in ("model", "m", "hf-repo", "hf", "alias", "a"):
                 special[bare] = value.strip()
                 continue
-            if bare.startswith("LLAMA_ARG_"):
-                raise ConfigError(
-                    f"{where(section, key)}: environment-variable keys are not supported by "
-                    "llamactl yet; write the flag's name instead (e.g. ctx-size = 4096)"
-                )
+            if bare.startswith("LLAMA_"):
+                # llama-server's environment variable for a flag (router mode accepts these
+                # names as keys): given to this model's llama-server as that variable.
+                if bare in _RESERVED_ENV:
+                    raise ConfigError(f"{where(section, key)}: llamactl sets {bare} itself")
+                env[bare] = value.strip()
+                continue
             if bare in _RESERVED:
                 raise ConfigError(f"{where(section, key)}: llamactl sets --{bare} itself")
             lowered = value.strip().lower()
@@ -202,15 +234,15 @@ def parse_preset(path: Path, known: Sequence[ModelDecl] = ()) -> list[ModelDecl]
                 continue  # a flag left off (router mode needs `no-` flags for negation)
             else:
                 args += (_flag(bare), value.strip())
-        return tuple(args), special
+        return tuple(args), special, env
 
-    common, _ = section_args("*") if parser.has_section("*") else ((), {})
+    common, _, common_env = section_args("*") if parser.has_section("*") else ((), {}, {})
     by_name = {d.name: d for d in known}
     out: list[ModelDecl] = []
     for section in parser.sections():
         if section in ("\0top", "*"):
             continue
-        args, special = section_args(section)
+        args, special, env = section_args(section)
         base = by_name.get(section)
         source = special.get("model") or special.get("m")
         repo = special.get("hf-repo") or special.get("hf")
@@ -229,13 +261,20 @@ def parse_preset(path: Path, known: Sequence[ModelDecl] = ()) -> list[ModelDecl]
             args=(base.args if base else ()) + common + args,
             load_on_startup=special.get("load-on-startup", "").lower() in ("true", "1", "on"),
             origin=where(section),
+            env=tuple({**dict(base.env if base else ()), **common_env, **env}.items()),
         )
         out.append(decl)
     # Models from --models-dir that have no section still get the [*] flags.
     named = {d.name for d in out}
     for decl in known:
         if decl.name not in named:
-            out.append(replace(decl, args=decl.args + common))
+            out.append(
+                replace(
+                    decl,
+                    args=decl.args + common,
+                    env=tuple({**dict(decl.env), **common_env}.items()),
+                )
+            )
     return out
 
 
@@ -254,6 +293,7 @@ _MODEL_KEYS = {
     "load_on_startup": bool,
     "queue_limit": int,
     "rpc": list,  # RPC workers HOST:PORT: the model is split over them (llama-server --rpc)
+    "env": dict,  # llama-server's environment variables (LLAMA_ARG_CTX_SIZE = 4096)
 }
 _SERVE_KEYS = {"models_max": int, "autoload": bool, "args": list, "queue_limit": int}
 
@@ -362,6 +402,13 @@ def parse_toml(path: Path) -> tuple[list[ModelDecl], dict[str, Any], frozenset[s
             if group not in groups:
                 raise fail(table, "groups", f"no [groups.{group}] table declares {group!r}")
         args = tuple(values.get("args", ()))
+        env: dict[str, str] = {}
+        for var, value in values.get("env", {}).items():
+            if isinstance(value, (dict, list)):
+                raise fail(table, "env", f"{var}: expected a string, number or boolean")
+            if var in _RESERVED_ENV:
+                raise fail(table, "env", f"llamactl sets {var} itself")
+            env[var] = str(value).lower() if isinstance(value, bool) else str(value)
         if values.get("rpc"):
             from llamactl.serve.rpc import parse_endpoints
 
@@ -383,6 +430,7 @@ def parse_toml(path: Path) -> tuple[list[ModelDecl], dict[str, Any], frozenset[s
                 load_on_startup=bool(values.get("load_on_startup", False)),
                 queue_limit=int(values.get("queue_limit", queue_default)),
                 origin=f"{path}:{_toml_line(text, table, None)}",
+                env=tuple(env.items()),
             )
         )
     return out, serve, frozenset(exclusive)

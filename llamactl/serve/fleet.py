@@ -330,7 +330,14 @@ class ModelFleet:
         except LlamactlError:
             return  # the load says why
         self._paths[decl.name] = path
-        self._need[decl.name] = self._estimate(path, self._args(decl, decl.name, path))
+        self._need[decl.name] = self._estimate_need(decl, self._args(decl, decl.name, path), path)
+
+    def _estimate_need(self, decl: ModelDecl, args: tuple[str, ...], path: Path) -> int:
+        """The model's memory from its header, its environment's settings counted (-c given
+        as LLAMA_ARG_CTX_SIZE), its flags winning over them as in llama-server."""
+        from llamactl.models.estimate import env_as_flags
+
+        return self._estimate(path, (*env_as_flags(dict(decl.env)), *args))
 
     async def _acquire_slow(self, model: str | None) -> Upstream:
         decl = self.resolve(model)
@@ -409,6 +416,7 @@ class ModelFleet:
             groups=decl.groups,
             estimate_bytes=self._need.get(decl.name, 0),
             echo=self.echo,
+            env=dict(decl.env),
         )
         inst = self.supervisor.instances.get(name)
         if inst is None:
@@ -437,7 +445,7 @@ class ModelFleet:
                 self._paths[decl.name] = path
             args = self._args(decl, inst.name, path)
             if decl.name not in self._need:
-                self._need[decl.name] = self._estimate(path, args)
+                self._need[decl.name] = self._estimate_need(decl, args, path)
             workers = rpc_endpoints_in(args)
             inst.config = replace(
                 inst.config,

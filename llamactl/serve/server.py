@@ -16,7 +16,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -337,7 +337,7 @@ class LocalServer:
         a server that failed many requests in a row is probed."""
         import httpx
 
-        path, body = probe_request(self.spec.args)
+        path, body = probe_request(self.spec.args, {**os.environ, **self.spec.env})
         headers = {"Content-Type": "application/json"}
         if auth:
             headers["Authorization"] = auth.decode()
@@ -550,4 +550,7 @@ ServerProcess = LocalServer
 def local_backend(config: InstanceConfig) -> LocalServer:
     """The supervisor's default BackendFactory: a fresh llama-server spec (new private port and
     key) for the instance."""
-    return LocalServer(private_spec(config.binary, config.args, config.log_path), echo=config.echo)
+    spec = private_spec(config.binary, config.args, config.log_path)
+    if config.env:
+        spec = replace(spec, env=dict(config.env))
+    return LocalServer(spec, echo=config.echo)
