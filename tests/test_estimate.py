@@ -48,24 +48,3 @@ def test_environment_settings_count_and_flags_win_over_them() -> None:
     assert est.env_as_flags(env) == ("--ctx-size", "512")
     args = (*est.env_as_flags(env), "-c", "1024")
     assert est.flag_value(args, "-c", "--ctx-size") == "1024"
-
-
-def test_gpu_free_memory_parses_nvidia_smi() -> None:
-    assert est.parse_gpu_free("81000\n 512 \n\n") == [81000 * MIB, 512 * MIB]
-    assert est.parse_gpu_free("[N/A]\n") == []
-
-
-def test_free_memory_is_read_at_most_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
-    now = [0.0]
-    monkeypatch.setattr(est, "available_memory", lambda: calls.append("ram") or 100)
-    monkeypatch.setattr(est, "gpu_free_memory", lambda: calls.append("gpu") or [3, 4])
-    ram = est.FreeMemory(gpu=False, clock=lambda: now[0])
-    assert ram() == 100 and ram() == 100 and calls == ["ram"]
-    now[0] = 1.5
-    assert ram() == 100 and calls == ["ram", "ram"]
-    gpu = est.FreeMemory(gpu=True, clock=lambda: now[0])
-    assert gpu() == 7 and calls[-1] == "gpu"
-    monkeypatch.setattr(est, "gpu_free_memory", lambda: None)  # no nvidia-smi: RAM
-    now[0] = 5.0
-    assert gpu() == 100

@@ -16,6 +16,7 @@ from support.fakebackend import FakeBackends, FakeClock
 
 from llamactl.serve.config import Fleet, ModelDecl
 from llamactl.serve.fleet import ModelFleet
+from llamactl.serve.router import Gpu
 from llamactl.serve.supervisor import Policy, State, Supervisor
 from llamactl.serve.upstream import ProxyError, Upstream
 
@@ -73,6 +74,7 @@ def drive(
     drain_timeout: float = 30.0,
     memory: int | None = None,
     need: int = 0,
+    gpus: list[int] | None = None,
     estimated: list[tuple[str, ...]] | None = None,
 ) -> None:
     async def main() -> None:
@@ -114,6 +116,22 @@ def drive(
                 else memory
                 - sum(i.config.estimate_bytes for i in sup.instances.values() if i.backend)
             ),
+            # Free memory per GPU as nvidia-smi would say it: what running instances took is gone.
+            gpus=None
+            if gpus is None
+            else lambda: [
+                Gpu(
+                    i,
+                    free
+                    - sum(
+                        b.config.estimate_bytes
+                        for b in backends.made
+                        if b.config.gpu == i and b.attached and b.returncode is None
+                    ),
+                    24 << 30,
+                )
+                for i, free in enumerate(gpus)
+            ],
             resolve=lambda d: Path(d.source),
             estimate=lambda path, args: (
                 (estimated.append(args) if estimated is not None else None) or need
@@ -288,6 +306,46 @@ def test_memory_decides_and_the_log_says_why(caplog: pytest.LogCaptureFixture) -
     assert "to free memory" in text and "unloading a: evicted to make room for b" in text
 
 
+def test_each_model_goes_on_the_gpu_that_fits_it_and_the_log_says_where(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gib = 1 << 30
+
+    async def body(w: World) -> None:
+        for model in ("a", "b"):
+            w.fleet.release(await w.get(model), 200, 0.1)
+            w.clock.now += 1
+        # a went on GPU1 (9 GiB free of 8 and 9), b on GPU0 (8 against the 4 a left).
+        (a,) = w.made_for("a")
+        (b,) = w.made_for("b")
+        assert a.config.args[:2] == ("--device", "CUDA1") and a.config.gpu == 1
+        assert b.config.args[:2] == ("--device", "CUDA0") and b.config.gpu == 0
+        assert a.config.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+        # c fits nowhere: a, least recently used, is evicted from GPU1, and c goes there.
+        await w.get("c")
+        assert (w.state("a"), w.state("b")) == ("unloaded", "loaded")
+        (c,) = w.made_for("c")
+        assert c.config.args[:2] == ("--device", "CUDA1")
+        # A model whose devices the user chose is left alone (and decided by the sum).
+        (d,) = [x for x in w.fleet.fleet.models if x.name == "d"]
+        assert w.fleet._user_placed(d) == "--device given"
+
+    with caplog.at_level("INFO", logger="llamactl.serve.fleet"):
+        drive(
+            body,
+            [decl("a"), decl("b"), decl("c"), decl("d", args=("--device", "CUDA0"))],
+            models_max=0,
+            need=5 * gib,
+            gpus=[8 * gib, 9 * gib],
+        )
+    text = caplog.text
+    assert "loading a on GPU1 (CUDA1): needs about 5.0 GiB, 9.0 GiB free" in text
+    assert "loading b on GPU0 (CUDA0): needs about 5.0 GiB, 8.0 GiB free" in text
+    assert "unloading a: evicted from GPU1 to make room for c" in text
+    assert "loading c on GPU1 (CUDA1): needs about 5.0 GiB, 9.0 GiB free" in text
+    assert "model c ready on GPU1 (CUDA1)" in text
+
+
 def test_a_presets_environment_reaches_the_instance_and_the_estimate() -> None:
     estimated: list[tuple[str, ...]] = []
 
@@ -295,6 +353,7 @@ def test_a_presets_environment_reaches_the_instance_and_the_estimate() -> None:
         await w.get("a")
         (a,) = w.made_for("a")
         assert a.config.env == {"LLAMA_ARG_CTX_SIZE": "512", "LLAMA_ARG_N_PARALLEL": "2"}
+        assert "CUDA_DEVICE_ORDER" not in a.config.env  # no GPUs: nothing placed
         assert estimated and estimated[0][:2] == ("--ctx-size", "512")
 
     env = (("LLAMA_ARG_CTX_SIZE", "512"), ("LLAMA_ARG_N_PARALLEL", "2"))

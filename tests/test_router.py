@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from llamactl.serve.router import FAILED_COOLDOWN_S, Limits, Seen, expired, route
+from llamactl.serve.router import FAILED_COOLDOWN_S, Gpu, Limits, Seen, expired, route
 
 pytestmark = pytest.mark.unit
 
@@ -168,3 +168,123 @@ def test_idle_ttl_expiry_only_for_idle_ready_instances() -> None:
     ]
     ttl = {"a": 60.0, "b": 60.0, "c": 60.0, "d": 60.0}
     assert [s.name for s in expired(seen, ttl, NOW)] == ["a"]
+
+
+# -- per-GPU placement: each placeable model on one GPU that fits it ------------------------
+
+GIB = 1 << 30
+
+
+def gpus(*free_gib: float) -> Limits:
+    return Limits(
+        models_max=0,
+        gpus=tuple(Gpu(i, int(f * GIB), 24 * GIB) for i, f in enumerate(free_gib)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("seen", "limits", "need_gib", "gpu", "evicted"),
+    [
+        # the GPU with the most free memory that fits
+        ([], gpus(10, 20), 5, 1, ()),
+        ([], gpus(20, 10), 5, 0, ()),
+        # fits on one without evicting: no eviction on the other
+        ([Seen("a", "a", "ready", bytes=8 * GIB, gpu=0)], gpus(2, 6), 5, 1, ()),
+        # fits nowhere: the LRU model on the GPU where it then fits goes, not one elsewhere
+        (
+            [
+                Seen("a", "a", "ready", bytes=8 * GIB, gpu=0, last_used=1),
+                Seen("b", "b", "ready", bytes=8 * GIB, gpu=1, last_used=9),
+            ],
+            gpus(2, 2),
+            5,
+            0,
+            ("a",),
+        ),
+        # the older model is pinned: evict on the other GPU
+        (
+            [
+                Seen("a", "a", "ready", bytes=8 * GIB, gpu=0, last_used=1, pinned=True),
+                Seen("b", "b", "ready", bytes=8 * GIB, gpu=1, last_used=9),
+            ],
+            gpus(2, 2),
+            5,
+            1,
+            ("b",),
+        ),
+        # one still loading on a GPU is never evicted
+        (
+            [
+                Seen("a", "a", "starting", bytes=8 * GIB, gpu=0, last_used=1),
+                Seen("b", "b", "ready", bytes=8 * GIB, gpu=1, last_used=9),
+            ],
+            gpus(2, 2),
+            5,
+            1,
+            ("b",),
+        ),
+        # fewest evictions wins: one big model on GPU1 rather than two small ones on GPU0
+        (
+            [
+                Seen("a", "a", "ready", bytes=3 * GIB, gpu=0, last_used=1),
+                Seen("b", "b", "ready", bytes=3 * GIB, gpu=0, last_used=2),
+                Seen("c", "c", "ready", bytes=9 * GIB, gpu=1, last_used=5),
+            ],
+            gpus(1, 1),
+            6,
+            1,
+            ("c",),
+        ),
+    ],
+)
+def test_placement_chooses_a_gpu_and_evicts_only_there(
+    seen: list[Seen], limits: Limits, need_gib: float, gpu: int, evicted: tuple[str, ...]
+) -> None:
+    d = decide("new", seen, limits, need_bytes=int(need_gib * GIB))
+    assert (d.action, d.gpu, d.evict) == ("load", gpu, evicted), d
+    assert d.reason.startswith(f"GPU{gpu}: ")
+    assert d.free_bytes is not None and d.free_bytes >= need_gib * GIB
+
+
+def test_placement_within_models_max_evicts_on_the_chosen_gpu_first() -> None:
+    seen = [
+        Seen("a", "a", "ready", bytes=8 * GIB, gpu=0, last_used=1),
+        Seen("b", "b", "ready", bytes=8 * GIB, gpu=1, last_used=9),
+    ]
+    # Memory is short on both GPUs and one model must go anyway (--models-max 2): the one
+    # whose memory makes room is the LRU on the GPU chosen, and it also makes the count.
+    limits = Limits(models_max=2, gpus=(Gpu(0, 2 * GIB, 24 * GIB), Gpu(1, 2 * GIB, 24 * GIB)))
+    d = decide("new", seen, limits, need_bytes=5 * GIB)
+    assert (d.gpu, d.evict) == (0, ("a",))
+    # Room on GPU1 without eviction, but --models-max 2 still takes the LRU model, from GPU0;
+    # GPU1 keeps the most room after that (12 GiB against 2 + 8).
+    limits = Limits(models_max=2, gpus=(Gpu(0, 2 * GIB, 24 * GIB), Gpu(1, 12 * GIB, 24 * GIB)))
+    d = decide("new", seen, limits, need_bytes=5 * GIB)
+    assert (d.gpu, d.evict) == (1, ("a",))
+    assert "--models-max 2" in d.reason
+    # With 9 GiB on GPU1, evicting a leaves GPU0 with more (10 GiB): it goes there.
+    limits = Limits(models_max=2, gpus=(Gpu(0, 2 * GIB, 24 * GIB), Gpu(1, 9 * GIB, 24 * GIB)))
+    assert decide("new", seen, limits, need_bytes=5 * GIB).gpu == 0
+
+
+def test_no_gpu_can_take_it_names_the_most_one_could_free() -> None:
+    seen = [Seen("a", "a", "ready", bytes=4 * GIB, gpu=1, pinned=True)]
+    d = decide("new", seen, gpus(3, 5), need_bytes=12 * GIB)
+    assert (d.action, d.status, d.code) == ("reject", 503, "no_room")
+    assert "not enough memory on any GPU" in d.message and "5.0 GiB (GPU1)" in d.message
+
+
+def test_a_model_the_user_placed_or_too_big_for_one_gpu_is_decided_by_the_sum() -> None:
+    # --device given (placeable False): no GPU chosen, the sum of free memory decides.
+    limits = Limits(models_max=0, free_bytes=30 * GIB, gpus=gpus(15, 15).gpus)
+    d = decide("new", [], limits, need_bytes=5 * GIB, placeable=False)
+    assert (d.action, d.gpu) == ("load", None)
+    # Larger than any one GPU: llama.cpp splits it over all of them.
+    d = decide("new", [], limits, need_bytes=28 * GIB)
+    assert (d.action, d.gpu) == ("load", None)
+    assert decide("new", [], limits, need_bytes=40 * GIB).action == "reject"
+
+
+def test_without_gpus_nothing_is_placed() -> None:
+    d = decide("b", [Seen("a", "a", "ready")], Limits(models_max=2, free_bytes=GIB))
+    assert (d.action, d.gpu) == ("load", None)

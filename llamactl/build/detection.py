@@ -44,6 +44,16 @@ class GPU:
 
 
 @dataclass(frozen=True)
+class GpuMemory:
+    """One NVIDIA GPU's memory at one moment, as nvidia-smi says it (MiB)."""
+
+    #: nvidia-smi's index: PCI bus order, which is CUDA's when CUDA_DEVICE_ORDER=PCI_BUS_ID.
+    index: int
+    free_mib: int
+    total_mib: int
+
+
+@dataclass(frozen=True)
 class Tool:
     """One toolchain piece: found or not, where, which version, and anything wrong with it."""
 
@@ -277,6 +287,18 @@ def parse_nvidia_smi(text: str) -> list[GPU]:
             )
         )
     return gpus
+
+
+def parse_nvidia_smi_memory(text: str) -> list[GpuMemory]:
+    """Free and total memory per GPU from `nvidia-smi --query-gpu=index,memory.free,
+    memory.total --format=csv,noheader,nounits`; lines without three numbers ([N/A] on some
+    virtual GPUs) are skipped."""
+    out: list[GpuMemory] = []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3 and all(p.isdigit() for p in parts):
+            out.append(GpuMemory(int(parts[0]), int(parts[1]), int(parts[2])))
+    return out
 
 
 def parse_rocminfo(text: str) -> list[GPU]:

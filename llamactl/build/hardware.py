@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from llamactl.build.detection import (
     GPU,
@@ -24,6 +24,7 @@ from llamactl.build.detection import (
     VULKAN_MIN_HEADER,
     CpuInfo,
     Detection,
+    GpuMemory,
     Tool,
     cpu_from_sysctl,
     first_version,
@@ -35,6 +36,7 @@ from llamactl.build.detection import (
     parse_nvcc_version,
     parse_nvidia_smi,
     parse_nvidia_smi_cuda,
+    parse_nvidia_smi_memory,
     parse_rocminfo,
     parse_sycl_ls,
     parse_sysctl,
@@ -49,6 +51,9 @@ FIXTURE_ENV = "LLAMACTL_PROBE_FIXTURE"
 
 #: Probes are tools users run by hand; a wedged driver can make them hang, so cap each one.
 PROBE_TIMEOUT = 4.0
+
+#: Free and total memory per NVIDIA GPU (serve places each model on one: serve/placement.py).
+NVIDIA_MEMORY_QUERY = "--query-gpu=index,memory.free,memory.total"
 
 
 # --------------------------------------------------------------------------- the probe seam
@@ -133,7 +138,12 @@ class SystemProber:
 class RecordedProber:
     """Replays a fixture folder: probe.json (platform, which, env, links), run/<program>.txt
     (stdout; optional .rc, .stderr, .timeout next to it; <program>.plain.txt for a call
-    without arguments) and fs/ (a file tree rooted at /)."""
+    without arguments, <program>.<variant>.txt for a call in VARIANTS) and fs/ (a file tree
+    rooted at /)."""
+
+    #: Calls recorded apart from the program's main probe: an argument -> the file's infix
+    #: (`nvidia-smi.memory.txt` answers the free-memory query).
+    VARIANTS: ClassVar[dict[str, str]] = {NVIDIA_MEMORY_QUERY: "memory"}
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
@@ -155,6 +165,9 @@ class RecordedProber:
         plain = base.with_name(base.name + ".plain.txt")
         if len(args) == 1 and plain.exists():
             out = plain  # a bare call (plain `nvidia-smi`) recorded apart from the query
+        for arg in args[1:]:
+            if arg in self.VARIANTS:
+                out = base.with_name(f"{base.name}.{self.VARIANTS[arg]}.txt")
         if not out.exists():
             return Completed(args, 127, "", f"{args[0]}: not found", missing=True)
         rc_file = base.with_name(base.name + ".rc")
@@ -333,6 +346,19 @@ def _probe_nvidia(p: Prober) -> _Finding:
         plain = p.run([path])
         cuda = parse_nvidia_smi_cuda(plain.stdout) if plain.ok else None
     return _Finding(gpus=tuple(gpus), cuda_driver=cuda)
+
+
+def gpu_memory(prober: Prober | None = None) -> list[GpuMemory] | None:
+    """Free and total memory of each NVIDIA GPU now, or None when nvidia-smi is absent, fails
+    or lists none. Fast enough to ask once a second (tens of milliseconds)."""
+    p = prober or default_prober()
+    path = p.which("nvidia-smi")
+    if path is None:
+        return None
+    c = p.run([path, NVIDIA_MEMORY_QUERY, "--format=csv,noheader,nounits"])
+    if not c.ok:
+        return None
+    return parse_nvidia_smi_memory(c.stdout) or None
 
 
 def _probe_amd(p: Prober, osname: str) -> _Finding:

@@ -5,7 +5,7 @@ exact figures once it runs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from llamactl.models.gguf import GGUFInfo
@@ -122,49 +122,3 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-def parse_gpu_free(text: str) -> list[int]:
-    """Free bytes per GPU from `nvidia-smi --query-gpu=memory.free --format=csv,noheader,
-    nounits` (MiB, one line per GPU)."""
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line.isdigit():
-            out.append(int(line) << 20)
-    return out
-
-
-def gpu_free_memory() -> list[int] | None:
-    """Free VRAM per NVIDIA GPU, or None when nvidia-smi is absent or says nothing."""
-    from llamactl import proc
-
-    done = proc.run(
-        ["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"], timeout=5.0
-    )
-    if not done.ok:
-        return None
-    return parse_gpu_free(done.stdout) or None
-
-
-class FreeMemory:
-    """The memory the fleet decides against: free VRAM summed over the GPUs for a GPU build
-    (llama.cpp splits a model's layers over every visible GPU by default, -sm layer), else the
-    RAM the kernel says is available. Read at most once a second: the router asks on every
-    decision, and nvidia-smi takes tens of milliseconds."""
-
-    def __init__(self, gpu: bool, clock: Callable[[], float] | None = None) -> None:
-        import time
-
-        self.gpu = gpu
-        self._clock = clock or time.monotonic
-        self._at = -1e9
-        self._value: int | None = None
-
-    def __call__(self) -> int | None:
-        now = self._clock()
-        if now - self._at >= 1.0:
-            self._at = now
-            gpus = gpu_free_memory() if self.gpu else None
-            self._value = sum(gpus) if gpus else available_memory()
-        return self._value

@@ -22,7 +22,8 @@ DEFAULT_MAX_BODY = 64 * 1024 * 1024
 #: vendored common/arg.cpp by tests/test_serve_args.py), so no llama-server flag is shadowed.
 OWN_OPTIONS = {
     "--server-bin": "Use this llama-server binary instead of llamactl's build.",
-    "--backend": "Use (and if needed build) this backend's build: cpu, cuda, hip, ...",
+    "--backend": "Use (and if needed build) this backend's build: cpu, cuda, hip, ...; with "
+    "--server-bin: what that binary was built for.",
     "--queue-timeout": "Seconds a request waits for a starting model before 503 (default 120).",
     "--start-timeout": "Seconds of no loading progress before a start fails (default 120).",
     "--max-body-size": "Largest request body accepted, e.g. 64M (default 64M); larger: 413.",

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -24,9 +25,16 @@ from typing import Any
 from llamactl.errors import LlamactlError
 from llamactl.serve.backend import Clock, Sleep
 from llamactl.serve.config import Fleet, ModelDecl
-from llamactl.serve.control import CONTROL, ControlServer, Reply
+from llamactl.serve.control import CONTROL, ControlServer, Reply, http_get
 from llamactl.serve.metrics import Metrics, label_instance_metrics
-from llamactl.serve.router import Decision, Limits, Seen, expired, route
+from llamactl.serve.placement import (
+    FreeMemory,
+    device_env,
+    device_flags,
+    gpu_label,
+    user_placed,
+)
+from llamactl.serve.router import Decision, Gpu, Limits, Seen, expired, route, size
 from llamactl.serve.rpc import rpc_endpoints_in, wait_for_workers_async
 from llamactl.serve.supervisor import Instance, InstanceConfig, State, Supervisor
 from llamactl.serve.upstream import ProxyError, Upstream
@@ -56,47 +64,6 @@ class _Busy(Exception):
     """A model to evict is still generating after the drain bound."""
 
 
-async def http_get(
-    host: str, port: int, path: str, auth: bytes | None, timeout: float = 5.0
-) -> tuple[int, bytes]:
-    """GET on a fresh connection: (status, body); (0, b"") when nothing answers."""
-    writer = None
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        head = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
-        if auth:
-            head += f"Authorization: {auth.decode()}\r\n"
-        writer.write((head + "\r\n").encode())
-        data = await asyncio.wait_for(reader.read(), timeout)
-    except (OSError, asyncio.TimeoutError):
-        return 0, b""
-    finally:
-        if writer is not None:
-            writer.close()
-    head_raw, _, body = data.partition(b"\r\n\r\n")
-    parts = head_raw.split(b" ", 2)
-    if len(parts) < 2 or not parts[1].isdigit():
-        return 0, b""
-    if b"transfer-encoding: chunked" in head_raw.lower():
-        body = _unchunk(body)
-    return int(parts[1]), body
-
-
-def _unchunk(data: bytes) -> bytes:
-    out = []
-    while data:
-        size_line, _, rest = data.partition(b"\r\n")
-        try:
-            size = int(size_line.split(b";")[0], 16)
-        except ValueError:
-            break
-        if size == 0:
-            break
-        out.append(rest[:size])
-        data = rest[size + 2 :]
-    return b"".join(out)
-
-
 def _first_line(text: str | None) -> str:
     return (text or "unknown reason").splitlines()[0]
 
@@ -119,6 +86,7 @@ class ModelFleet:
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         memory: Callable[[], int | None] | None = None,
+        gpus: Callable[[], list[Gpu] | None] | None = None,
         resolve: Callable[[ModelDecl], Path] | None = None,
         estimate: Callable[[Path, tuple[str, ...]], int] | None = None,
         fetch: Callable[..., Any] = http_get,
@@ -135,7 +103,9 @@ class ModelFleet:
         self.record_id = record_id
         self._clock = clock
         self._sleep = sleep
-        self._memory = memory if memory is not None else _available_memory
+        self._memory = memory if memory is not None else FreeMemory(gpu=False)
+        #: Free memory per GPU (a CUDA build): each model is placed on one (router.route).
+        self._gpus = gpus
         self._resolve_source = resolve if resolve is not None else _resolve_source
         self._estimate = estimate if estimate is not None else _estimate_bytes
         self._fetch = fetch
@@ -289,18 +259,24 @@ class ModelFleet:
                 slots=i.slots,
                 groups=i.config.groups,
                 failed_at=i.failed_at,
+                gpu=i.config.gpu,
             )
             for i in self.supervisor.instances.values()
         ]
 
     def _limits(self, autoload: bool | None = None) -> Limits:
         free = self._memory()
-        if free is not None:
-            # Instances still loading have not taken their memory yet.
-            for inst in self.supervisor.instances.values():
-                if inst.state in (State.STARTING, State.BACKOFF):
+        measured = (self._gpus() if self._gpus is not None else None) or []
+        gpus = {g.index: g.free_bytes for g in measured}
+        # Instances still loading have not taken their memory yet.
+        for inst in self.supervisor.instances.values():
+            if inst.state in (State.STARTING, State.BACKOFF):
+                if free is not None:
                     free -= inst.config.estimate_bytes
+                if inst.config.gpu in gpus:
+                    gpus[inst.config.gpu] -= inst.config.estimate_bytes
         return Limits(
+            gpus=tuple(Gpu(g.index, gpus[g.index], g.total_bytes) for g in measured),
             models_max=self.fleet.models_max,
             free_bytes=free,
             exclusive_groups=self.fleet.exclusive_groups,
@@ -319,7 +295,13 @@ class ModelFleet:
             now=self._clock(),
             queued=self._queued[decl.name],
             queue_limit=decl.queue_limit,
+            placeable=self._user_placed(decl) is None,
         )
+
+    def _user_placed(self, decl: ModelDecl) -> str | None:
+        """Why llamactl leaves this model's devices alone (see placement.user_placed)."""
+        args = (*self.fleet.common_args, *decl.args)
+        return user_placed(args, {**os.environ, **dict(decl.env)})
 
     def _ensure_need(self, decl: ModelDecl) -> None:
         """Estimate a local model's memory before deciding on it (a header read, once)."""
@@ -416,7 +398,8 @@ class ModelFleet:
             groups=decl.groups,
             estimate_bytes=self._need.get(decl.name, 0),
             echo=self.echo,
-            env=dict(decl.env),
+            env=dict(decl.env) | (device_env() if decision.gpu is not None else {}),
+            gpu=decision.gpu,
         )
         inst = self.supervisor.instances.get(name)
         if inst is None:
@@ -433,7 +416,13 @@ class ModelFleet:
         started = self._clock()
         try:
             for victim in decision.evict:
-                await self._unload(victim, f"evicted to make room for {decl.name}", evict=True)
+                gone = self.supervisor.instances.get(victim)
+                where = (
+                    f" from GPU{gone.config.gpu}" if gone and gone.config.gpu is not None else ""
+                )
+                await self._unload(
+                    victim, f"evicted{where} to make room for {decl.name}", evict=True
+                )
             path = self._paths.get(decl.name)
             if path is None:
                 if decl.is_pull:  # may download: in a thread
@@ -446,6 +435,8 @@ class ModelFleet:
             args = self._args(decl, inst.name, path)
             if decl.name not in self._need:
                 self._need[decl.name] = self._estimate_need(decl, args, path)
+            if decision.gpu is not None:
+                args = (*device_flags(decision.gpu), *args)
             workers = rpc_endpoints_in(args)
             inst.config = replace(
                 inst.config,
@@ -464,14 +455,23 @@ class ModelFleet:
                 inst.config.estimate_bytes / (1 << 20),
                 decision.reason,
             )
+            if decision.gpu is not None:
+                log.info(
+                    "loading %s on %s: needs about %s, %s free",
+                    inst.name,
+                    gpu_label(decision.gpu),
+                    size(inst.config.estimate_bytes),
+                    size(decision.free_bytes or 0),
+                )
             await self.supervisor.start(inst.name)
             inst.slots = await self._slots(inst)
             inst.last_used = self._clock()
             self.metrics.loads[decl.name] += 1
             self.metrics.load_seconds[decl.name].observe(self._clock() - started)
             log.info(
-                "model %s ready on port %s in %.2f s",
+                "model %s ready%s on port %s in %.2f s",
                 inst.name,
+                "" if decision.gpu is None else f" on {gpu_label(decision.gpu)}",
                 inst.upstream.port if inst.upstream else "?",
                 self._clock() - started,
             )
@@ -646,6 +646,7 @@ class ModelFleet:
                             "port": i.upstream.port if i.upstream else None,
                             "in_flight": i.in_flight,
                             "restarts": i.restarts,
+                            "gpu": i.config.gpu,
                         }
                         for i in instances
                     ],
@@ -713,12 +714,6 @@ class ModelFleet:
             text = await self.metrics_text()
             return Reply(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
         raise ProxyError(404, "File Not Found", "not_found_error")
-
-
-def _available_memory() -> int | None:
-    from llamactl.models.estimate import available_memory
-
-    return available_memory()
 
 
 def _resolve_source(decl: ModelDecl) -> Path:

@@ -77,7 +77,8 @@ def resolve_binary(spec: ServeSpec) -> tuple[Path, str | None]:
         binary = spec.server_bin
         if not (binary.is_file() and os.access(binary, os.X_OK)):
             raise UsageError(f"--server-bin {binary} is not an executable file")
-        return binary, None
+        # Its backend, when one is named (a CUDA binary: models placed per GPU).
+        return binary, spec.backend
     try:
         binary = builds.find_server_binary(backend=spec.backend)
     except BuildError:
@@ -303,7 +304,7 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
     import asyncio
 
     from llamactl.serve import records
-    from llamactl.serve.many import where_label
+    from llamactl.serve.many import model_path_in, where_label
     from llamactl.serve.proxy import Proxy, proxy_config
     from llamactl.serve.runner import stop_on_signals
     from llamactl.serve.supervisor import InstanceConfig, Policy, Supervisor
@@ -339,6 +340,7 @@ async def _serve_async(spec: ServeSpec, started: _Started) -> int:
                     log_path=str(inst.config.log_path),
                     last_error=(inst.last_error or "").splitlines()[0] if inst.last_error else None,
                     where=where_label(inst.config.rpc_workers),
+                    model_path=model_path_in(inst.config.args),
                 )
             )
         if pool is not None:

@@ -114,9 +114,18 @@ def instance_records(sup: Supervisor) -> list[Any]:
                 memory=inst.config.estimate_bytes or None,
                 in_flight=inst.in_flight,
                 where=where_label(inst.config.rpc_workers),
+                gpu=inst.config.gpu,
+                model_path=model_path_in(inst.config.args),
             )
         )
     return out
+
+
+def model_path_in(args: tuple[str, ...]) -> str | None:
+    """The model file an instance's llama-server loads (its -m), for ps's load progress."""
+    from llamactl.models.estimate import flag_value
+
+    return flag_value(args, "-m", "--model")
 
 
 def where_label(workers: tuple[Any, ...]) -> str:
@@ -135,9 +144,9 @@ async def _serve_async(
     remotes: tuple[Any, ...] = (),
 ) -> int:
 
-    from llamactl.models.estimate import FreeMemory
     from llamactl.serve import records
     from llamactl.serve.fleet import ModelFleet
+    from llamactl.serve.placement import FreeMemory
     from llamactl.serve.proxy import Proxy, proxy_config
     from llamactl.serve.supervisor import Policy, Supervisor
 
@@ -161,6 +170,9 @@ async def _serve_async(
 
     policy = Policy(queue_timeout=spec.queue_timeout, stall_timeout=spec.start_timeout)
     supervisor = Supervisor(policy, on_change=on_change)
+    # A CUDA build decides by free VRAM per GPU and places each model on one; a CPU build
+    # decides by free RAM (serve/placement.py).
+    free = FreeMemory(gpu=backend in ("cuda",))
     models = ModelFleet(
         fleet,
         supervisor,
@@ -169,8 +181,8 @@ async def _serve_async(
         record_id=record_id,
         echo=echo.write if echo is not None else None,
         worker_wait=min(spec.start_timeout, 60.0),
-        # A GPU build decides by free VRAM, a CPU build by free RAM (models/estimate.py).
-        memory=FreeMemory(gpu=backend in ("cuda",)),
+        memory=free,
+        gpus=free.gpus,
     )
     provider: Any = models
     if remotes:

@@ -34,6 +34,9 @@ class InstanceRecord:
     where: str | None = None
     memory: int | None = None  # estimated bytes (several models: from the GGUF header)
     in_flight: int = 0
+    gpu: int | None = None  # the GPU llamactl placed it on (nvidia-smi's index, CUDAn)
+    #: The model file its llama-server loads: ps measures a load's progress against it.
+    model_path: str | None = None
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Decision", "Limits", "Seen", "expired", "route"]
+__all__ = ["Decision", "Gpu", "Limits", "Seen", "expired", "route"]
 
 #: States in which an instance holds (or is about to hold) its memory.
 _LIVE = frozenset({"starting", "ready", "backoff", "stopping"})
@@ -33,6 +33,17 @@ class Seen:
     slots: int = 1 << 30  # parallel slots (llama-server's /props total_slots); unknown: many
     groups: tuple[str, ...] = ()
     failed_at: float | None = None
+    gpu: int | None = None  # the GPU llamactl placed it on; None: not placed by llamactl
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One GPU as placement sees it: its memory free for a new model now (measured, less what
+    the instances still loading on it are about to take)."""
+
+    index: int
+    free_bytes: int
+    total_bytes: int = 0  # 0: unknown
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,9 @@ class Limits:
     free_bytes: int | None = None  # memory free for new models now; None: unknown
     exclusive_groups: frozenset[str] = frozenset()
     autoload: bool = True
+    #: Per-GPU placement (a CUDA build): each placeable model goes on one GPU that fits it;
+    #: empty: off, and free_bytes (then the sum over the GPUs) decides alone.
+    gpus: tuple[Gpu, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,10 +72,17 @@ class Decision:
     code: str = ""
     retry_after: int | None = None
     reason: str = ""
+    gpu: int | None = None  # load it on this GPU (its --device); None: where llama.cpp puts it
+    free_bytes: int | None = None  # what its GPU has free once the evictions are done
 
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.0f} MiB"
+
+
+def size(n: int) -> str:
+    """Bytes for people: GiB with one decimal from 1 GiB on, else MiB."""
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else _mib(n)
 
 
 def route(
@@ -76,8 +97,10 @@ def route(
     now: float,
     queued: int = 0,
     queue_limit: int = 256,
+    placeable: bool = True,
 ) -> Decision:
-    """The decision for one request for `model` (already resolved from names and aliases)."""
+    """The decision for one request for `model` (already resolved from names and aliases).
+    `placeable`: llamactl may choose its GPU (the user did not pick devices for it)."""
     everyone = list(instances)
     mine = [s for s in everyone if s.model == model]
     ready = [s for s in mine if s.state == "ready"]
@@ -130,7 +153,15 @@ def route(
         for n in (model if i == 1 else f"{model}#{i}" for i in range(1, replicas + 2))
         if n not in names
     )
-    victims, why = _victims(model, need_bytes, groups, everyone, limits)
+    gpu: int | None = None
+    free: int | None = None
+    largest = max((g.total_bytes or g.free_bytes for g in limits.gpus), default=0)
+    if limits.gpus and placeable and need_bytes <= largest:
+        victims, why, gpu, free = _place(model, need_bytes, groups, everyone, limits)
+    else:
+        # No GPUs, devices the user chose, or a model larger than any one GPU: llama.cpp
+        # splits it over every visible GPU (-sm layer), so their sum decides.
+        victims, why = _victims(model, need_bytes, groups, everyone, limits)
     if victims is None and any(
         s.model != model and s.state in ("starting", "backoff", "stopping") for s in everyone
     ):
@@ -146,7 +177,7 @@ def route(
             retry_after=10,
             reason=why,
         )
-    return Decision("load", target, evict=tuple(victims), reason=why)
+    return Decision("load", target, evict=tuple(victims), reason=why, gpu=gpu, free_bytes=free)
 
 
 def _victims(
@@ -159,26 +190,11 @@ def _victims(
     """Instances to unload so that `model` fits: exclusive-group peers first, then least
     recently used first; never a pinned one. None (and why) when it cannot fit."""
     live = [s for s in everyone if s.state in _LIVE]
-    victims: list[Seen] = []
-    reasons: list[str] = []
-    exclusive = set(groups) & limits.exclusive_groups
-    for s in live:
-        if s.model != model and exclusive & set(s.groups):
-            if s.pinned:
-                return None, f"{s.model!r} is pinned and shares an exclusive group with it"
-            victims.append(s)
-            reasons.append(f"{s.model} shares the exclusive group {sorted(exclusive)[0]}")
-    # LRU by model: a model's last use is its most recent instance's.
-    by_model: dict[str, list[Seen]] = {}
-    for s in live:
-        if s.model != model:
-            by_model.setdefault(s.model, []).append(s)
-    order = sorted(by_model.items(), key=lambda kv: max(s.last_used for s in kv[1]))
-    evictable = [
-        (m, ss)
-        for m, ss in order
-        if not any(s.pinned for s in ss) and all(s.state in ("ready", "stopping") for s in ss)
-    ]
+    found = _exclusive(model, groups, live, limits)
+    if isinstance(found, str):
+        return None, found
+    victims, reasons = found
+    evictable = _evictable(model, live)
 
     def models_after() -> int:
         gone = {s.model for s in victims}
@@ -219,6 +235,134 @@ def _victims(
     if free is not None:
         return names, f"fits: needs about {_mib(need)}, {_mib(free)} free"
     return names, "fits"
+
+
+def _exclusive(
+    model: str, groups: Sequence[str], live: Sequence[Seen], limits: Limits
+) -> tuple[list[Seen], list[str]] | str:
+    """The instances that share an exclusive group with `model` (they go first), and why;
+    or why it cannot load (such a peer is pinned)."""
+    victims: list[Seen] = []
+    reasons: list[str] = []
+    exclusive = set(groups) & limits.exclusive_groups
+    for s in live:
+        if s.model != model and exclusive & set(s.groups):
+            if s.pinned:
+                return f"{s.model!r} is pinned and shares an exclusive group with it"
+            victims.append(s)
+            reasons.append(f"{s.model} shares the exclusive group {sorted(exclusive)[0]}")
+    return victims, reasons
+
+
+def _evictable(model: str, live: Sequence[Seen]) -> list[tuple[str, list[Seen]]]:
+    """Other models that may be evicted, least recently used first (a model's last use is its
+    most recent instance's): never a pinned one, never one still loading."""
+    by_model: dict[str, list[Seen]] = {}
+    for s in live:
+        if s.model != model:
+            by_model.setdefault(s.model, []).append(s)
+    order = sorted(by_model.items(), key=lambda kv: max(s.last_used for s in kv[1]))
+    return [
+        (m, ss)
+        for m, ss in order
+        if not any(s.pinned for s in ss) and all(s.state in ("ready", "stopping") for s in ss)
+    ]
+
+
+def _place(
+    model: str,
+    need: int,
+    groups: Sequence[str],
+    everyone: Sequence[Seen],
+    limits: Limits,
+) -> tuple[list[str] | None, str, int | None, int | None]:
+    """The GPU for a new instance of `model` and what to evict first: (victims, why, GPU,
+    free on it once they are gone); victims None (and why) when no GPU can take it.
+
+    Each GPU is tried alone: first the least recently used evictable models on that GPU until
+    the model fits there (never one on another GPU: that frees nothing here), then, while
+    --models-max is exceeded, the least recently used anywhere. The GPU with the fewest
+    evictions wins, then the one with the most memory left; with no eviction that is the GPU
+    with the most free memory that fits."""
+    live = [s for s in everyone if s.state in _LIVE]
+    found = _exclusive(model, groups, live, limits)
+    if isinstance(found, str):
+        return None, found, None, None
+    evictable = _evictable(model, live)
+    best: tuple[tuple[int, int, int], list[Seen], list[str], Gpu, int] | None = None
+    most = (0, limits.gpus[0])  # the most any GPU could free, for the refusal
+
+    def count_after(victims: list[Seen]) -> int:
+        gone = {s.model for s in victims}
+        return len(({s.model for s in live} - gone) | {model})
+
+    for gpu in limits.gpus:
+        victims, reasons = list(found[0]), list(found[1])
+
+        def free_on(victims: list[Seen], gpu: Gpu = gpu) -> int:
+            # A stopping instance's memory is on its way back already: measured when it is.
+            back = sum(s.bytes for s in victims if s.gpu == gpu.index and s.state != "stopping")
+            return gpu.free_bytes + back
+
+        could = free_on(victims + [s for _, ss in evictable for s in ss])
+        if could > most[0]:
+            most = (could, gpu)
+        for m, ss in evictable:
+            if need <= free_on(victims):
+                break
+            if any(v.model == m for v in victims) or not any(s.gpu == gpu.index for s in ss):
+                continue
+            victims.extend(ss)
+            reasons.append(
+                f"{m} from GPU{gpu.index} (least recently used) to free memory: need "
+                f"{size(need)}, free {size(free_on(victims[: -len(ss)]))}"
+            )
+        if need > free_on(victims):
+            continue
+        for m, ss in evictable:
+            if limits.models_max <= 0 or count_after(victims) <= limits.models_max:
+                break
+            if any(v.model == m for v in victims):
+                continue
+            victims.extend(ss)
+            reasons.append(
+                f"{m} (least recently used) to stay within --models-max {limits.models_max}"
+            )
+        if limits.models_max > 0 and count_after(victims) > limits.models_max:
+            continue
+        free = free_on(victims)
+        key = (len({v.model for v in victims}), -free, gpu.index)
+        if best is None or key < best[0]:
+            best = (key, victims, reasons, gpu, free)
+    if best is None:
+        if (
+            limits.models_max > 0
+            and count_after([s for _, ss in evictable for s in ss]) > limits.models_max
+        ):
+            return (
+                None,
+                (
+                    f"--models-max {limits.models_max} models are loaded and none can be unloaded "
+                    "(pinned or still loading)"
+                ),
+                None,
+                None,
+            )
+        return (
+            None,
+            (
+                f"not enough memory on any GPU: it needs about {size(need)}, and the most one GPU "
+                f"could have free is {size(most[0])} (GPU{most[1].index})"
+            ),
+            None,
+            None,
+        )
+    _, victims, reasons, gpu, free = best
+    names = list(dict.fromkeys(v.name for v in victims))
+    where = f"GPU{gpu.index}: "
+    if names:
+        return names, where + "evicting " + "; ".join(reasons), gpu.index, free
+    return names, where + f"fits: needs about {size(need)}, {size(free)} free", gpu.index, free
 
 
 def expired(instances: Iterable[Seen], ttl: dict[str, float], now: float) -> list[Seen]:
