@@ -198,3 +198,50 @@ def test_a_stream_waiting_for_its_model_gets_sse_comments_then_its_answer(serve:
     data = [line for line in lines if line.startswith("data: ")]
     assert data[-1] == "data: [DONE]" and len(data) >= 3
     assert json.loads(data[0][6:])["model"] == "slow"
+
+
+def test_each_model_is_started_on_the_gpu_placement_chose(
+    tmp_path: Path, fakebin: Path, models_dir: Path
+) -> None:
+    """A CUDA build on a recorded two-GPU machine (nvidia-smi's answers replayed from
+    tests/fixtures/probes/nvidia-3090-4090): llama-server gets --device CUDAn of the GPU with
+    the most free memory, and CUDA_DEVICE_ORDER=PCI_BUS_ID so that CUDAn is nvidia-smi's GPU
+    n; a model whose device the preset names is left as the user said; ps shows each GPU."""
+    fixture = Path(__file__).parent / "fixtures" / "probes" / "nvidia-3090-4090"
+    preset = tmp_path / "preset.ini"
+    preset.write_text("[beta]\ndevice = CUDA1\n")
+    s = start(
+        fakebin,
+        None,
+        tmp_path / "home",
+        "--backend",
+        "cuda",
+        "--models-dir",
+        str(models_dir),
+        "--models-preset",
+        str(preset),
+        env={"LLAMACTL_PROBE_FIXTURE": str(fixture)},
+    )
+    try:
+        for model in ("alpha", "beta"):
+            assert chat(s, model).status_code == 200
+        data = {m["id"]: m for m in httpx.get(f"{s.url}/models", timeout=30).json()["data"]}
+        # GPU0 has 20596 MiB free, GPU1 3410 MiB (the recording): alpha goes on GPU0.
+        assert data["alpha"]["status"]["args"][:2] == ["--device", "CUDA0"]
+        beta_args = data["beta"]["status"]["args"]
+        assert beta_args.count("--device") == 1 and "CUDA1" in beta_args
+        by_model: dict[str, Any] = {}
+        for kid in s.children():
+            line = kid.cmdline()
+            if "--alias" in line:
+                by_model[line[line.index("--alias") + 1]] = kid
+        alpha_line = by_model["alpha"].cmdline()
+        assert alpha_line[alpha_line.index("--device") + 1] == "CUDA0"
+        assert by_model["alpha"].environ().get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID"
+        assert "CUDA_DEVICE_ORDER" not in by_model["beta"].environ()
+        rows = {r["instance"]: r for r in s.ps()}
+        assert (rows["alpha"]["gpu"], rows["beta"]["gpu"]) == (0, None)
+        assert rows["alpha"]["load_progress"] == 1.0 and rows["alpha"]["load_human"] == "100%"
+    finally:
+        stderr = stop(s)
+    assert "loading alpha on GPU0 (CUDA0): needs about 0 MiB, 20.1 GiB free" in stderr, stderr

@@ -4,6 +4,11 @@ names them; and one model served under its `llamactl models` name."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -123,5 +128,57 @@ def test_a_presets_environment_variable_key_reaches_its_llama_server(
         assert props.json()["default_generation_settings"]["n_ctx"] == 512
         (kid,) = s.llama_servers()
         assert kid.environ().get("LLAMA_ARG_CTX_SIZE") == "512"
+    finally:
+        stop(s)
+
+
+def test_ps_shows_a_loads_progress_then_ready(
+    tmp_path: Path, server_bin: Path, default_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A llama-server held before it begins (a wrapper that stops itself, then execs it: the
+    same pid) is loading at 0%; let go, ps follows it (never past 99% while loading) to 100%
+    once ready. The measure is /proc's: the model's mapped pages or the bytes read."""
+    wrapper = tmp_path / "llama-server"
+    wrapper.write_text(f'#!/bin/sh\nkill -STOP $$\nexec "{server_bin}" "$@"\n')
+    wrapper.chmod(0o755)
+    preset = tmp_path / "preset.ini"
+    preset.write_text(f"[slow]\nmodel = {default_model}\nload-on-startup = true\n")
+    home = tmp_path / "home"
+    s = start(wrapper, None, home, "--models-preset", str(preset), "-c", "512", "-t", "1")
+    monkeypatch.setenv("LLAMACTL_HOME", str(home))
+    from llamactl.serve.ps import rows
+
+    def row() -> dict[str, Any]:
+        return next((r for r in rows() if r["instance"] == "slow"), {})
+
+    try:
+        deadline = time.monotonic() + 60
+        while not (row().get("state") == "starting" and row().get("server_pid")):
+            assert time.monotonic() < deadline, row()
+            time.sleep(0.02)
+        held = row()
+        # Only the wrapper's few bytes of script were read.
+        assert held["load_progress"] < 0.01 and held["load_human"].startswith("0% ")
+        os.kill(held["server_pid"], signal.SIGCONT)
+        seen: list[float] = []
+        while (now := row()).get("state") != "ready":
+            assert time.monotonic() < deadline, now
+            if now.get("state") == "starting" and now["load_progress"] is not None:
+                seen.append(now["load_progress"])
+            time.sleep(0.005)
+        # Never past 99% while loading; it grows (the loader unmaps a few unused pages at the
+        # end of a load, so a late sample may be a little below an earlier one).
+        assert all(0.0 <= p <= 0.99 for p in seen), seen
+        assert not seen or seen[-1] >= seen[0], seen
+        print("load progress samples:", [round(p, 3) for p in seen])
+        assert (now["load_progress"], now["load_human"]) == (1.0, "100%")
+        table = subprocess.run(
+            [sys.executable, "-m", "llamactl", "ps"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        assert "LOAD" in table and "100%" in table, table
     finally:
         stop(s)

@@ -43,8 +43,8 @@ def _model(row: dict[str, object]) -> str:
 @click.command(cls=Command)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def ps(as_json: bool) -> None:
-    """List running servers and RPC workers: id, kind, pid, model, address, state, uptime,
-    restarts, memory."""
+    """List running servers and RPC workers: id, kind, pid, model, address, state, load
+    progress, uptime, restarts, memory, and the GPU llamactl placed each model on."""
     from llamactl.serve.ps import rows
 
     table = rows()
@@ -58,20 +58,26 @@ def ps(as_json: bool) -> None:
     from rich.table import Table
 
     out = Table(box=None, header_style="bold")
-    for col in ("ID", "KIND", "PID", "MODEL", "ADDRESS", "STATE", "UPTIME", "RESTARTS", "MEMORY"):
+    placed = any(row.get("gpu") is not None for row in table)
+    columns = ["ID", "KIND", "PID", "MODEL", "ADDRESS", "STATE", "LOAD", "UPTIME", "RESTARTS"]
+    for col in [*columns, "MEMORY", *(["GPU"] if placed else [])]:
         out.add_column(col)
     for row in table:
-        out.add_row(
+        cells = [
             row["id"],
             row["kind"],
             str(row["pid"]),
             _model(row),
             row["url"],
             row["state"],
+            row["load_human"],
             row["uptime_human"],
             str(row["restarts"]),
             row["memory_human"],
-        )
+        ]
+        if placed:
+            cells.append("-" if row.get("gpu") is None else f"GPU{row['gpu']} (CUDA{row['gpu']})")
+        out.add_row(*cells)
     Console().print(out)
 
 

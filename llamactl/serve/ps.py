@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from llamactl.proc import pid_alive
@@ -46,6 +48,89 @@ def _rss(pids: list[int]) -> int | None:
     return total if seen else None
 
 
+#: Shown while loading at most: the file can be read whole before llama-server is ready.
+LOADING_CAP = 0.99
+_SPLIT = re.compile(r"^(?P<prefix>.+)-\d{5}-of-(?P<count>\d{5})\.gguf$")
+
+
+def load_progress(state: str, loaded: int | None, total: int | None) -> float | None:
+    """How far a load is, 0..1: the share of the model file its llama-server has read or
+    mapped in, at most LOADING_CAP until it is ready; 1 once ready; None when not known or not
+    loading. llama-server prints no progress at its default verbosity, so this is measured
+    from outside (loaded_bytes)."""
+    if state == "ready":
+        return 1.0
+    if state != "starting" or loaded is None or not total:
+        return None
+    return max(0.0, min(LOADING_CAP, loaded / total))
+
+
+def model_files(path: str) -> list[str]:
+    """The files of a model: the one given, or every part of a split GGUF (-00001-of-00003)."""
+    m = _SPLIT.match(os.path.basename(path))
+    if m is None:
+        return [path]
+    folder = os.path.dirname(path)
+    count = int(m["count"])
+    return [
+        os.path.join(folder, f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf")
+        for i in range(1, count + 1)
+    ]
+
+
+def loaded_bytes(pid: int, files: list[str], proc_root: str = "/proc") -> int | None:
+    """Bytes of the model a loading llama-server has taken in: with mmap (the default) the
+    model file's resident pages in its mappings (/proc/PID/smaps; its rchar stays at the
+    header), without mmap (--load-mode none or dio) what it has read (rchar of
+    /proc/PID/io; then nothing is mapped). The larger of the two; None when /proc says
+    nothing."""
+    real = {os.path.realpath(f) for f in files}
+    mapped = read = None
+    try:
+        with open(f"{proc_root}/{pid}/smaps") as fh:
+            mapped, current = 0, False
+            for line in fh:
+                head = line.split(None, 5)
+                if head and "-" in head[0] and not head[0].endswith(":"):
+                    current = len(head) == 6 and head[5].strip() in real
+                elif current and line.startswith("Rss:"):
+                    mapped += int(head[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        mapped = None
+    try:
+        with open(f"{proc_root}/{pid}/io") as fh:
+            for line in fh:
+                if line.startswith("rchar:"):
+                    read = int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        read = None
+    if mapped is None and read is None:
+        return None
+    return max(mapped or 0, read or 0)
+
+
+def _progress(inst: records.InstanceRecord) -> float | None:
+    if inst.state != "starting":
+        return load_progress(inst.state, None, None)
+    if inst.pid is None or inst.model_path is None:
+        return None
+    files = model_files(inst.model_path)
+    try:
+        total = sum(Path(f).stat().st_size for f in files)
+    except OSError:
+        return None
+    return load_progress(inst.state, loaded_bytes(inst.pid, files), total)
+
+
+def progress_label(progress: float | None, state: str, elapsed: float) -> str:
+    """What ps shows of a load: `37% 12s` while loading, `100%` once ready, else `-`."""
+    if progress is None:
+        return f"? {human_duration(elapsed)}" if state == "starting" else "-"
+    if state == "starting":
+        return f"{progress:.0%} {human_duration(elapsed)}"
+    return f"{progress:.0%}"
+
+
 def rows(now: float | None = None) -> list[dict[str, Any]]:
     """One row per running serve instance (a serve with no instance yet gets one row)."""
     now = time.time() if now is None else now
@@ -56,6 +141,7 @@ def rows(now: float | None = None) -> list[dict[str, Any]]:
             pids = [rec.pid] + ([inst.pid] if inst.pid else [])
             memory = _rss(pids)
             uptime = now - (inst.started_at or rec.started_at)
+            progress = _progress(inst)
             out.append(
                 {
                     "id": rec.id,
@@ -75,6 +161,11 @@ def rows(now: float | None = None) -> list[dict[str, Any]]:
                     # Several models: the estimate from the GGUF header, and requests in flight.
                     "memory_estimate_bytes": inst.memory,
                     "in_flight": inst.in_flight,
+                    # The GPU llamactl placed it on (nvidia-smi's index; llama-server's CUDAn).
+                    "gpu": inst.gpu,
+                    # A load's progress, 0..1 (see load_progress), and its label with seconds.
+                    "load_progress": progress,
+                    "load_human": progress_label(progress, inst.state, uptime),
                     "backend": rec.backend,
                     "log": inst.log_path,
                     "last_error": inst.last_error,

@@ -219,8 +219,8 @@ class Supervisor:
                 process = self._new_backend(cfg)
                 inst.backend = process
             inst.set_state(State.STARTING, "spawning llama-server")
-            self._notify()
             process.start()
+            self._notify()  # after the spawn: ps reads a loading instance's pid in the record
             try:
                 await process.wait_ready(
                     stall_timeout=self.policy.stall_timeout,
