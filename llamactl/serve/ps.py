@@ -1,4 +1,5 @@
-"""What `ps` shows and how `stop` stops a serve: pure formatting plus psutil reads."""
+"""What `ps` shows and how `stop` stops a serve: pure formatting, psutil reads, and a loading
+instance's progress read from /proc (load_progress, loaded_bytes)."""
 
 from __future__ import annotations
 
