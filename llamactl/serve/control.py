@@ -4,7 +4,8 @@ and `/metrics`. A tiny keep-alive HTTP/1.1 server on a private loopback port wit
 key: the proxy reaches it as one more upstream (serve/fleet.py routes these paths to it), so
 the hot path stays the same for every request.
 
-Its only client is llamactl's proxy, which always sends a Content-Length and the private key."""
+Its only client is llamactl's proxy, which always sends a Content-Length and the private key.
+`http_get` is the other way: the fleet's GET to its instances (/props, /metrics)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from llamactl.serve.upstream import ProxyError, Upstream
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONTROL", "ControlServer", "Reply"]
+__all__ = ["CONTROL", "ControlServer", "Reply", "http_get"]
 
 #: The upstream name of the control server (no model is called this: it has a NUL).
 CONTROL = "\0control"
@@ -125,3 +126,44 @@ class ControlServer:
             return
         finally:
             writer.close()
+
+
+async def http_get(
+    host: str, port: int, path: str, auth: bytes | None, timeout: float = 5.0
+) -> tuple[int, bytes]:
+    """GET on a fresh connection: (status, body); (0, b"") when nothing answers."""
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        head = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
+        if auth:
+            head += f"Authorization: {auth.decode()}\r\n"
+        writer.write((head + "\r\n").encode())
+        data = await asyncio.wait_for(reader.read(), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return 0, b""
+    finally:
+        if writer is not None:
+            writer.close()
+    head_raw, _, body = data.partition(b"\r\n\r\n")
+    parts = head_raw.split(b" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        return 0, b""
+    if b"transfer-encoding: chunked" in head_raw.lower():
+        body = _unchunk(body)
+    return int(parts[1]), body
+
+
+def _unchunk(data: bytes) -> bytes:
+    out = []
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        try:
+            size = int(size_line.split(b";")[0], 16)
+        except ValueError:
+            break
+        if size == 0:
+            break
+        out.append(rest[:size])
+        data = rest[size + 2 :]
+    return b"".join(out)

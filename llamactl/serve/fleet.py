@@ -1,9 +1,9 @@
 """Several models behind one serve: each model is its own supervised llama-server (a private
 port and key), and every request goes straight to the right one by its `model`. Loads on
 demand (one start for every waiter), evicts least recently used first (never a pinned model,
-never while it generates: drained, bounded), unloads idle models after their TTL, spreads
-requests over replicas by free slots, and answers router mode's control API through the
-control server (serve/control.py).
+never one serving a request: the newcomer waits until it is idle, bounded), loads in the order
+requests arrived, unloads idle models after their TTL, spreads requests over replicas by free
+slots, and answers router mode's control API through the control server (serve/control.py).
 
 The decisions are router.route()'s (pure); this module carries them out and owns the effects.
 The proxy sees only the UpstreamProvider contract (serve/upstream.py)."""
@@ -24,7 +24,7 @@ from typing import Any
 from llamactl.errors import LlamactlError
 from llamactl.serve.backend import Clock, Sleep
 from llamactl.serve.config import Fleet, ModelDecl
-from llamactl.serve.control import CONTROL, ControlServer, Reply
+from llamactl.serve.control import CONTROL, ControlServer, Reply, http_get
 from llamactl.serve.metrics import Metrics, label_instance_metrics
 from llamactl.serve.router import Decision, Limits, Seen, expired, route
 from llamactl.serve.rpc import rpc_endpoints_in, wait_for_workers_async
@@ -56,47 +56,6 @@ class _Busy(Exception):
     """A model to evict is still generating after the drain bound."""
 
 
-async def http_get(
-    host: str, port: int, path: str, auth: bytes | None, timeout: float = 5.0
-) -> tuple[int, bytes]:
-    """GET on a fresh connection: (status, body); (0, b"") when nothing answers."""
-    writer = None
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        head = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
-        if auth:
-            head += f"Authorization: {auth.decode()}\r\n"
-        writer.write((head + "\r\n").encode())
-        data = await asyncio.wait_for(reader.read(), timeout)
-    except (OSError, asyncio.TimeoutError):
-        return 0, b""
-    finally:
-        if writer is not None:
-            writer.close()
-    head_raw, _, body = data.partition(b"\r\n\r\n")
-    parts = head_raw.split(b" ", 2)
-    if len(parts) < 2 or not parts[1].isdigit():
-        return 0, b""
-    if b"transfer-encoding: chunked" in head_raw.lower():
-        body = _unchunk(body)
-    return int(parts[1]), body
-
-
-def _unchunk(data: bytes) -> bytes:
-    out = []
-    while data:
-        size_line, _, rest = data.partition(b"\r\n")
-        try:
-            size = int(size_line.split(b";")[0], 16)
-        except ValueError:
-            break
-        if size == 0:
-            break
-        out.append(rest[:size])
-        data = rest[size + 2 :]
-    return b"".join(out)
-
-
 def _first_line(text: str | None) -> str:
     return (text or "unknown reason").splitlines()[0]
 
@@ -125,8 +84,10 @@ class ModelFleet:
         drain_timeout: float = 30.0,
         echo: Callable[[bytes], None] | None = None,
         worker_wait: float = 60.0,
+        hold: float = 0.0,
+        build_info: Callable[[], str] = lambda: "",
+        redeclare: Callable[[], Fleet] | None = None,
     ) -> None:
-        self.fleet = fleet
         #: Where every llama-server's output goes besides its log file (serve's stderr).
         self.echo = echo
         self.supervisor = supervisor
@@ -141,23 +102,59 @@ class ModelFleet:
         self._fetch = fetch
         self.drain_timeout = drain_timeout
         self.worker_wait = worker_wait
-        self.decls = {d.name: d for d in fleet.models}
-        self._names = fleet.names()
-        if len(fleet.models) == 1:
-            self._names[None] = fleet.models[0]  # type: ignore[index]
-        self._ttl = {d.name: d.ttl for d in fleet.models if d.ttl is not None}
+        #: Seconds each request holds its model busy before it is sent, and each load waits
+        #: before it starts: router mode's LLAMA_SERVER_DEBUG_FAKE_TIMING (2 s), which its
+        #: scheduler tests rely on; 0 otherwise.
+        self.hold = hold
+        self._build_info = build_info
+        #: The models as the serve's flags and files declare them now (GET /models?reload=1).
+        self._redeclare = redeclare
+        self._declare(fleet)
         self._need: dict[str, int] = {}
         self._paths: dict[str, Path] = {}
         self._fast: dict[str | None, Instance] = {}
         self._changed = asyncio.Event()
         self._waiters = 0
         self._queued: collections.Counter[str] = collections.Counter()
+        #: Models that requests wait for, in arrival order (dicts keep it), with how many
+        #: requests wait: one entry per model, as router mode's queue has.
+        self._line: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unloading: set[str] = set()
         self.metrics = Metrics()
         self.control = ControlServer(self.handle_control)
         self._control_upstream = self.control.upstream
         self._reaper: asyncio.Task[None] | None = None
+
+    def _declare(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.decls = {d.name: d for d in fleet.models}
+        self._names = fleet.names()
+        if len(fleet.models) == 1:
+            self._names[None] = fleet.models[0]  # type: ignore[index]
+        self._ttl = {d.name: d.ttl for d in fleet.models if d.ttl is not None}
+
+    def reload(self) -> None:
+        """Router mode's GET /models?reload=1: read the preset, models folder and config again;
+        a model removed or changed is unloaded (the changed one loads anew on demand)."""
+        if self._redeclare is None:
+            return
+        try:
+            fleet = self._redeclare()
+        except LlamactlError as exc:
+            raise ProxyError(400, f"cannot reload the models: {exc.message}") from None
+        new = {d.name: d for d in fleet.models}
+        gone = {name for name, decl in self.decls.items() if new.get(name) != decl}
+        for name in gone:
+            self._need.pop(name, None)
+            self._paths.pop(name, None)
+            for inst in list(self.supervisor.instances.values()):
+                if inst.config.model == name and inst.state in _LIVE:
+                    self._spawn(self._unload(inst.name, "its declaration changed (reload)"))
+        self._declare(replace(fleet, models_max=self.fleet.models_max))
+        self.changed()
+        if gone or set(new) - set(self.decls):
+            log.info("models reloaded: %s", ", ".join(new))
 
     # -- life ------------------------------------------------------------------------------
 
@@ -222,7 +219,14 @@ class ModelFleet:
         model's instance (loaded on demand, waited for, bounded)."""
         if path in CONTROL_PATHS or (model is None and path in CONTROL_UNNAMED):
             return self._control_upstream
-        return self._ready(model) or await self._acquire_slow(model)
+        upstream = self._ready(model) or await self._acquire_slow(model)
+        if self.hold:
+            try:
+                await self._sleep(self.hold)  # counted in flight: the model is busy meanwhile
+            except asyncio.CancelledError:
+                self.release(upstream, 499)
+                raise
+        return upstream
 
     def acquire_nowait(
         self, model: str | None, method: bytes = b"GET", path: bytes = b"/"
@@ -231,7 +235,7 @@ class ModelFleet:
         and has a free slot), else None: the proxy calls this first, with no coroutine."""
         if path in CONTROL_PATHS or (model is None and path in CONTROL_UNNAMED):
             return self._control_upstream
-        return self._ready(model)
+        return None if self.hold else self._ready(model)
 
     def _ready(self, model: str | None) -> Upstream | None:
         inst = self._fast.get(model)
@@ -307,7 +311,22 @@ class ModelFleet:
             autoload=self.fleet.autoload if autoload is None else autoload,
         )
 
-    def _decide(self, decl: ModelDecl, autoload: bool | None = None) -> Decision:
+    def _turn(self, name: str) -> bool:
+        """Whether `name` may load now: no earlier request waits for another model that is
+        not loading or loaded yet."""
+        for waited in self._line:
+            if waited == name:
+                return True
+            if not any(
+                i.config.model == waited and i.state in _LIVE
+                for i in self.supervisor.instances.values()
+            ):
+                return False
+        return True
+
+    def _decide(
+        self, decl: ModelDecl, autoload: bool | None = None, turn: bool | None = None
+    ) -> Decision:
         return route(
             decl.name,
             replicas=decl.replicas,
@@ -319,6 +338,8 @@ class ModelFleet:
             now=self._clock(),
             queued=self._queued[decl.name],
             queue_limit=decl.queue_limit,
+            protected=frozenset(self._line) - {decl.name},
+            turn=self._turn(decl.name) if turn is None else turn,
         )
 
     def _ensure_need(self, decl: ModelDecl) -> None:
@@ -339,58 +360,68 @@ class ModelFleet:
         started = self._clock()
         deadline = started + self.supervisor.policy.queue_timeout
         waited = False
-        while True:
-            decision = self._decide(decl)
-            if decision.action == "use":
-                inst = self.supervisor.instances[decision.instance or ""]
-                upstream = inst.upstream
-                backend = inst.backend
-                if upstream is not None and (backend is None or backend.returncode is None):
-                    inst.in_flight += 1
-                    inst.last_used = self._clock()
-                    if decl.replicas == 1:
-                        self._fast[model] = inst
-                    if waited:
-                        self.metrics.queue_wait[name].observe(self._clock() - started)
-                    return upstream
-                # Died a moment ago and its watcher has not seen it yet: wait for the restart.
-                inst.set_state(State.BACKOFF, "llama-server exited")
-            elif decision.action == "reject":
-                message = decision.message
-                if decision.code == "model_failed":
-                    failed = [
-                        i
-                        for i in self.supervisor.instances.values()
-                        if i.config.model == name and i.state is State.FAILED
-                    ]
-                    if failed:
-                        message += f": {_first_line(failed[0].last_error)}"
-                self.metrics.rejected[(name, decision.status)] += 1
-                raise ProxyError(
-                    decision.status,
-                    message,
-                    code=decision.code,
-                    retry_after=decision.retry_after,
-                )
-            elif decision.action == "load":
-                self._begin_load(decl, decision)
-                continue
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                self.metrics.rejected[(name, 503)] += 1
-                raise ProxyError(
-                    503,
-                    f"model {name!r} is still loading or busy; retry shortly",
-                    "unavailable_error",
-                    "model_loading",
-                    retry_after=5,
-                )
-            waited = True
-            self._queued[name] += 1
-            try:
-                await self._wait_change(min(remaining, 1.0))
-            finally:
-                self._queued[name] -= 1
+        try:
+            while True:
+                decision = self._decide(decl)
+                if decision.action == "use":
+                    inst = self.supervisor.instances[decision.instance or ""]
+                    upstream = inst.upstream
+                    backend = inst.backend
+                    if upstream is not None and (backend is None or backend.returncode is None):
+                        inst.in_flight += 1
+                        inst.last_used = self._clock()
+                        if decl.replicas == 1:
+                            self._fast[model] = inst
+                        if waited:
+                            self.metrics.queue_wait[name].observe(self._clock() - started)
+                        return upstream
+                    # Died a moment ago and its watcher has not seen it yet: wait for the
+                    # restart.
+                    inst.set_state(State.BACKOFF, "llama-server exited")
+                elif decision.action == "reject":
+                    message = decision.message
+                    if decision.code == "model_failed":
+                        failed = [
+                            i
+                            for i in self.supervisor.instances.values()
+                            if i.config.model == name and i.state is State.FAILED
+                        ]
+                        if failed:
+                            message += f": {_first_line(failed[0].last_error)}"
+                    self.metrics.rejected[(name, decision.status)] += 1
+                    raise ProxyError(
+                        decision.status,
+                        message,
+                        code=decision.code,
+                        retry_after=decision.retry_after,
+                    )
+                elif decision.action == "load":
+                    self._begin_load(decl, decision)
+                    continue
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    self.metrics.rejected[(name, 503)] += 1
+                    raise ProxyError(
+                        503,
+                        f"model {name!r} is still loading or busy; retry shortly",
+                        "unavailable_error",
+                        "model_loading",
+                        retry_after=5,
+                    )
+                if not waited:  # in line for its model, once, until it leaves
+                    self._line[name] = self._line.get(name, 0) + 1
+                    waited = True
+                self._queued[name] += 1
+                try:
+                    await self._wait_change(min(remaining, 1.0))
+                finally:
+                    self._queued[name] -= 1
+        finally:
+            if waited:
+                self._line[name] -= 1
+                if not self._line[name]:
+                    del self._line[name]
+                    self._pulse()  # the next in line may load now, or evict this model
 
     # -- loading and unloading -------------------------------------------------------------
 
@@ -416,6 +447,9 @@ class ModelFleet:
         else:
             inst.config = config
         inst.failed_at = None
+        # Loading is a use: the model ready a moment ago is not the least recently used one
+        # while its first request has not reached it yet.
+        inst.last_used = self._clock()
         inst.set_state(State.STARTING, f"loading: {decision.reason}")
         self._spawn(self._load(inst, decl, decision))
         self.changed()
@@ -424,6 +458,8 @@ class ModelFleet:
     async def _load(self, inst: Instance, decl: ModelDecl, decision: Decision) -> None:
         started = self._clock()
         try:
+            if self.hold:
+                await self._sleep(self.hold)
             for victim in decision.evict:
                 await self._unload(victim, f"evicted to make room for {decl.name}", evict=True)
             path = self._paths.get(decl.name)
@@ -566,9 +602,19 @@ class ModelFleet:
         ):
             raise ProxyError(400, "model is already running", code="model_running")
         self._ensure_need(decl)
-        decision = self._decide(decl, autoload=True)
+        # As router mode's load does: not queued (its turn whatever the line), and refused
+        # at once when no model can make room now.
+        decision = self._decide(decl, autoload=True, turn=True)
         if decision.action == "reject":
             raise ProxyError(decision.status, decision.message, code=decision.code)
+        if decision.action == "wait" and decision.instance is None:
+            raise ProxyError(
+                503,
+                f"cannot load model {name!r} now: {decision.reason}; retry shortly",
+                "unavailable_error",
+                "no_room",
+                retry_after=5,
+            )
         if decision.action == "load":
             self._begin_load(decl, replace(decision, reason=f"{reason}; {decision.reason}"))
 
@@ -654,6 +700,7 @@ class ModelFleet:
             "model_alias": "llamactl",
             "model_path": "none",
             "default_generation_settings": {"params": {}, "n_ctx": 0},
+            "build_info": self._build_info(),
         }
 
     async def metrics_text(self) -> str:
@@ -686,6 +733,8 @@ class ModelFleet:
         if path in ("/health", "/v1/health"):
             return Reply.json(200, {"status": "ok"})
         if path in ("/models", "/v1/models") and method in ("GET", "HEAD"):
+            if any(p.startswith("reload=") and p != "reload=" for p in query.split("&")):
+                self.reload()
             return Reply.json(200, self.models_json())
         if path in ("/models/load", "/models/unload") and method == "POST":
             try:

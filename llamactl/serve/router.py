@@ -76,8 +76,15 @@ def route(
     now: float,
     queued: int = 0,
     queue_limit: int = 256,
+    protected: frozenset[str] = frozenset(),
+    turn: bool = True,
 ) -> Decision:
-    """The decision for one request for `model` (already resolved from names and aliases)."""
+    """The decision for one request for `model` (already resolved from names and aliases).
+
+    As router mode's scheduler does (tools/server/server-models.cpp, server_lru_sched): a
+    model serving a request is never evicted (the newcomer waits until it is idle), nor one
+    that `protected` requests are waiting for, and loads go in arrival order: a model whose
+    `turn` it is not waits behind the earlier requests for other models."""
     everyone = list(instances)
     mine = [s for s in everyone if s.model == model]
     ready = [s for s in mine if s.state == "ready"]
@@ -123,6 +130,8 @@ def route(
             code="model_not_loaded",
             reason="autoload off",
         )
+    if not turn:
+        return Decision("wait", None, reason="queued behind earlier requests for other models")
     # A new instance: the next free replica name.
     names = {s.name for s in mine if s.state in _LIVE}
     target = next(
@@ -130,12 +139,15 @@ def route(
         for n in (model if i == 1 else f"{model}#{i}" for i in range(1, replicas + 2))
         if n not in names
     )
-    victims, why = _victims(model, need_bytes, groups, everyone, limits)
+    victims, why = _victims(model, need_bytes, groups, everyone, limits, protected)
     if victims is None and any(
-        s.model != model and s.state in ("starting", "backoff", "stopping") for s in everyone
+        s.model != model
+        and (s.state in ("starting", "backoff", "stopping") or (s.state == "ready" and s.in_flight))
+        for s in everyone
     ):
-        # Another model is loading or unloading: once it settles there may be room (or one
-        # more to evict). Wait for that, bounded by the queue timeout, rather than refuse.
+        # Another model is loading, unloading or serving a request: once it settles or goes
+        # idle there may be room (or one more to evict). Wait for that, bounded by the queue
+        # timeout, rather than refuse.
         return Decision("wait", None, reason=f"waiting for other models to settle: {why}")
     if victims is None:
         return Decision(
@@ -155,9 +167,11 @@ def _victims(
     groups: Sequence[str],
     everyone: Sequence[Seen],
     limits: Limits,
+    protected: frozenset[str] = frozenset(),
 ) -> tuple[list[str] | None, str]:
     """Instances to unload so that `model` fits: exclusive-group peers first, then least
-    recently used first; never a pinned one. None (and why) when it cannot fit."""
+    recently used first; never a pinned one, one serving a request or one that `protected`
+    requests wait for. None (and why) when it cannot fit."""
     live = [s for s in everyone if s.state in _LIVE]
     victims: list[Seen] = []
     reasons: list[str] = []
@@ -177,7 +191,9 @@ def _victims(
     evictable = [
         (m, ss)
         for m, ss in order
-        if not any(s.pinned for s in ss) and all(s.state in ("ready", "stopping") for s in ss)
+        if m not in protected
+        and not any(s.pinned for s in ss)
+        and all(s.state == "stopping" or (s.state == "ready" and not s.in_flight) for s in ss)
     ]
 
     def models_after() -> int:
@@ -208,7 +224,7 @@ def _victims(
     if limits.models_max > 0 and models_after() > limits.models_max:
         return None, (
             f"--models-max {limits.models_max} models are loaded and none can be unloaded "
-            "(pinned or still loading)"
+            "(pinned, busy or still loading)"
         )
     free = free_after()
     if free is not None and need > free:
