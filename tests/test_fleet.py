@@ -15,7 +15,9 @@ import pytest
 from support.fakebackend import FakeBackends, FakeClock
 
 from llamactl.serve.config import Fleet, ModelDecl
+from llamactl.serve.control import CONTROL
 from llamactl.serve.fleet import ModelFleet
+from llamactl.serve.http import Cors
 from llamactl.serve.supervisor import Policy, State, Supervisor
 from llamactl.serve.upstream import ProxyError, Upstream
 
@@ -439,6 +441,18 @@ def test_an_explicit_load_with_no_room_now_is_refused_not_queued() -> None:
         w.fleet.release(streaming, 200, 0.1)
         w.fleet.request_load("b")
         await w.clock.run_until(lambda: w.state("b") == "loaded")
+        assert w.state("a") == "unloaded"
+
+    drive(body, [decl("a"), decl("b")])
+
+
+def test_preflights_are_the_routers_to_answer_with_no_model_loaded() -> None:
+    # Router mode answers OPTIONS itself (upstream's test_cors_origins_* on a router).
+    async def body(w: World) -> None:
+        w.fleet.control.cors = Cors(origins="localhost")
+        for model in (None, "a"):
+            up = w.fleet.acquire_nowait(model, b"OPTIONS", b"/completions")
+            assert up is not None and up.name == CONTROL
         assert w.state("a") == "unloaded"
 
     drive(body, [decl("a"), decl("b")])

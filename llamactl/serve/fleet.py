@@ -25,6 +25,7 @@ from llamactl.errors import LlamactlError
 from llamactl.serve.backend import Clock, Sleep
 from llamactl.serve.config import Fleet, ModelDecl
 from llamactl.serve.control import CONTROL, ControlServer, Reply, http_get
+from llamactl.serve.http import Cors
 from llamactl.serve.metrics import Metrics, label_instance_metrics
 from llamactl.serve.router import Decision, Limits, Seen, expired, route
 from llamactl.serve.rpc import rpc_endpoints_in, wait_for_workers_async
@@ -42,14 +43,6 @@ CONTROL_PATHS = frozenset(
 #: Paths llamactl answers itself when no model is named (router mode's /props and /metrics).
 CONTROL_UNNAMED = frozenset({b"/metrics", b"/props"})
 _LIVE = (State.STARTING, State.READY, State.BACKOFF, State.STOPPING)
-_ROUTER_STATE = {
-    State.READY: "loaded",
-    State.STARTING: "loading",
-    State.BACKOFF: "loading",
-    State.STOPPING: "unloading",
-    State.STOPPED: "unloaded",
-    State.FAILED: "unloaded",
-}
 
 
 class _Busy(Exception):
@@ -87,6 +80,7 @@ class ModelFleet:
         hold: float = 0.0,
         build_info: Callable[[], str] = lambda: "",
         redeclare: Callable[[], Fleet] | None = None,
+        cors: Cors | None = None,
     ) -> None:
         #: Where every llama-server's output goes besides its log file (serve's stderr).
         self.echo = echo
@@ -103,8 +97,7 @@ class ModelFleet:
         self.drain_timeout = drain_timeout
         self.worker_wait = worker_wait
         #: Seconds each request holds its model busy before it is sent, and each load waits
-        #: before it starts: router mode's LLAMA_SERVER_DEBUG_FAKE_TIMING (2 s), which its
-        #: scheduler tests rely on; 0 otherwise.
+        #: first: router mode's LLAMA_SERVER_DEBUG_FAKE_TIMING (2 s) for its tests; else 0.
         self.hold = hold
         self._build_info = build_info
         #: The models as the serve's flags and files declare them now (GET /models?reload=1).
@@ -122,7 +115,9 @@ class ModelFleet:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unloading: set[str] = set()
         self.metrics = Metrics()
-        self.control = ControlServer(self.handle_control)
+        # Preflights (OPTIONS) are the router's to answer, as router mode's HTTP layer does,
+        # whatever model or path they name: no model loads for one.
+        self.control = ControlServer(self.handle_control, cors=cors)
         self._control_upstream = self.control.upstream
         self._reaper: asyncio.Task[None] | None = None
 
@@ -151,10 +146,10 @@ class ModelFleet:
             for inst in list(self.supervisor.instances.values()):
                 if inst.config.model == name and inst.state in _LIVE:
                     self._spawn(self._unload(inst.name, "its declaration changed (reload)"))
+        if gone or new.keys() - self.decls.keys():
+            log.info("models reloaded: %s", ", ".join(new))
         self._declare(replace(fleet, models_max=self.fleet.models_max))
         self.changed()
-        if gone or set(new) - set(self.decls):
-            log.info("models reloaded: %s", ", ".join(new))
 
     # -- life ------------------------------------------------------------------------------
 
@@ -217,7 +212,7 @@ class ModelFleet:
     ) -> Upstream:
         """The upstream for a request: llamactl's control server for its own paths, else the
         model's instance (loaded on demand, waited for, bounded)."""
-        if path in CONTROL_PATHS or (model is None and path in CONTROL_UNNAMED):
+        if self._controls(model, method, path):
             return self._control_upstream
         upstream = self._ready(model) or await self._acquire_slow(model)
         if self.hold:
@@ -233,9 +228,17 @@ class ModelFleet:
     ) -> Upstream | None:
         """acquire's answer when it needs neither a wait nor a decision (the model is loaded
         and has a free slot), else None: the proxy calls this first, with no coroutine."""
-        if path in CONTROL_PATHS or (model is None and path in CONTROL_UNNAMED):
+        if self._controls(model, method, path):
             return self._control_upstream
         return None if self.hold else self._ready(model)
+
+    def _controls(self, model: str | None, method: bytes, path: bytes) -> bool:
+        """Whether llamactl answers this itself: its own paths, and preflights."""
+        return (
+            path in CONTROL_PATHS
+            or (model is None and path in CONTROL_UNNAMED)
+            or (method == b"OPTIONS" and self.control.cors is not None)
+        )
 
     def _ready(self, model: str | None) -> Upstream | None:
         inst = self._fast.get(model)

@@ -141,6 +141,7 @@ async def _serve_async(
     from llamactl.models.estimate import FreeMemory
     from llamactl.serve import records
     from llamactl.serve.fleet import ModelFleet
+    from llamactl.serve.http import cors_of
     from llamactl.serve.proxy import Proxy, proxy_config
     from llamactl.serve.supervisor import Policy, Supervisor
 
@@ -179,6 +180,7 @@ async def _serve_async(
         hold=2.0 if os.environ.get("LLAMA_SERVER_DEBUG_FAKE_TIMING") else 0.0,
         build_info=functools.cache(functools.partial(build_info, binary)),
         redeclare=lambda: declare_fleet(spec),
+        cors=cors_of(fleet.common_args, os.environ),
     )
     provider: Any = models
     if remotes:
