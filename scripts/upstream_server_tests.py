@@ -62,6 +62,25 @@ OTHERS = (
     "unit/test_tool_call.py",
     "unit/test_infill.py",
 )
+#: Router mode's tests (llama-server with no model, --models-preset from the plugin): run with
+#: --set router, apart from the rest, as their servers load several models each.
+ROUTER = ("unit/test_router.py",)
+#: The share of ROUTER that tests/test_upstream_real.py runs (router-level /props, streaming
+#: to a named and an unknown model, load and unload, autoload off, API keys, reload, and two
+#: of the scheduler's tests): about a minute where the whole file takes two or three.
+ROUTER_QUICK = tuple(
+    f"unit/test_router.py::test_router_{name}"
+    for name in (
+        "props",
+        "chat_completion_stream",
+        "unload_model",
+        "no_models_autoload",
+        "api_key_required",
+        "reload_models",
+        "queue_does_not_evict_busy_model",
+        "queue_client_disconnect_keeps_model",
+    )
+)
 SIDES = ("direct", "llamactl")
 
 
@@ -84,6 +103,9 @@ def mirror(tests: Path, into: Path) -> Path:
     tree = tests.parent.parent.parent
     work = into / "tools" / "server" / "tests"
     shutil.copytree(tests, work, ignore=shutil.ignore_patterns("__pycache__", "tmp", ".pytest*"))
+    # Upstream's tmp/ (its LLAMA_CACHE by default) exists once its models are downloaded;
+    # test_router.py writes its presets there.
+    (work / "tmp").mkdir()
     shutil.copytree(tree / "models" / "templates", into / "models" / "templates")
     images = into / "tools" / "mtmd"
     images.mkdir(parents=True)
@@ -186,7 +208,11 @@ def report(files: Sequence[str], sides: dict[str, Side], only: dict[str, list[st
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="*", help="test files (unit/test_x.py) [default: --set]")
-    parser.add_argument("--set", choices=("quick", "no-network", "all"), default="no-network")
+    parser.add_argument(
+        "--set",
+        choices=("quick", "no-network", "all", "router", "router-quick"),
+        default="no-network",
+    )
     parser.add_argument("-k", dest="keyword", help="pytest -k expression")
     parser.add_argument("--retries", type=int, default=1, help="runs again of each difference")
     parser.add_argument("--json", type=Path, help="write the counts and differences here")
@@ -208,7 +234,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     server = find_server_binary()
     model = default_model_path()
-    sets = {"quick": QUICK, "no-network": NO_NETWORK, "all": (*NO_NETWORK, *OTHERS)}
+    sets = {
+        "quick": QUICK,
+        "no-network": NO_NETWORK,
+        "all": (*NO_NETWORK, *OTHERS),
+        "router": ROUTER,
+        "router-quick": ROUTER_QUICK,
+    }
     files = list(args.files) or list(sets[args.set])
 
     with tempfile.TemporaryDirectory(prefix="llamactl-upstream-") as tmp:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -568,6 +569,27 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     assert again == m
     assert again is not None and again.server_binary == tmp_path / "k1" / "bin" / "llama-server"
     assert not list((tmp_path / "k1").glob(".*.tmp"))
+
+
+@pytest.mark.unit
+def test_build_info_is_what_llama_server_props_says(tmp_path: Path) -> None:
+    # llama-server's /props "build_info" is "b<number>-<commit>" (common/build-info.cpp.in).
+    m = manifest_for(tmp_path / "k1")
+    builds.write_manifest(m)
+    assert builds.build_info(m.server_binary) == "b1-0c1e570"
+    newer = manifest_for(tmp_path / "k2")
+    newer = dataclasses.replace(
+        newer, server_version="version: 0.5.0-dev (build 7, commit abc1234)\nbuilt with GNU"
+    )
+    builds.write_manifest(newer)
+    assert builds.build_info(newer.server_binary) == "b7-abc1234"
+    # No manifest: the binary's own --version.
+    script = tmp_path / "bare" / "bin" / "llama-server"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\necho 'version: 0.5.0 (build 9, commit 1234567)' >&2\n")
+    script.chmod(0o755)
+    assert builds.build_info(script) == "b9-1234567"
+    assert builds.build_info(tmp_path / "absent" / "bin" / "llama-server") == ""
 
 
 @pytest.mark.unit

@@ -15,7 +15,9 @@ import pytest
 from support.fakebackend import FakeBackends, FakeClock
 
 from llamactl.serve.config import Fleet, ModelDecl
+from llamactl.serve.control import CONTROL
 from llamactl.serve.fleet import ModelFleet
+from llamactl.serve.http import Cors
 from llamactl.serve.router import Gpu
 from llamactl.serve.supervisor import Policy, State, Supervisor
 from llamactl.serve.upstream import ProxyError, Upstream
@@ -204,14 +206,14 @@ def test_a_failed_load_fails_its_waiters_only_with_the_diagnosis() -> None:
     drive(body, [decl("a"), decl("b")], models_max=2)
 
 
-def test_eviction_waits_for_the_stream_to_end_then_swaps() -> None:
+def test_a_busy_model_is_evicted_only_once_its_request_ends() -> None:
     async def body(w: World) -> None:
         streaming = await w.get("a")
         newcomer = asyncio.ensure_future(w.fleet.acquire("b"))
         await w.clock.advance(5.0)
         assert not newcomer.done()
-        assert w.sup.instances["a"].state is State.STOPPING  # takes no new requests
-        assert w.made_for("a")[0].returncode is None  # but its stream goes on
+        assert w.state("a") == "loaded"  # not drained: it still takes requests
+        assert w.made_for("a")[0].returncode is None
         w.fleet.release(streaming, 200, 5.0)
         await w.clock.run_until(newcomer.done)
         assert newcomer.result().name == "b"
@@ -221,18 +223,71 @@ def test_eviction_waits_for_the_stream_to_end_then_swaps() -> None:
     drive(body, [decl("a"), decl("b")])
 
 
-def test_eviction_of_a_model_generating_too_long_gives_the_newcomer_503() -> None:
+def test_a_model_busy_past_the_queue_timeout_gives_the_newcomer_503() -> None:
     async def body(w: World) -> None:
         await w.get("a")  # never released: a stream that runs on
         newcomer = asyncio.ensure_future(w.fleet.acquire("b"))
         await w.clock.run_until(newcomer.done)
         err = newcomer.exception()
         assert isinstance(err, ProxyError) and err.status == 503 and err.retry_after
-        assert "still generating" in err.message
+        assert "busy" in err.message
         assert w.state("a") == "loaded"  # it keeps serving
         assert (await w.get("a")).name == "a"
 
-    drive(body, [decl("a"), decl("b")], drain_timeout=10.0)
+    drive(body, [decl("a"), decl("b")])
+
+
+def test_a_waiter_that_hangs_up_costs_the_busy_model_nothing() -> None:
+    # Upstream's test_router_queue_client_disconnect_keeps_model.
+    async def body(w: World) -> None:
+        streaming = await w.get("a")
+        gone = asyncio.ensure_future(w.fleet.acquire("b"))
+        await w.clock.advance(1.0)
+        gone.cancel()
+        await w.clock.settle()
+        assert w.fleet._line == {}
+        w.fleet.release(streaming, 200, 1.0)
+        await w.clock.advance(3.0)
+        assert w.state("a") == "loaded" and w.state("b") == "unloaded"
+
+    drive(body, [decl("a"), decl("b")])
+
+
+def test_loads_go_in_the_order_requests_arrived() -> None:
+    # Upstream's test_router_queue_is_fifo: b asked first, c second, both behind busy a.
+    async def body(w: World) -> None:
+        streaming = await w.get("a")
+        first = asyncio.ensure_future(w.fleet.acquire("b"))
+        await w.clock.advance(1.0)
+        second = asyncio.ensure_future(w.fleet.acquire("c"))
+        await w.clock.advance(1.0)
+        w.fleet.release(streaming, 200, 2.0)
+        await w.clock.run_until(first.done)
+        assert not second.done() and w.state("c") == "unloaded"
+        w.fleet.release(first.result(), 200, 0.1)
+        await w.clock.run_until(second.done)
+        assert second.result().name == "c" and w.state("b") == "unloaded"
+
+    drive(body, [decl("a"), decl("b"), decl("c")])
+
+
+def test_fake_timing_holds_each_request_and_each_load() -> None:
+    # Router mode's LLAMA_SERVER_DEBUG_FAKE_TIMING, which its scheduler tests rely on.
+    async def body(w: World) -> None:
+        w.fleet.hold = 2.0
+        assert w.fleet.acquire_nowait("a") is None  # never the fast path
+        got = asyncio.ensure_future(w.fleet.acquire("a"))
+        await w.clock.run_until(lambda: w.state("a") == "loaded")
+        assert not got.done() and w.sup.instances["a"].in_flight == 1  # busy while held
+        await w.clock.run_until(got.done)
+        w.fleet.release(got.result(), 200, 0.1)
+        held = asyncio.ensure_future(w.fleet.acquire("a"))
+        await w.clock.advance(1.0)
+        held.cancel()  # a client gone while held gives its slot back
+        await w.clock.settle()
+        assert w.sup.instances["a"].in_flight == 0
+
+    drive(body, [decl("a")])
 
 
 def test_a_waiter_that_hangs_up_does_not_stop_the_load() -> None:
@@ -417,3 +472,62 @@ def test_a_crashed_instance_is_restarted_and_requests_wait_for_it() -> None:
         assert again.generation == first.generation + 1 and w.sup.instances["a"].restarts == 1
 
     drive(body, [decl("a")])
+
+
+def test_reload_adds_new_models_and_unloads_removed_ones() -> None:
+    # Router mode's GET /models?reload=1 (upstream's test_router_reload_models).
+    async def body(w: World) -> None:
+        w.fleet.release(await w.get("a"), 200, 0.1)
+        w.fleet._redeclare = lambda: Fleet(models=(decl("b"), decl("c")), models_max=9)
+        reply = await w.fleet.handle_control("GET", "/models", "reload=1", b"")
+        ids = [m["id"] for m in json.loads(reply.body)["data"]]
+        assert ids == ["b", "c"] and w.fleet.fleet.models_max == 1
+        await w.clock.settle()
+        assert w.sup.instances["a"].state is State.STOPPED
+        with pytest.raises(ProxyError) as err:
+            await w.fleet.acquire("a")
+        assert err.value.status == 404
+        assert (await w.get("c")).name == "c"
+
+    drive(body, [decl("a"), decl("b")])
+
+
+def test_a_model_ready_a_moment_ago_is_not_the_least_recently_used() -> None:
+    async def body(w: World) -> None:
+        w.fleet.request_load("a")
+        await w.clock.run_until(lambda: w.state("a") == "loaded")
+        await w.clock.advance(5.0)
+        w.fleet.request_load("b")
+        await w.clock.run_until(lambda: w.state("b") == "loaded")
+        w.fleet.request_load("c")
+        await w.clock.run_until(lambda: w.state("c") == "loaded")
+        assert (w.state("a"), w.state("b")) == ("unloaded", "loaded")
+
+    drive(body, [decl("a"), decl("b"), decl("c")], models_max=2)
+
+
+def test_an_explicit_load_with_no_room_now_is_refused_not_queued() -> None:
+    # Router mode's POST /models/load: "model limit reached, try again later".
+    async def body(w: World) -> None:
+        streaming = await w.get("a")
+        with pytest.raises(ProxyError) as err:
+            w.fleet.request_load("b")
+        assert err.value.status == 503 and "busy" in err.value.message
+        w.fleet.release(streaming, 200, 0.1)
+        w.fleet.request_load("b")
+        await w.clock.run_until(lambda: w.state("b") == "loaded")
+        assert w.state("a") == "unloaded"
+
+    drive(body, [decl("a"), decl("b")])
+
+
+def test_preflights_are_the_routers_to_answer_with_no_model_loaded() -> None:
+    # Router mode answers OPTIONS itself (upstream's test_cors_origins_* on a router).
+    async def body(w: World) -> None:
+        w.fleet.control.cors = Cors(origins="localhost")
+        for model in (None, "a"):
+            up = w.fleet.acquire_nowait(model, b"OPTIONS", b"/completions")
+            assert up is not None and up.name == CONTROL
+        assert w.state("a") == "unloaded"
+
+    drive(body, [decl("a"), decl("b")])

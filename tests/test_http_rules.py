@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from llamactl.serve.http import error_response, is_public, model_of
+from llamactl.serve.http import Cors, cors_headers, cors_of, error_response, is_public, model_of
 from llamactl.serve.upstream import ProxyError
 
 pytestmark = pytest.mark.unit
@@ -52,4 +52,37 @@ def test_error_response_is_openai_shaped_with_retry_after() -> None:
     assert b"\r\nRetry-After: 3" in head
     assert json.loads(body) == {
         "error": {"message": "too many", "type": "rate_limit_error", "code": "queue_full"}
+    }
+
+
+def test_cors_settings_as_llama_server_takes_them() -> None:
+    assert cors_of([], {}) == Cors()
+    assert cors_of(["--cors-origins", "localhost"], {}).origins == "localhost"
+    assert cors_of(["--cors-origins=https://a.example"], {}).origins == "https://a.example"
+    assert cors_of([], {"LLAMA_ARG_CORS_ORIGINS": "https://b.example"}).origins == (
+        "https://b.example"
+    )
+    # Server tools or MCP servers without --cors-origins: localhost only (common/arg.cpp).
+    assert cors_of(["--tools", "all"], {}).origins == "localhost"
+    assert cors_of(["--tools", "all", "--cors-origins", "*"], {}).origins == "*"
+    assert cors_of(["--no-cors-credentials"], {}).credentials is False
+    assert cors_of(["--cors-methods", "GET"], {}).methods == "GET"
+
+
+def test_cors_headers_as_llama_server_writes_them() -> None:
+    # Default (*, credentials): the Origin echoed.
+    assert cors_headers(Cors(), "http://x.example", preflight=False) == [
+        ("Access-Control-Allow-Origin", "http://x.example")
+    ]
+    local = Cors(origins="localhost")
+    assert cors_headers(local, "http://[::1]:3000", preflight=False) == [
+        ("Access-Control-Allow-Origin", "http://[::1]:3000")
+    ]
+    assert cors_headers(local, "http://localhost.evil.com", preflight=False) == []
+    listed = Cors(origins="https://a.example,https://b.example", credentials=False)
+    assert dict(cors_headers(listed, "https://c.example", preflight=True)) == {
+        "Access-Control-Allow-Origin": "https://a.example,https://b.example",
+        "Access-Control-Allow-Credentials": "false",
+        "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+        "Access-Control-Allow-Headers": "*",
     }

@@ -72,11 +72,31 @@ def test_eviction_by_count_is_lru_and_spares_pinned_and_loading(
     assert d.action == "load" and d.evict == evicted, d
 
 
-def test_a_generating_model_is_still_chosen_the_fleet_drains_it_first() -> None:
-    # The decision names it; waiting for its streams (bounded) is the effect's part.
+def test_a_model_serving_a_request_is_never_evicted_an_idle_one_goes_instead() -> None:
+    # Router mode's scheduler (upstream's test_router_queue_does_not_evict_busy_model).
     seen = [Seen("a", "a", "ready", in_flight=2, last_used=1), Seen("b", "b", "ready", last_used=9)]
     d = decide("c", seen)
-    assert d.evict == ("a",)
+    assert d.evict == ("b",)
+
+
+def test_when_every_model_in_the_way_is_busy_the_newcomer_waits() -> None:
+    seen = [Seen("a", "a", "ready", in_flight=1, last_used=1), Seen("b", "b", "ready", 2)]
+    d = decide("c", seen)
+    assert (d.action, d.instance, d.evict) == ("wait", None, ()), d
+
+
+def test_a_model_that_requests_wait_for_is_not_evicted() -> None:
+    seen = [Seen("a", "a", "ready", last_used=1), Seen("b", "b", "ready", last_used=9)]
+    assert decide("c", seen, protected=frozenset({"a"})).evict == ("b",)
+    assert decide("c", seen, protected=frozenset({"a", "b"})).action == "reject"
+
+
+def test_loads_go_in_arrival_order() -> None:
+    # Not its turn: it waits even with room, behind an earlier request for another model.
+    d = decide("c", [], turn=False)
+    assert (d.action, d.instance) == ("wait", None) and "queued" in d.reason
+    # A loaded model is used whatever the line.
+    assert decide("a", [Seen("a", "a", "ready")], turn=False).action == "use"
 
 
 def test_a_model_still_loading_or_unloading_in_the_way_means_wait() -> None:

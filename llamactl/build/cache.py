@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -135,6 +136,28 @@ def load_manifest(build_dir: Path) -> Manifest | None:
         return Manifest.from_json(data, build_dir)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+#: `llama-server --version`'s first line: "version: 0.5.0-dev (build 0, commit 0c1e570)", or
+#: in older trees "version: 1234 (0c1e570)".
+_VERSION = re.compile(r"\(build (\d+), commit (\w+)\)|version: (\d+) \((\w+)\)")
+
+
+def build_info(binary: Path) -> str:
+    """What llama-server's /props calls build_info ("b<number>-<commit>", common/build-info)
+    for `binary`: from its build's manifest, else from `--version`; "" when neither says."""
+    manifest = load_manifest(binary.parent.parent)
+    text = manifest.server_version if manifest is not None else ""
+    if not _VERSION.search(text):
+        from llamactl import proc
+
+        done = proc.run([str(binary), "--version"], timeout=10.0)
+        text = done.stdout + done.stderr
+    m = _VERSION.search(text)
+    if m is None:
+        return ""
+    number, commit = (m[1], m[2]) if m[1] is not None else (m[3], m[4])
+    return f"b{number}-{commit}"
 
 
 def current_commit() -> str:

@@ -4,7 +4,8 @@ and `/metrics`. A tiny keep-alive HTTP/1.1 server on a private loopback port wit
 key: the proxy reaches it as one more upstream (serve/fleet.py routes these paths to it), so
 the hot path stays the same for every request.
 
-Its only client is llamactl's proxy, which always sends a Content-Length and the private key."""
+Its only client is llamactl's proxy, which always sends a Content-Length and the private key.
+`http_get` is the other way: the fleet's GET to its instances (/props, /metrics)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+from llamactl.serve.http import Cors, cors_headers
 from llamactl.serve.upstream import ProxyError, Upstream
 
 log = logging.getLogger(__name__)
@@ -55,9 +57,14 @@ Handler = Callable[[str, str, str, bytes], Awaitable[Reply]]
 class ControlServer:
     """Serves `handler` on 127.0.0.1 (a free port) until closed."""
 
-    def __init__(self, handler: Handler, *, max_body: int = 1 << 20) -> None:
+    def __init__(
+        self, handler: Handler, *, max_body: int = 1 << 20, cors: Cors | None = None
+    ) -> None:
         self.handler = handler
         self.max_body = max_body
+        #: With CORS settings, it answers preflights (OPTIONS, any path, no key: browsers send
+        #: none) and puts the allowed origin on every answer, as llama-server does.
+        self.cors = cors
         self.key = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
@@ -101,7 +108,9 @@ class ControlServer:
                 close = headers.get("connection", "").lower() == "close"
                 path, _, query = target.partition("?")
                 auth = headers.get("authorization", "").encode()
-                if not hmac.compare_digest(auth, f"Bearer {self.key}".encode()):
+                if method == "OPTIONS" and self.cors is not None:
+                    reply = Reply(200, b"", "text/html")
+                elif not hmac.compare_digest(auth, f"Bearer {self.key}".encode()):
                     reply = Reply.error(ProxyError(401, "Invalid API Key", code="invalid_api_key"))
                 else:
                     try:
@@ -112,9 +121,14 @@ class ControlServer:
                         log.exception("control request %s %s failed", method, path)
                         reply = Reply.error(ProxyError(500, f"internal error: {exc!r}"))
                 phrase = HTTPStatus(reply.status).phrase
+                extra = ""
+                if self.cors is not None:
+                    origin = headers.get("origin", "")
+                    pairs = cors_headers(self.cors, origin, preflight=method == "OPTIONS")
+                    extra = "".join(f"{name}: {value}\r\n" for name, value in pairs)
                 writer.write(
                     f"HTTP/1.1 {reply.status} {phrase}\r\nContent-Type: {reply.content_type}\r\n"
-                    f"Content-Length: {len(reply.body)}\r\n"
+                    f"Content-Length: {len(reply.body)}\r\n{extra}"
                     f"{'Connection: close' + chr(13) + chr(10) if close else ''}\r\n".encode()
                     + (b"" if method == "HEAD" else reply.body)
                 )

@@ -1,9 +1,9 @@
 """Several models behind one serve: each model is its own supervised llama-server (a private
 port and key), and every request goes straight to the right one by its `model`. Loads on
 demand (one start for every waiter), evicts least recently used first (never a pinned model,
-never while it generates: drained, bounded), unloads idle models after their TTL, spreads
-requests over replicas by free slots, and answers router mode's control API through the
-control server (serve/control.py).
+never one serving a request: the newcomer waits until it is idle, bounded), loads in the order
+requests arrived, unloads idle models after their TTL, spreads requests over replicas by free
+slots, and answers router mode's control API through the control server (serve/control.py).
 
 The decisions are router.route()'s (pure); this module carries them out and owns the effects.
 The proxy sees only the UpstreamProvider contract (serve/upstream.py)."""
@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from llamactl.errors import LlamactlError
+from llamactl.serve import answers
+from llamactl.serve.answers import first_line as _first_line
 from llamactl.serve.backend import Clock, Sleep
 from llamactl.serve.config import Fleet, ModelDecl
 from llamactl.serve.control import CONTROL, ControlServer, Reply, http_get
-from llamactl.serve.metrics import Metrics, label_instance_metrics
+from llamactl.serve.http import Cors
+from llamactl.serve.metrics import Metrics
 from llamactl.serve.placement import (
     FreeMemory,
     device_env,
@@ -50,22 +53,10 @@ CONTROL_PATHS = frozenset(
 #: Paths llamactl answers itself when no model is named (router mode's /props and /metrics).
 CONTROL_UNNAMED = frozenset({b"/metrics", b"/props"})
 _LIVE = (State.STARTING, State.READY, State.BACKOFF, State.STOPPING)
-_ROUTER_STATE = {
-    State.READY: "loaded",
-    State.STARTING: "loading",
-    State.BACKOFF: "loading",
-    State.STOPPING: "unloading",
-    State.STOPPED: "unloaded",
-    State.FAILED: "unloaded",
-}
 
 
 class _Busy(Exception):
     """A model to evict is still generating after the drain bound."""
-
-
-def _first_line(text: str | None) -> str:
-    return (text or "unknown reason").splitlines()[0]
 
 
 def _safe(name: str) -> str:
@@ -93,8 +84,11 @@ class ModelFleet:
         drain_timeout: float = 30.0,
         echo: Callable[[bytes], None] | None = None,
         worker_wait: float = 60.0,
+        hold: float = 0.0,
+        build_info: Callable[[], str] = lambda: "",
+        redeclare: Callable[[], Fleet] | None = None,
+        cors: Cors | None = None,
     ) -> None:
-        self.fleet = fleet
         #: Where every llama-server's output goes besides its log file (serve's stderr).
         self.echo = echo
         self.supervisor = supervisor
@@ -111,23 +105,60 @@ class ModelFleet:
         self._fetch = fetch
         self.drain_timeout = drain_timeout
         self.worker_wait = worker_wait
-        self.decls = {d.name: d for d in fleet.models}
-        self._names = fleet.names()
-        if len(fleet.models) == 1:
-            self._names[None] = fleet.models[0]  # type: ignore[index]
-        self._ttl = {d.name: d.ttl for d in fleet.models if d.ttl is not None}
+        #: Seconds each request holds its model busy before it is sent, and each load waits
+        #: first: router mode's LLAMA_SERVER_DEBUG_FAKE_TIMING (2 s) for its tests; else 0.
+        self.hold = hold
+        self._build_info = build_info
+        #: The models as the serve's flags and files declare them now (GET /models?reload=1).
+        self._redeclare = redeclare
+        self._declare(fleet)
         self._need: dict[str, int] = {}
         self._paths: dict[str, Path] = {}
         self._fast: dict[str | None, Instance] = {}
         self._changed = asyncio.Event()
         self._waiters = 0
         self._queued: collections.Counter[str] = collections.Counter()
+        #: Models that requests wait for, in arrival order (dicts keep it), with how many
+        #: requests wait: one entry per model, as router mode's queue has.
+        self._line: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unloading: set[str] = set()
         self.metrics = Metrics()
-        self.control = ControlServer(self.handle_control)
+        # Preflights (OPTIONS) are the router's to answer, as router mode's HTTP layer does,
+        # whatever model or path they name: no model loads for one.
+        self.control = ControlServer(self.handle_control, cors=cors)
         self._control_upstream = self.control.upstream
         self._reaper: asyncio.Task[None] | None = None
+
+    def _declare(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.decls = {d.name: d for d in fleet.models}
+        self._names = fleet.names()
+        if len(fleet.models) == 1:
+            self._names[None] = fleet.models[0]  # type: ignore[index]
+        self._ttl = {d.name: d.ttl for d in fleet.models if d.ttl is not None}
+
+    def reload(self) -> None:
+        """Router mode's GET /models?reload=1: read the preset, models folder and config again;
+        a model removed or changed is unloaded (the changed one loads anew on demand)."""
+        if self._redeclare is None:
+            return
+        try:
+            fleet = self._redeclare()
+        except LlamactlError as exc:
+            raise ProxyError(400, f"cannot reload the models: {exc.message}") from None
+        new = {d.name: d for d in fleet.models}
+        gone = {name for name, decl in self.decls.items() if new.get(name) != decl}
+        for name in gone:
+            self._need.pop(name, None)
+            self._paths.pop(name, None)
+            for inst in list(self.supervisor.instances.values()):
+                if inst.config.model == name and inst.state in _LIVE:
+                    self._spawn(self._unload(inst.name, "its declaration changed (reload)"))
+        if gone or new.keys() - self.decls.keys():
+            log.info("models reloaded: %s", ", ".join(new))
+        self._declare(replace(fleet, models_max=self.fleet.models_max))
+        self.changed()
 
     # -- life ------------------------------------------------------------------------------
 
@@ -190,18 +221,33 @@ class ModelFleet:
     ) -> Upstream:
         """The upstream for a request: llamactl's control server for its own paths, else the
         model's instance (loaded on demand, waited for, bounded)."""
-        if path in CONTROL_PATHS or (model is None and path in CONTROL_UNNAMED):
+        if self._controls(model, method, path):
             return self._control_upstream
-        return self._ready(model) or await self._acquire_slow(model)
+        upstream = self._ready(model) or await self._acquire_slow(model)
+        if self.hold:
+            try:
+                await self._sleep(self.hold)  # counted in flight: the model is busy meanwhile
+            except asyncio.CancelledError:
+                self.release(upstream, 499)
+                raise
+        return upstream
 
     def acquire_nowait(
         self, model: str | None, method: bytes = b"GET", path: bytes = b"/"
     ) -> Upstream | None:
         """acquire's answer when it needs neither a wait nor a decision (the model is loaded
         and has a free slot), else None: the proxy calls this first, with no coroutine."""
-        if path in CONTROL_PATHS or (model is None and path in CONTROL_UNNAMED):
+        if self._controls(model, method, path):
             return self._control_upstream
-        return self._ready(model)
+        return None if self.hold else self._ready(model)
+
+    def _controls(self, model: str | None, method: bytes, path: bytes) -> bool:
+        """Whether llamactl answers this itself: its own paths, and preflights."""
+        return (
+            path in CONTROL_PATHS
+            or (model is None and path in CONTROL_UNNAMED)
+            or (method == b"OPTIONS" and self.control.cors is not None)
+        )
 
     def _ready(self, model: str | None) -> Upstream | None:
         inst = self._fast.get(model)
@@ -283,7 +329,22 @@ class ModelFleet:
             autoload=self.fleet.autoload if autoload is None else autoload,
         )
 
-    def _decide(self, decl: ModelDecl, autoload: bool | None = None) -> Decision:
+    def _turn(self, name: str) -> bool:
+        """Whether `name` may load now: no earlier request waits for another model that is
+        not loading or loaded yet."""
+        for waited in self._line:
+            if waited == name:
+                return True
+            if not any(
+                i.config.model == waited and i.state in _LIVE
+                for i in self.supervisor.instances.values()
+            ):
+                return False
+        return True
+
+    def _decide(
+        self, decl: ModelDecl, autoload: bool | None = None, turn: bool | None = None
+    ) -> Decision:
         return route(
             decl.name,
             replicas=decl.replicas,
@@ -296,6 +357,8 @@ class ModelFleet:
             queued=self._queued[decl.name],
             queue_limit=decl.queue_limit,
             placeable=self._user_placed(decl) is None,
+            protected=frozenset(self._line) - {decl.name},
+            turn=self._turn(decl.name) if turn is None else turn,
         )
 
     def _user_placed(self, decl: ModelDecl) -> str | None:
@@ -328,58 +391,68 @@ class ModelFleet:
         started = self._clock()
         deadline = started + self.supervisor.policy.queue_timeout
         waited = False
-        while True:
-            decision = self._decide(decl)
-            if decision.action == "use":
-                inst = self.supervisor.instances[decision.instance or ""]
-                upstream = inst.upstream
-                backend = inst.backend
-                if upstream is not None and (backend is None or backend.returncode is None):
-                    inst.in_flight += 1
-                    inst.last_used = self._clock()
-                    if decl.replicas == 1:
-                        self._fast[model] = inst
-                    if waited:
-                        self.metrics.queue_wait[name].observe(self._clock() - started)
-                    return upstream
-                # Died a moment ago and its watcher has not seen it yet: wait for the restart.
-                inst.set_state(State.BACKOFF, "llama-server exited")
-            elif decision.action == "reject":
-                message = decision.message
-                if decision.code == "model_failed":
-                    failed = [
-                        i
-                        for i in self.supervisor.instances.values()
-                        if i.config.model == name and i.state is State.FAILED
-                    ]
-                    if failed:
-                        message += f": {_first_line(failed[0].last_error)}"
-                self.metrics.rejected[(name, decision.status)] += 1
-                raise ProxyError(
-                    decision.status,
-                    message,
-                    code=decision.code,
-                    retry_after=decision.retry_after,
-                )
-            elif decision.action == "load":
-                self._begin_load(decl, decision)
-                continue
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                self.metrics.rejected[(name, 503)] += 1
-                raise ProxyError(
-                    503,
-                    f"model {name!r} is still loading or busy; retry shortly",
-                    "unavailable_error",
-                    "model_loading",
-                    retry_after=5,
-                )
-            waited = True
-            self._queued[name] += 1
-            try:
-                await self._wait_change(min(remaining, 1.0))
-            finally:
-                self._queued[name] -= 1
+        try:
+            while True:
+                decision = self._decide(decl)
+                if decision.action == "use":
+                    inst = self.supervisor.instances[decision.instance or ""]
+                    upstream = inst.upstream
+                    backend = inst.backend
+                    if upstream is not None and (backend is None or backend.returncode is None):
+                        inst.in_flight += 1
+                        inst.last_used = self._clock()
+                        if decl.replicas == 1:
+                            self._fast[model] = inst
+                        if waited:
+                            self.metrics.queue_wait[name].observe(self._clock() - started)
+                        return upstream
+                    # Died a moment ago and its watcher has not seen it yet: wait for the
+                    # restart.
+                    inst.set_state(State.BACKOFF, "llama-server exited")
+                elif decision.action == "reject":
+                    message = decision.message
+                    if decision.code == "model_failed":
+                        failed = [
+                            i
+                            for i in self.supervisor.instances.values()
+                            if i.config.model == name and i.state is State.FAILED
+                        ]
+                        if failed:
+                            message += f": {_first_line(failed[0].last_error)}"
+                    self.metrics.rejected[(name, decision.status)] += 1
+                    raise ProxyError(
+                        decision.status,
+                        message,
+                        code=decision.code,
+                        retry_after=decision.retry_after,
+                    )
+                elif decision.action == "load":
+                    self._begin_load(decl, decision)
+                    continue
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    self.metrics.rejected[(name, 503)] += 1
+                    raise ProxyError(
+                        503,
+                        f"model {name!r} is still loading or busy; retry shortly",
+                        "unavailable_error",
+                        "model_loading",
+                        retry_after=5,
+                    )
+                if not waited:  # in line for its model, once, until it leaves
+                    self._line[name] = self._line.get(name, 0) + 1
+                    waited = True
+                self._queued[name] += 1
+                try:
+                    await self._wait_change(min(remaining, 1.0))
+                finally:
+                    self._queued[name] -= 1
+        finally:
+            if waited:
+                self._line[name] -= 1
+                if not self._line[name]:
+                    del self._line[name]
+                    self._pulse()  # the next in line may load now, or evict this model
 
     # -- loading and unloading -------------------------------------------------------------
 
@@ -407,6 +480,9 @@ class ModelFleet:
         else:
             inst.config = config
         inst.failed_at = None
+        # Loading is a use: the model ready a moment ago is not the least recently used one
+        # while its first request has not reached it yet.
+        inst.last_used = self._clock()
         inst.set_state(State.STARTING, f"loading: {decision.reason}")
         self._spawn(self._load(inst, decl, decision))
         self.changed()
@@ -415,6 +491,8 @@ class ModelFleet:
     async def _load(self, inst: Instance, decl: ModelDecl, decision: Decision) -> None:
         started = self._clock()
         try:
+            if self.hold:
+                await self._sleep(self.hold)
             for victim in decision.evict:
                 gone = self.supervisor.instances.get(victim)
                 where = (
@@ -574,9 +652,19 @@ class ModelFleet:
         ):
             raise ProxyError(400, "model is already running", code="model_running")
         self._ensure_need(decl)
-        decision = self._decide(decl, autoload=True)
+        # As router mode's load does: not queued (its turn whatever the line), and refused
+        # at once when no model can make room now.
+        decision = self._decide(decl, autoload=True, turn=True)
         if decision.action == "reject":
             raise ProxyError(decision.status, decision.message, code=decision.code)
+        if decision.action == "wait" and decision.instance is None:
+            raise ProxyError(
+                503,
+                f"cannot load model {name!r} now: {decision.reason}; retry shortly",
+                "unavailable_error",
+                "no_room",
+                retry_after=5,
+            )
         if decision.action == "load":
             self._begin_load(decl, replace(decision, reason=f"{reason}; {decision.reason}"))
 
@@ -595,125 +683,19 @@ class ModelFleet:
         for inst_name in live:
             self._spawn(self._unload(inst_name, "asked to unload (POST /models/unload)"))
 
-    # -- llamactl's own answers ------------------------------------------------------------
+    # -- llamactl's own answers (serve/answers.py) ----------------------------------------
 
     def model_state(self, name: str) -> str:
         """Router mode's status value of a model: loaded, loading, unloading, unloaded."""
-        states = [i.state for i in self.supervisor.instances.values() if i.config.model == name]
-        for state, value in (
-            (State.READY, "loaded"),
-            (State.STARTING, "loading"),
-            (State.BACKOFF, "loading"),
-            (State.STOPPING, "unloading"),
-        ):
-            if state in states:
-                return value
-        return "unloaded"
+        return answers.model_state(self, name)
 
     def models_json(self) -> dict[str, Any]:
         """Router mode's GET /models (also /v1/models): every model with its state."""
-        now = int(time.time())
-        data = []
-        for decl in self.fleet.models:
-            instances = [
-                i for i in self.supervisor.instances.values() if i.config.model == decl.name
-            ]
-            status: dict[str, Any] = {
-                "value": self.model_state(decl.name),
-                "args": list(instances[0].config.args) if instances else [],
-            }
-            failed = [i for i in instances if i.state is State.FAILED]
-            if failed and status["value"] == "unloaded":
-                status["failed"] = True
-                status["exit_code"] = failed[0].last_exit if failed[0].last_exit is not None else 1
-                status["error"] = _first_line(failed[0].last_error)
-            data.append(
-                {
-                    "id": decl.name,
-                    "aliases": list(decl.aliases),
-                    "tags": list(decl.groups),
-                    "object": "model",
-                    "owned_by": "llamactl",
-                    "created": now,
-                    "status": status,
-                    "pinned": decl.pinned,
-                    "replicas": decl.replicas,
-                    "memory_estimate": self._need.get(decl.name),
-                    "instances": [
-                        {
-                            "name": i.name,
-                            "state": i.state.value,
-                            "port": i.upstream.port if i.upstream else None,
-                            "in_flight": i.in_flight,
-                            "restarts": i.restarts,
-                            "gpu": i.config.gpu,
-                        }
-                        for i in instances
-                    ],
-                }
-            )
-        return {"data": data, "object": "list"}
-
-    def props_json(self) -> dict[str, Any]:
-        """Router mode's GET /props without a model (the web UI reads it)."""
-        return {
-            "role": "router",
-            "max_instances": self.fleet.models_max,
-            "models_autoload": self.fleet.autoload,
-            "model_alias": "llamactl",
-            "model_path": "none",
-            "default_generation_settings": {"params": {}, "n_ctx": 0},
-        }
-
-    async def metrics_text(self) -> str:
-        """llamactl's series, then each ready instance's own, labelled with its model."""
-        models = [d.name for d in self.fleet.models]
-        restarts: dict[str, int] = collections.Counter()
-        in_flight: dict[str, int] = collections.Counter()
-        for inst in self.supervisor.instances.values():
-            model = inst.config.model or inst.name
-            restarts[model] += inst.restarts
-            in_flight[model] += inst.in_flight
-        text = self.metrics.render(
-            models, {m: self.model_state(m) for m in models}, dict(restarts), dict(in_flight)
-        )
-        seen_meta: set[str] = set()
-        lines: list[str] = []
-        for inst in list(self.supervisor.instances.values()):
-            up = inst.upstream
-            if inst.state is not State.READY or up is None:
-                continue
-            status, body = await self._fetch(up.host, up.port, "/metrics", up.auth)
-            if status == 200:
-                lines += label_instance_metrics(
-                    body.decode(errors="replace"), inst.config.model or inst.name, seen_meta
-                )
-        return text + ("\n".join(lines) + "\n" if lines else "")
+        return answers.models_json(self)
 
     async def handle_control(self, method: str, path: str, query: str, body: bytes) -> Reply:
         """The control server's handler."""
-        if path in ("/health", "/v1/health"):
-            return Reply.json(200, {"status": "ok"})
-        if path in ("/models", "/v1/models") and method in ("GET", "HEAD"):
-            return Reply.json(200, self.models_json())
-        if path in ("/models/load", "/models/unload") and method == "POST":
-            try:
-                name = json.loads(body or b"{}").get("model")
-            except (ValueError, AttributeError):
-                name = None
-            if not isinstance(name, str) or not name:
-                raise ProxyError(400, "model name is missing from the request")
-            if path == "/models/load":
-                self.request_load(name)
-            else:
-                self.request_unload(name)
-            return Reply.json(200, {"success": True})
-        if path == "/props" and method in ("GET", "HEAD"):
-            return Reply.json(200, self.props_json())
-        if path == "/metrics" and method in ("GET", "HEAD"):
-            text = await self.metrics_text()
-            return Reply(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
-        raise ProxyError(404, "File Not Found", "not_found_error")
+        return await answers.handle_control(self, method, path, query, body)
 
 
 def _resolve_source(decl: ModelDecl) -> Path:

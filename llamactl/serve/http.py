@@ -7,6 +7,8 @@ Pure functions and constants: no event loop, no socket."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
@@ -19,6 +21,9 @@ __all__ = [
     "JSON_ROUTES",
     "REQ_SPECIAL",
     "RESP_SPECIAL",
+    "Cors",
+    "cors_headers",
+    "cors_of",
     "error_response",
     "is_public",
     "model_of",
@@ -165,6 +170,83 @@ def origin_allowed(setting: str, origin: bytes) -> bool:
 
         return urlsplit(text).hostname in ("localhost", "127.0.0.1", "::1")
     return text in {o.strip() for o in setting.split(",")}
+
+
+@dataclass(frozen=True)
+class Cors:
+    """llama-server's CORS settings (--cors-origins, --cors-methods, --cors-headers,
+    --cors-credentials), with its defaults (common/common.h)."""
+
+    origins: str = "*"
+    methods: str = "GET, POST, DELETE, OPTIONS"
+    headers: str = "*"
+    credentials: bool = True
+
+
+def _flag_value(args: Sequence[str], flag: str) -> str | None:
+    value = None
+    for i, arg in enumerate(args):
+        name, eq, inline = arg.partition("=")
+        if name == flag:
+            value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return value
+
+
+def cors_of(args: Sequence[str], env: Mapping[str, str]) -> Cors:
+    """The CORS settings llama-server would take from these flags and environment: a flag
+    wins over LLAMA_ARG_CORS_*; with server tools or MCP servers and no --cors-origins, only
+    localhost origins (common/arg.cpp)."""
+
+    def setting(flag: str, var: str) -> str | None:
+        value = _flag_value(args, flag)
+        return value if value is not None else env.get(var)
+
+    origins = setting("--cors-origins", "LLAMA_ARG_CORS_ORIGINS")
+    if origins is None and any(
+        _flag_value(args, f) or env.get(v)
+        for f, v in (
+            ("--tools", "LLAMA_ARG_TOOLS"),
+            ("--mcp-servers-config", "LLAMA_ARG_MCP_SERVERS_CONFIG"),
+            ("--mcp-servers-json", "LLAMA_ARG_MCP_SERVERS_JSON"),
+        )
+    ):
+        origins = "localhost"
+    credentials = Cors.credentials
+    for arg in args:
+        if arg in ("--cors-credentials", "--no-cors-credentials"):
+            credentials = arg == "--cors-credentials"
+    if not any(a in ("--cors-credentials", "--no-cors-credentials") for a in args):
+        raw = env.get("LLAMA_ARG_CORS_CREDENTIALS")
+        if raw is not None:
+            credentials = raw.lower() in ("1", "true", "on", "yes", "enabled")
+    return Cors(
+        origins=origins if origins is not None else Cors.origins,
+        methods=setting("--cors-methods", "LLAMA_ARG_CORS_METHODS") or Cors.methods,
+        headers=setting("--cors-headers", "LLAMA_ARG_CORS_HEADERS") or Cors.headers,
+        credentials=credentials,
+    )
+
+
+def cors_headers(cors: Cors, origin: str, *, preflight: bool) -> list[tuple[str, str]]:
+    """The CORS headers llama-server puts on an answer (server-http.cpp's pre-routing
+    handler): the allowed origin, and for a preflight (OPTIONS) the credentials, methods and
+    headers allowed."""
+    out: list[tuple[str, str]] = []
+    if cors.credentials and cors.origins == "*":
+        if origin:
+            out.append(("Access-Control-Allow-Origin", origin))  # echoed: credentials allowed
+    elif cors.origins == "localhost":
+        if origin and origin_allowed("localhost", origin.encode("latin-1")):
+            out.append(("Access-Control-Allow-Origin", origin))
+    else:
+        out.append(("Access-Control-Allow-Origin", cors.origins))
+    if preflight:
+        out += [
+            ("Access-Control-Allow-Credentials", "true" if cors.credentials else "false"),
+            ("Access-Control-Allow-Methods", cors.methods),
+            ("Access-Control-Allow-Headers", cors.headers),
+        ]
+    return out
 
 
 def error_response(

@@ -4,7 +4,9 @@ loads each model when it is first asked for."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -144,8 +146,10 @@ async def _serve_async(
     remotes: tuple[Any, ...] = (),
 ) -> int:
 
+    from llamactl.build.cache import build_info
     from llamactl.serve import records
     from llamactl.serve.fleet import ModelFleet
+    from llamactl.serve.http import cors_of
     from llamactl.serve.placement import FreeMemory
     from llamactl.serve.proxy import Proxy, proxy_config
     from llamactl.serve.supervisor import Policy, Supervisor
@@ -183,6 +187,12 @@ async def _serve_async(
         worker_wait=min(spec.start_timeout, 60.0),
         memory=free,
         gpus=free.gpus,
+        # Router mode's test hook (tools/server/server-models.cpp): with it set, each request
+        # holds its model busy 2 s and each load waits 2 s, which its scheduler tests need.
+        hold=2.0 if os.environ.get("LLAMA_SERVER_DEBUG_FAKE_TIMING") else 0.0,
+        build_info=functools.cache(functools.partial(build_info, binary)),
+        redeclare=lambda: declare_fleet(spec),
+        cors=cors_of(fleet.common_args, os.environ),
     )
     provider: Any = models
     if remotes:

@@ -98,9 +98,16 @@ def route(
     queued: int = 0,
     queue_limit: int = 256,
     placeable: bool = True,
+    protected: frozenset[str] = frozenset(),
+    turn: bool = True,
 ) -> Decision:
     """The decision for one request for `model` (already resolved from names and aliases).
-    `placeable`: llamactl may choose its GPU (the user did not pick devices for it)."""
+    `placeable`: llamactl may choose its GPU (the user did not pick devices for it).
+
+    As router mode's scheduler does (tools/server/server-models.cpp, server_lru_sched): a
+    model serving a request is never evicted (the newcomer waits until it is idle), nor one
+    that `protected` requests are waiting for, and loads go in arrival order: a model whose
+    `turn` it is not waits behind the earlier requests for other models."""
     everyone = list(instances)
     mine = [s for s in everyone if s.model == model]
     ready = [s for s in mine if s.state == "ready"]
@@ -146,6 +153,8 @@ def route(
             code="model_not_loaded",
             reason="autoload off",
         )
+    if not turn:
+        return Decision("wait", None, reason="queued behind earlier requests for other models")
     # A new instance: the next free replica name.
     names = {s.name for s in mine if s.state in _LIVE}
     target = next(
@@ -157,16 +166,19 @@ def route(
     free: int | None = None
     largest = max((g.total_bytes or g.free_bytes for g in limits.gpus), default=0)
     if limits.gpus and placeable and need_bytes <= largest:
-        victims, why, gpu, free = _place(model, need_bytes, groups, everyone, limits)
+        victims, why, gpu, free = _place(model, need_bytes, groups, everyone, limits, protected)
     else:
         # No GPUs, devices the user chose, or a model larger than any one GPU: llama.cpp
         # splits it over every visible GPU (-sm layer), so their sum decides.
-        victims, why = _victims(model, need_bytes, groups, everyone, limits)
+        victims, why = _victims(model, need_bytes, groups, everyone, limits, protected)
     if victims is None and any(
-        s.model != model and s.state in ("starting", "backoff", "stopping") for s in everyone
+        s.model != model
+        and (s.state in ("starting", "backoff", "stopping") or (s.state == "ready" and s.in_flight))
+        for s in everyone
     ):
-        # Another model is loading or unloading: once it settles there may be room (or one
-        # more to evict). Wait for that, bounded by the queue timeout, rather than refuse.
+        # Another model is loading, unloading or serving a request: once it settles or goes
+        # idle there may be room (or one more to evict). Wait for that, bounded by the queue
+        # timeout, rather than refuse.
         return Decision("wait", None, reason=f"waiting for other models to settle: {why}")
     if victims is None:
         return Decision(
@@ -186,15 +198,17 @@ def _victims(
     groups: Sequence[str],
     everyone: Sequence[Seen],
     limits: Limits,
+    protected: frozenset[str] = frozenset(),
 ) -> tuple[list[str] | None, str]:
     """Instances to unload so that `model` fits: exclusive-group peers first, then least
-    recently used first; never a pinned one. None (and why) when it cannot fit."""
+    recently used first; never a pinned one, one serving a request or one that `protected`
+    requests wait for. None (and why) when it cannot fit."""
     live = [s for s in everyone if s.state in _LIVE]
     found = _exclusive(model, groups, live, limits)
     if isinstance(found, str):
         return None, found
     victims, reasons = found
-    evictable = _evictable(model, live)
+    evictable = _evictable(model, live, protected)
 
     def models_after() -> int:
         gone = {s.model for s in victims}
@@ -224,7 +238,7 @@ def _victims(
     if limits.models_max > 0 and models_after() > limits.models_max:
         return None, (
             f"--models-max {limits.models_max} models are loaded and none can be unloaded "
-            "(pinned or still loading)"
+            "(pinned, busy or still loading)"
         )
     free = free_after()
     if free is not None and need > free:
@@ -254,9 +268,12 @@ def _exclusive(
     return victims, reasons
 
 
-def _evictable(model: str, live: Sequence[Seen]) -> list[tuple[str, list[Seen]]]:
+def _evictable(
+    model: str, live: Sequence[Seen], protected: frozenset[str] = frozenset()
+) -> list[tuple[str, list[Seen]]]:
     """Other models that may be evicted, least recently used first (a model's last use is its
-    most recent instance's): never a pinned one, never one still loading."""
+    most recent instance's): never a pinned one, one still loading, one serving a request,
+    or one that `protected` requests wait for."""
     by_model: dict[str, list[Seen]] = {}
     for s in live:
         if s.model != model:
@@ -265,7 +282,9 @@ def _evictable(model: str, live: Sequence[Seen]) -> list[tuple[str, list[Seen]]]
     return [
         (m, ss)
         for m, ss in order
-        if not any(s.pinned for s in ss) and all(s.state in ("ready", "stopping") for s in ss)
+        if m not in protected
+        and not any(s.pinned for s in ss)
+        and all(s.state == "stopping" or (s.state == "ready" and not s.in_flight) for s in ss)
     ]
 
 
@@ -275,6 +294,7 @@ def _place(
     groups: Sequence[str],
     everyone: Sequence[Seen],
     limits: Limits,
+    protected: frozenset[str] = frozenset(),
 ) -> tuple[list[str] | None, str, int | None, int | None]:
     """The GPU for a new instance of `model` and what to evict first: (victims, why, GPU,
     free on it once they are gone); victims None (and why) when no GPU can take it.
@@ -288,7 +308,7 @@ def _place(
     found = _exclusive(model, groups, live, limits)
     if isinstance(found, str):
         return None, found, None, None
-    evictable = _evictable(model, live)
+    evictable = _evictable(model, live, protected)
     best: tuple[tuple[int, int, int], list[Seen], list[str], Gpu, int] | None = None
     most = (0, limits.gpus[0])  # the most any GPU could free, for the refusal
 
