@@ -78,6 +78,7 @@ def drive(
     need: int = 0,
     gpus: list[int] | None = None,
     estimated: list[tuple[str, ...]] | None = None,
+    cpus: int = 0,
 ) -> None:
     async def main() -> None:
         clock = FakeClock()
@@ -135,6 +136,7 @@ def drive(
                 for i, free in enumerate(gpus)
             ],
             resolve=lambda d: Path(d.source),
+            cpus=cpus,
             estimate=lambda path, args: (
                 (estimated.append(args) if estimated is not None else None) or need
             ),
@@ -531,3 +533,26 @@ def test_preflights_are_the_routers_to_answer_with_no_model_loaded() -> None:
         assert w.state("a") == "unloaded"
 
     drive(body, [decl("a"), decl("b")])
+
+
+def test_a_cpu_build_shares_its_cores_out_among_the_models_that_may_run_at_once() -> None:
+    # Two models at once on 4 CPUs: -t 2 each (ggml's spinning threads oversubscribed the
+    # cores 28x over, docs/performance.md); a model whose threads the user set keeps them.
+    async def body(w: World) -> None:
+        for model in ("a", "b", "c"):  # c evicts a (--models-max 2)
+            w.fleet.release(await w.get(model), 200)
+        args = {m: w.made_for(m)[0].config.args for m in ("a", "b", "c")}
+        assert args["a"][-2:] == ("-t", "2") and args["b"][-2:] == ("-t", "2")
+        assert "-t" in args["c"] and args["c"].count("-t") == 1
+        assert args["c"][args["c"].index("-t") + 1] == "3"
+
+    drive(body, [decl("a"), decl("b"), decl("c", args=("-t", "3"))], models_max=2, cpus=4)
+
+
+def test_one_model_at_a_time_or_a_gpu_build_keeps_llama_cpps_default_threads() -> None:
+    async def body(w: World) -> None:
+        await w.get("a")
+        assert "-t" not in w.made_for("a")[0].config.args
+
+    drive(body, [decl("a"), decl("b")], models_max=1, cpus=4)
+    drive(body, [decl("a"), decl("b")], models_max=2, cpus=0)

@@ -182,3 +182,23 @@ def test_ps_shows_a_loads_progress_then_ready(
         assert "LOAD" in table and "100%" in table, table
     finally:
         stop(s)
+
+
+def test_two_models_on_a_cpu_build_share_the_cores(
+    tmp_path: Path, server_bin: Path, names: Path
+) -> None:
+    # No -t given: each llama-server gets its share of the CPUs (two may run at once), so that
+    # two generating together do not oversubscribe the cores (docs/performance.md).
+    s = start(server_bin, None, tmp_path / "home", "--models-dir", str(names), "--models-max", "2")
+    try:
+        for name in ("alpha", "beta"):
+            answer = ask(s, name, max_tokens=8)
+            assert answer.status_code == 200, answer.text
+        share = str(max(1, len(os.sched_getaffinity(0)) // 2))
+        kids = s.llama_servers()
+        assert len(kids) == 2
+        for kid in kids:
+            argv = kid.cmdline()
+            assert argv[argv.index("-t") + 1] == share, argv
+    finally:
+        print(stop(s)[-3000:])

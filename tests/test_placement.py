@@ -11,6 +11,7 @@ import pytest
 from llamactl.build import hardware as hw
 from llamactl.build.detection import GpuMemory, parse_nvidia_smi_memory
 from llamactl.serve import placement
+from llamactl.serve.placement import cpu_threads
 from llamactl.serve.router import Gpu
 
 pytestmark = pytest.mark.unit
@@ -87,3 +88,21 @@ def test_free_memory_reads_the_recorded_machine(monkeypatch: pytest.MonkeyPatch)
     free = placement.FreeMemory(gpu=True)
     assert free.gpus() == [Gpu(0, 20596 * MIB, 24576 * MIB), Gpu(1, 3410 * MIB, 24564 * MIB)]
     assert free() == (20596 + 3410) * MIB
+
+
+@pytest.mark.parametrize(
+    ("cpus", "concurrent", "args", "env", "threads"),
+    [
+        (2, 2, (), {}, 1),
+        (16, 3, (), {}, 5),
+        (2, 4, (), {}, 1),  # never below one
+        (8, 1, (), {}, None),  # one at a time: llama.cpp's default
+        (8, 2, ("-t", "6"), {}, None),  # the user's threads
+        (8, 2, ("--threads=6",), {}, None),
+        (8, 2, (), {"LLAMA_ARG_THREADS": "6"}, None),
+    ],
+)
+def test_cpu_threads_shares_the_cores(
+    cpus: int, concurrent: int, args: tuple[str, ...], env: dict[str, str], threads: int | None
+) -> None:
+    assert cpu_threads(cpus, concurrent, args, env) == threads

@@ -32,6 +32,7 @@ from llamactl.serve.http import Cors
 from llamactl.serve.metrics import Metrics
 from llamactl.serve.placement import (
     FreeMemory,
+    cpu_threads,
     device_env,
     device_flags,
     gpu_label,
@@ -88,7 +89,11 @@ class ModelFleet:
         build_info: Callable[[], str] = lambda: "",
         redeclare: Callable[[], Fleet] | None = None,
         cors: Cors | None = None,
+        cpus: int = 0,
     ) -> None:
+        #: A CPU build's CPUs, shared out among the instances that may run at once; 0: a GPU
+        #: build (or asked not to), each llama-server takes llama.cpp's default threads.
+        self.cpus = cpus
         #: Where every llama-server's output goes besides its log file (serve's stderr).
         self.echo = echo
         self.supervisor = supervisor
@@ -575,6 +580,16 @@ class ModelFleet:
         args = (*self.fleet.common_args, *decl.args, "-m", str(path), "--alias", decl.name)
         if "--metrics" not in args:
             args += ("--metrics",)
+        if self.cpus:
+            # A CPU build: each instance gets its share of the cores (placement.cpu_threads).
+            models = self.fleet.models
+            concurrent = sum(d.replicas for d in models)
+            if self.fleet.models_max > 0:
+                concurrent = min(concurrent, self.fleet.models_max)
+            env = {**os.environ, **dict(decl.env)}
+            threads = cpu_threads(self.cpus, concurrent, args, env)
+            if threads is not None:
+                args += ("-t", str(threads))
         return args
 
     async def _slots(self, inst: Instance) -> int:

@@ -193,6 +193,8 @@ async def _serve_async(
         build_info=functools.cache(functools.partial(build_info, binary)),
         redeclare=lambda: declare_fleet(spec),
         cors=cors_of(fleet.common_args, os.environ),
+        # A CPU build shares the cores out among the models that may run at once.
+        cpus=len(os.sched_getaffinity(0)) if backend in ("cpu", None) else 0,
     )
     provider: Any = models
     if remotes:

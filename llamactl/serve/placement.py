@@ -17,7 +17,14 @@ from collections.abc import Callable, Mapping, Sequence
 
 from llamactl.serve.router import Gpu
 
-__all__ = ["FreeMemory", "device_env", "device_flags", "gpu_label", "user_placed"]
+__all__ = [
+    "FreeMemory",
+    "cpu_threads",
+    "device_env",
+    "device_flags",
+    "gpu_label",
+    "user_placed",
+]
 
 #: Flags by which a user chooses devices (common/arg.cpp): serve leaves such a model alone.
 _DEVICE_FLAGS = frozenset(
@@ -125,3 +132,25 @@ def _available_ram() -> int | None:
     from llamactl.models.estimate import available_memory
 
     return available_memory()
+
+
+#: Flags and variables by which a user sets an instance's CPU threads (common/arg.cpp).
+_THREAD_FLAGS = frozenset({"-t", "--threads"})
+_THREAD_ENV = "LLAMA_ARG_THREADS"
+
+
+def cpu_threads(
+    cpus: int, concurrent: int, args: Sequence[str], env: Mapping[str, str]
+) -> int | None:
+    """The `-t` for each llama-server of a CPU build when up to `concurrent` of them may run at
+    once on `cpus` CPUs: its share of them, so that they do not oversubscribe the cores; None
+    when one runs at a time or the user set the threads (flag or LLAMA_ARG_THREADS).
+
+    ggml's threads spin while they wait for each other: two llama-servers of two threads each
+    generating at once on two cores took 75 s for what they did in 2.6 s with one thread each
+    (docs/performance.md). llama.cpp's own default is every core, for one server alone."""
+    if concurrent <= 1 or env.get(_THREAD_ENV):
+        return None
+    if any(a.partition("=")[0] in _THREAD_FLAGS for a in args):
+        return None
+    return max(1, cpus // concurrent)
