@@ -136,8 +136,10 @@ def run_side(
     scratch: Path,
     timeout_s: float,
     per_test_s: int,
+    threads: int | None = None,
 ) -> Side:
-    """One pytest session of upstream's suite with LLAMA_SERVER_BIN_PATH=server."""
+    """One pytest session of upstream's suite with LLAMA_SERVER_BIN_PATH=server; `threads`:
+    LLAMA_ARG_THREADS for its llama-servers (None: llama.cpp's default)."""
     results = scratch / f"{name}-{time.monotonic_ns()}.json"
     cache = scratch / "llama-cache"
     cache.mkdir(exist_ok=True)
@@ -154,6 +156,11 @@ def run_side(
         "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")]),
         "PYTHONDONTWRITEBYTECODE": "1",
     }
+    if threads is not None and "LLAMA_ARG_THREADS" not in os.environ:
+        # Each side's llama-servers get their share of the cores: two generating at once with
+        # every core each spin against each other (ggml's threads busy-wait), and on 2 cores a
+        # test then took 109 s instead of 7 (docs/drop-in.md).
+        env["LLAMA_ARG_THREADS"] = str(threads)
     argv = [sys.executable, "-m", "pytest", "-p", "upstream_plugin", "-p", "no:cacheprovider"]
     argv += ["-q", "--no-header", "-rN", "--durations=20", f"--timeout={per_test_s}"]
     argv += ["-o", "addopts=", *(["-k", keyword] if keyword else []), *targets]
@@ -260,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scratch=scratch,
                 timeout_s=args.timeout,
                 per_test_s=args.per_test,
+                threads=None if args.serial else max(1, len(os.sched_getaffinity(0)) // 2),
             )
 
         if args.serial:
