@@ -21,14 +21,7 @@ def serve_remote_only(spec: Any, remotes: Sequence[RemoteSpec]) -> int:
     from llamactl.serve import listen
     from llamactl.serve.runner import run
 
-    front = listen.open_front(
-        spec.host,
-        spec.port,
-        reuse_port=spec.reuse_port,
-        socket_mode=spec.socket_mode,
-        ssl_key_file=spec.ssl_key_file,
-        ssl_cert_file=spec.ssl_cert_file,
-    )
+    front = listen.open_spec_front(spec)
     try:
         return int(run(_serve_remote_async(spec, remotes, front)))
     except KeyboardInterrupt:

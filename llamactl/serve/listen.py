@@ -267,6 +267,19 @@ def open_front(
     return Front(sockets, tls, addresses(sockets, tls=tls is not None))
 
 
+def open_spec_front(spec: Any) -> Front:
+    """open_front with serve's listening flags (serve/args.py's ServeSpec): the one mapping
+    for serve with one model, several, or remote servers only."""
+    return open_front(
+        spec.host,
+        spec.port,
+        reuse_port=spec.reuse_port,
+        socket_mode=spec.socket_mode,
+        ssl_key_file=spec.ssl_key_file,
+        ssl_cert_file=spec.ssl_cert_file,
+    )
+
+
 def _display(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

@@ -197,14 +197,7 @@ def serve(spec: ServeSpec) -> int:
         workers = rpc.rpc_endpoints_in(args)
         rpc.wait_for_workers(workers, deadline_s=min(spec.start_timeout, 60.0), say=_say)
     # A bad certificate or a taken port fails before any model loads.
-    front = listen.open_front(
-        spec.host,
-        spec.port,
-        reuse_port=spec.reuse_port,
-        socket_mode=spec.socket_mode,
-        ssl_key_file=spec.ssl_key_file,
-        ssl_cert_file=spec.ssl_cert_file,
-    )
+    front = listen.open_spec_front(spec)
     record_id = records.new_id()
     log_dir = paths.logs_dir()
     log_problem = None

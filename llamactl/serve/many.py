@@ -58,14 +58,7 @@ def serve_many(
     from llamactl.serve.runner import run
 
     fleet = declare_fleet(spec)
-    front = listen.open_front(
-        spec.host,
-        spec.port,
-        reuse_port=spec.reuse_port,
-        socket_mode=spec.socket_mode,
-        ssl_key_file=spec.ssl_key_file,
-        ssl_cert_file=spec.ssl_cert_file,
-    )
+    front = listen.open_spec_front(spec)
     echo = None
     try:
         record_id = records.new_id()

@@ -516,13 +516,12 @@ class Supervisor:
     ) -> Upstream | None:
         """acquire's answer when the instance is ready (no wait), else None: the proxy calls
         this first, with no coroutine."""
-        for inst in self.instances.values():  # the one instance (pick)
-            if inst.state is State.READY and inst.upstream is not None:
-                process = inst.backend
-                if process is None or process.returncode is None:
-                    inst.in_flight += 1
-                    return inst.upstream
-            return None
+        inst = next(iter(self.instances.values()), None)  # the one instance (pick)
+        if inst is not None and inst.state is State.READY and inst.upstream is not None:
+            process = inst.backend
+            if process is None or process.returncode is None:
+                inst.in_flight += 1
+                return inst.upstream
         return None
 
     async def acquire(
