@@ -67,19 +67,25 @@ OTHERS = (
 ROUTER = ("unit/test_router.py",)
 #: The share of ROUTER that tests/test_upstream_real.py runs (router-level /props, streaming
 #: to a named and an unknown model, load and unload, autoload off, API keys, reload, and two
-#: of the scheduler's tests): about a minute where the whole file takes two or three.
-ROUTER_QUICK = tuple(
-    f"unit/test_router.py::test_router_{name}"
-    for name in (
-        "props",
-        "chat_completion_stream",
-        "unload_model",
-        "no_models_autoload",
-        "api_key_required",
-        "reload_models",
-        "queue_does_not_evict_busy_model",
-        "queue_client_disconnect_keeps_model",
-    )
+#: of the scheduler's tests; and the resumable streams of a router, from the `all` set): about
+#: a minute and a half where the whole file takes two or three.
+ROUTER_QUICK = (
+    *(
+        f"unit/test_router.py::test_router_{name}"
+        for name in (
+            "props",
+            "chat_completion_stream",
+            "unload_model",
+            "no_models_autoload",
+            "api_key_required",
+            "reload_models",
+            "queue_does_not_evict_busy_model",
+            "queue_client_disconnect_keeps_model",
+        )
+    ),
+    # Resumable streams on a router: resume, stop, a stop during the model's load and a
+    # client that leaves during it, routed by conversation id (serve/conversations.py).
+    "unit/test_stream.py",
 )
 SIDES = ("direct", "llamactl")
 

@@ -698,3 +698,80 @@ def test_a_waiting_stream_that_fails_gets_an_error_event(fake_port: int) -> None
         pt.provider.error = None
         pt.provider.delay = 0.0
         assert request(pt.port, "GET", "/health")[0] == 200
+
+
+# -- resumable streams: a provider that routes by conversation ----------------------------------
+
+
+class ConvProvider(StaticProvider):
+    """A provider that routes by conversation, as a fleet does, and whose model 'loads' until
+    the test lets it."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        super().__init__(upstream)
+        self.loaded = asyncio.Event()
+        self.convs: list[tuple[bytes, bytes | None]] = []
+
+    async def acquire_conversation(
+        self, model: str | None, method: bytes, path: bytes, url: bytes, conv: bytes | None
+    ) -> Upstream:
+        self.convs.append((path, conv))
+        await self.loaded.wait()
+        return self.upstream
+
+    async def acquire(
+        self, model: str | None, method: bytes = b"GET", path: bytes = b"/"
+    ) -> Upstream:
+        self.models.append(model)
+        await self.loaded.wait()
+        return self.upstream
+
+
+def fake_requests(port: int) -> int:
+    status, _, body = request(port, "GET", "/debug/stats")
+    assert status == 200
+    return int(json.loads(body)["requests"])
+
+
+@pytest.mark.parametrize("with_conv", [True, False])
+def test_a_resumable_stream_whose_client_left_during_the_load_is_still_sent(
+    fake_port: int, with_conv: bool
+) -> None:
+    """A request with X-Conversation-Id whose client leaves while its model loads (a page
+    reload) still reaches llama-server, so that its stream session fills for a resume (router
+    mode detaches it too); without a conversation id it is dropped, as before."""
+    provider = ConvProvider(Upstream("fake", "127.0.0.1", fake_port, None, 1))
+    pt = ProxyThread(ProxyConfig(host="127.0.0.1", port=0), provider)
+    try:
+        body = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":2}'
+        conv = b"X-Conversation-Id: conv-7\r\n" if with_conv else b""
+        sock = socket.create_connection(("127.0.0.1", pt.port), timeout=5)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"%sContent-Length: %d\r\n\r\n%s" % (conv, len(body), body)
+        )
+        deadline = time.monotonic() + 10
+        while not pt.call(lambda: provider.models or provider.convs):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert pt.call(lambda: provider.convs) == (
+            [(b"/v1/chat/completions", b"conv-7")] if with_conv else []
+        )
+        sock.close()
+        while pt.call(lambda: pt.proxy.stats.in_flight):  # the proxy saw the client go
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        before = fake_requests(fake_port)
+        pt.call(provider.loaded.set)
+        if with_conv:
+            while not pt.call(lambda: provider.releases):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            assert pt.call(lambda: provider.releases) == [200]
+            assert fake_requests(fake_port) == before + 2  # the chat, then this stats call
+        else:
+            time.sleep(0.3)
+            assert fake_requests(fake_port) == before + 1  # only this stats call
+        assert pt.call(lambda: len(pt.proxy._detached)) == 0
+    finally:
+        pt.close()

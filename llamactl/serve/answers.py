@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from llamactl.serve.control import Reply
+from llamactl.serve.conversations import lookup_answer
 from llamactl.serve.metrics import label_instance_metrics
 from llamactl.serve.supervisor import State
 from llamactl.serve.upstream import ProxyError
@@ -152,4 +153,10 @@ async def handle_control(fleet: Any, method: str, path: str, query: str, body: b
     if path == "/metrics" and method in ("GET", "HEAD"):
         text = await metrics_text(fleet)
         return Reply(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+    if path == "/v1/stream" and method == "DELETE":
+        # No instance owned the conversation, or its model still loads (conversations.py has
+        # forgotten it, which cancels a request waiting for that load): nothing more to stop.
+        return Reply(204, b"", "application/json")
+    if path == "/v1/streams/lookup" and method == "POST":
+        return Reply.json(200, await lookup_answer(fleet, body))
     raise ProxyError(404, "File Not Found", "not_found_error")

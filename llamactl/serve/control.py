@@ -26,7 +26,7 @@ from llamactl.serve.upstream import ProxyError, Upstream
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONTROL", "ControlServer", "Reply", "http_get"]
+__all__ = ["CONTROL", "ControlServer", "Reply", "http_get", "http_post", "http_request"]
 
 #: The upstream name of the control server (no model is called this: it has a NUL).
 CONTROL = "\0control"
@@ -148,26 +148,42 @@ async def http_get(
     host: str, port: int, path: str, auth: bytes | None, timeout: float = 5.0
 ) -> tuple[int, bytes]:
     """GET on a fresh connection: (status, body); (0, b"") when nothing answers."""
+    return await http_request("GET", host, port, path, auth, b"", timeout)
+
+
+async def http_post(
+    host: str, port: int, path: str, auth: bytes | None, body: bytes, timeout: float = 5.0
+) -> tuple[int, bytes]:
+    """POST of a JSON body on a fresh connection: (status, body); (0, b"") when nothing
+    answers in time."""
+    return await http_request("POST", host, port, path, auth, body, timeout)
+
+
+async def http_request(
+    method: str, host: str, port: int, path: str, auth: bytes | None, body: bytes, timeout: float
+) -> tuple[int, bytes]:
     writer = None
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        head = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
+        head = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
         if auth:
             head += f"Authorization: {auth.decode()}\r\n"
-        writer.write((head + "\r\n").encode())
+        if method != "GET":
+            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        writer.write((head + "\r\n").encode() + body)
         data = await asyncio.wait_for(reader.read(), timeout)
     except (OSError, asyncio.TimeoutError):
         return 0, b""
     finally:
         if writer is not None:
             writer.close()
-    head_raw, _, body = data.partition(b"\r\n\r\n")
+    head_raw, _, payload = data.partition(b"\r\n\r\n")
     parts = head_raw.split(b" ", 2)
     if len(parts) < 2 or not parts[1].isdigit():
         return 0, b""
     if b"transfer-encoding: chunked" in head_raw.lower():
-        body = _unchunk(body)
-    return int(parts[1]), body
+        payload = _unchunk(payload)
+    return int(parts[1]), payload
 
 
 def _unchunk(data: bytes) -> bytes:

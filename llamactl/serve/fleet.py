@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from llamactl.errors import LlamactlError
-from llamactl.serve import answers
+from llamactl.serve import answers, conversations
 from llamactl.serve.answers import first_line as _first_line
 from llamactl.serve.backend import Clock, Sleep
 from llamactl.serve.config import Fleet, ModelDecl
-from llamactl.serve.control import CONTROL, ControlServer, Reply, http_get
+from llamactl.serve.control import CONTROL, ControlServer, Reply, http_get, http_post
 from llamactl.serve.http import Cors
 from llamactl.serve.metrics import Metrics
 from llamactl.serve.placement import (
@@ -82,6 +82,7 @@ class ModelFleet:
         resolve: Callable[[ModelDecl], Path] | None = None,
         estimate: Callable[[Path, tuple[str, ...]], int] | None = None,
         fetch: Callable[..., Any] = http_get,
+        post: Callable[..., Any] = http_post,
         drain_timeout: float = 30.0,
         echo: Callable[[bytes], None] | None = None,
         worker_wait: float = 60.0,
@@ -108,6 +109,9 @@ class ModelFleet:
         self._resolve_source = resolve if resolve is not None else _resolve_source
         self._estimate = estimate if estimate is not None else _estimate_bytes
         self._fetch = fetch
+        self._post = post
+        #: Which instance owns each conversation's resumable stream (serve/conversations.py).
+        self.conversations = conversations.Conversations()
         self.drain_timeout = drain_timeout
         self.worker_wait = worker_wait
         #: Seconds each request holds its model busy before it is sent, and each load waits
@@ -236,6 +240,13 @@ class ModelFleet:
                 self.release(upstream, 499)
                 raise
         return upstream
+
+    async def acquire_conversation(
+        self, model: str | None, method: bytes, path: bytes, url: bytes, conv: bytes | None
+    ) -> Upstream:
+        """acquire for a request with an X-Conversation-Id, or on a resumable stream's route
+        (the proxy calls this instead): routed by conversation (serve/conversations.py)."""
+        return await conversations.acquire(self, model, method, path, url, conv)
 
     def acquire_nowait(
         self, model: str | None, method: bytes = b"GET", path: bytes = b"/"

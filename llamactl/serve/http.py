@@ -21,6 +21,7 @@ __all__ = [
     "JSON_ROUTES",
     "REQ_SPECIAL",
     "RESP_SPECIAL",
+    "STREAM_PATHS",
     "Cors",
     "cors_headers",
     "cors_of",
@@ -51,8 +52,11 @@ REQ_SPECIAL = frozenset(
         b"content-type",
         b"host",
         b"origin",
+        b"x-conversation-id",  # forwarded, and noted: a fleet routes resumable streams by it
     }
 )
+#: The routes of resumable streams that name a conversation (its conv_id) and no model.
+STREAM_PATHS = frozenset({b"/v1/stream", b"/v1/streams/lookup"})
 RESP_SPECIAL = frozenset(
     {
         b"connection",

@@ -26,6 +26,7 @@ from llamactl.serve.http import CONNECTION_WORDS as _CONNECTION_WORDS
 from llamactl.serve.http import JSON_ROUTES as _JSON_ROUTES
 from llamactl.serve.http import REQ_SPECIAL as _REQ_SPECIAL
 from llamactl.serve.http import RESP_SPECIAL as _RESP_SPECIAL
+from llamactl.serve.http import STREAM_PATHS as _STREAM_PATHS
 from llamactl.serve.http import error_response, is_public, model_of
 from llamactl.serve.http import origin_allowed as _origin_allowed
 from llamactl.serve.http import query_model as _query_model
@@ -196,6 +197,10 @@ class _Exchange:
     released: bool = False
     replayed: bool = False
     model: str | None = None
+    #: X-Conversation-Id: a resumable stream's id (the provider may route by it).
+    conv: bytes | None = None
+    #: Its client left while it waited for its model: sent anyway, the answer dropped.
+    detached: bool = False
     requeue_until: float = 0.0  # loop time until which a refused connect waits for a restart
     status: int = 0
     t0: float = 0.0
@@ -372,6 +377,9 @@ class _ClientConn(asyncio.Protocol):
             extra = {t.strip() for t in value.lower().split(b",")} - _CONNECTION_WORDS
             if extra:
                 ex.hop = (ex.hop or set()) | extra
+        elif lname == b"x-conversation-id":
+            ex.conv = value
+            ex.lines += (name, b": ", value, b"\r\n")
         # Other hop-by-hop headers (Connection, Keep-Alive, TE, Upgrade, ...) end here.
 
     def on_headers_complete(self) -> None:
@@ -549,14 +557,15 @@ class _ClientConn(asyncio.Protocol):
         path = ex.url.partition(b"?")[0]
         ex.t0 = _monotonic()
         proxy = self.proxy
-        if proxy._acquire_now is not None:
+        by_conv = proxy._acquire_conv is not None and (ex.conv is not None or path in _STREAM_PATHS)
+        if proxy._acquire_now is not None and not by_conv:
             upstream = proxy._acquire_now(model, ex.method, path)
             if upstream is not None:
                 self._acquired(ex, upstream)
                 return
         # (Python 3.11's get_running_loop costs a getpid system call: not on the path above.)
         loop = asyncio.get_running_loop()
-        coro = proxy.provider.acquire(model, ex.method, path)
+        coro = self._acquiring(ex, model, path, by_conv)
         if _EAGER_TASKS:
             # A ready instance answers in the first step, run right here (no scheduling).
             task: asyncio.Task[Upstream] = asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
@@ -579,7 +588,7 @@ class _ClientConn(asyncio.Protocol):
                 # inside a real one.
                 yielded = _NEEDS_TASK
             if yielded is _NEEDS_TASK:
-                task = loop.create_task(self.proxy.provider.acquire(model, ex.method, path))
+                task = loop.create_task(self._acquiring(ex, model, path, by_conv))
             else:
                 task = loop.create_task(_resume(coro, yielded))
         ex.acquire_task = task
@@ -590,9 +599,23 @@ class _ClientConn(asyncio.Protocol):
             and ex.keepalive is None
             and ex.method == b"POST"
             and not ex.http10
+            # A resumable stream's status waits for its model, as in router mode: a stop
+            # meanwhile is answered 400 (conversations.py), and a reload resumes it.
+            and ex.conv is None
             and _wants_stream(ex.body[0] if len(ex.body) == 1 else b"".join(ex.body))
         ):
             ex.keepalive = loop.call_later(wait, self._wait_comment, ex)
+
+    def _acquiring(
+        self, ex: _Exchange, model: str | None, path: bytes, by_conv: bool
+    ) -> Coroutine[Any, Any, Upstream]:
+        """The provider's acquire coroutine for `ex`: by conversation where the provider routes
+        resumable streams itself (a fleet of models), else by model."""
+        proxy = self.proxy
+        if by_conv:
+            assert proxy._acquire_conv is not None
+            return proxy._acquire_conv(model, ex.method, path, ex.url, ex.conv)
+        return proxy.provider.acquire(model, ex.method, path)
 
     def _wait_comment(self, ex: _Exchange) -> None:
         """A stream still waits for its model: its 200 SSE head first, then a comment."""
@@ -625,7 +648,10 @@ class _ClientConn(asyncio.Protocol):
             ex.keepalive = None
         if task.cancelled() or self.closed or ex.finished:
             if not task.cancelled() and task.exception() is None:
-                self.proxy.provider.release(task.result(), 499)
+                if ex.detached:
+                    self.proxy._send_detached(self._request(ex, task.result()), task.result())
+                else:
+                    self.proxy.provider.release(task.result(), 499)
             return
         exc = task.exception()
         if exc is None:
@@ -638,6 +664,14 @@ class _ClientConn(asyncio.Protocol):
 
     def _acquired(self, ex: _Exchange, upstream: Upstream) -> None:
         ex.upstream = upstream
+        # The parts stay until the exchange ends: a request refused by a llama-server that has
+        # just died is built again for its successor, whose private key differs (_requeue).
+        ex.payload = self._request(ex, upstream)
+        self._send(ex, fresh=False)
+
+    def _request(self, ex: _Exchange, upstream: Upstream) -> list[bytes]:
+        """The request as it goes to `upstream`: its head (the upstream's own credentials and
+        Host) and its body, in one piece unless the body is large."""
         body = ex.body[0] if len(ex.body) == 1 else b"".join(ex.body)
         auth = b""
         if upstream.auth is not None:
@@ -661,10 +695,7 @@ class _ClientConn(asyncio.Protocol):
             auth,
             length,
         )
-        # The parts stay until the exchange ends: a request refused by a llama-server that has
-        # just died is built again for its successor, whose private key differs (_requeue).
-        ex.payload = [head + body] if len(body) < 65536 else [head, body]
-        self._send(ex, fresh=False)
+        return [head + body] if len(body) < 65536 else [head, body]
 
     def _send(self, ex: _Exchange, fresh: bool) -> None:
         """Send on a pooled connection, or open one."""
@@ -841,7 +872,13 @@ class _ClientConn(asyncio.Protocol):
             ex.keepalive.cancel()
             ex.keepalive = None
         if ex.acquire_task is not None:
-            ex.acquire_task.cancel()
+            if ex.conv is not None and self.proxy._acquire_conv is not None:
+                # A resumable stream waiting for its model (a page reloaded meanwhile): the
+                # request still goes, so that its stream session fills for a later resume,
+                # as router mode's detached requests do.
+                ex.detached = True
+            else:
+                ex.acquire_task.cancel()
         if ex.connect_task is not None:
             ex.connect_task.cancel()
         conn = ex.conn
@@ -1273,6 +1310,11 @@ class Proxy:
         self.provider = provider
         #: The provider's acquire without a coroutine, when it has one (UpstreamProvider).
         self._acquire_now = getattr(provider, "acquire_nowait", None)
+        #: The provider's acquire by conversation, when it routes resumable streams itself
+        #: (a fleet: `acquire_conversation(model, method, path, url, conv)`).
+        self._acquire_conv = getattr(provider, "acquire_conversation", None)
+        #: Requests sent on behalf of clients that left (_ClientConn._abandon).
+        self._detached: set[asyncio.Task[None]] = set()
         keys = tuple(k.strip().encode() for k in (config.api_key or "").split(",") if k.strip())
         self._keys = keys
         #: Set when a key is required (the first key; the check compares with every one).
@@ -1385,6 +1427,8 @@ class Proxy:
                 if conn.transport is not None:
                     conn.transport.close()
         self._idle.clear()
+        for task in list(self._detached):
+            task.cancel()
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
@@ -1399,6 +1443,35 @@ class Proxy:
             self.now = now = loop.time()
             for client in list(self._clients):
                 client.check_timeouts(now)
+
+    def _send_detached(self, payload: list[bytes], upstream: Upstream) -> None:
+        """Send a request whose client has gone, on a connection of its own, and drop the
+        answer once its status line is in: the llama-server keeps generating into the
+        conversation's stream session, which a resume reads."""
+        task = asyncio.get_running_loop().create_task(self._deliver(payload, upstream))
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
+
+    async def _deliver(self, payload: list[bytes], upstream: Upstream) -> None:
+        status = 0
+        writer = None
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(upstream.host, upstream.port, ssl=upstream.tls),
+                self.config.connect_timeout,
+            )
+            writer.writelines(payload)
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), self.config.upstream_timeout)
+            parts = line.split(b" ", 2)
+            if len(parts) >= 2 and parts[1].isdigit():
+                status = int(parts[1])
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            if writer is not None:
+                writer.close()
+            self.provider.release(upstream, status)
 
     # the pool
 
