@@ -43,7 +43,13 @@ class UpstreamProvider(Protocol):
 
     A provider may also offer `acquire_nowait(model, method, path) -> Upstream | None`: the
     lease when it is at hand without waiting, else None (then the proxy awaits `acquire`). The
-    proxy calls it first: a ready instance then costs no coroutine per request."""
+    proxy calls it first: a ready instance then costs no coroutine per request.
+
+    A provider that routes resumable streams itself (a fleet of models) also offers
+    `acquire_conversation(model, method, path, url, conv)`, a coroutine the proxy awaits
+    instead of `acquire` for a request with an X-Conversation-Id (`conv`) or on a stream route
+    (`/v1/stream`, `/v1/streams/lookup`); the proxy then still sends such a request when its
+    client leaves while it waits (serve/conversations.py)."""
 
     async def acquire(
         self, model: str | None, method: bytes = b"GET", path: bytes = b"/"
