@@ -160,3 +160,48 @@ def test_lookup_asks_each_owner_once_for_its_own_ids() -> None:
         assert bad.status == 200 and json.loads(bad.body) == []
 
     drive(body, [decl("a"), decl("b")], models_max=2)
+
+
+class FakePool:
+    """The remote side of a MixedFleet: lists one model, `remote-only`."""
+
+    def __init__(self) -> None:
+        self.names = {"remote"}
+        self.replicas: list[object] = []
+        self.asked: list[str | None] = []
+
+    async def acquire(
+        self, model: str | None, method: bytes = b"GET", path: bytes = b"/"
+    ) -> Upstream:
+        self.asked.append(model)
+        if model != "remote-only":
+            raise ProxyError(404, f"model {model!r} not found")
+        return Upstream("remote", "10.0.0.2", 8080)
+
+    def models_json(self) -> dict[str, list[object]]:
+        return {"data": []}
+
+
+def test_with_remote_replicas_conversations_stay_with_the_local_models() -> None:
+    from llamactl.serve.front import MixedFleet
+
+    async def body(w: World) -> None:
+        pool = FakePool()
+        mixed = MixedFleet(w.fleet, pool)  # type: ignore[arg-type]
+
+        async def conv(model: str | None, method: bytes, url: bytes, c: bytes | None) -> Upstream:
+            path = url.partition(b"?")[0]
+            task = asyncio.ensure_future(mixed.acquire_conversation(model, method, path, url, c))
+            await w.clock.run_until(task.done)
+            return task.result()
+
+        up = await conv("a", b"POST", CHAT, b"conv-9")
+        assert up.name == "a" and pool.asked == []
+        mixed.release(up, 200)
+        resumed = await conv(None, b"GET", b"/v1/stream?conv_id=conv-9", None)
+        assert resumed == up
+        mixed.release(resumed, 200)
+        remote = await conv("remote-only", b"POST", CHAT, b"conv-10")
+        assert remote.name == "remote" and pool.asked == ["remote-only"]
+
+    drive(body, [decl("a")], models_max=1)

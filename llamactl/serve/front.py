@@ -232,6 +232,22 @@ class MixedFleet:
                     return self.pool.lease(replica)
         return await self.fleet.acquire(model, method, path)
 
+    async def acquire_conversation(
+        self, model: str | None, method: bytes, path: bytes, url: bytes, conv: bytes | None
+    ) -> Any:
+        """A resumable stream stays with the local models, whose instances own their stream
+        sessions (serve/conversations.py): no spill to a remote replica, where a resume could
+        not find it. A model that only remote replicas list goes to them, as any request."""
+        from llamactl.serve.http import STREAM_PATHS
+        from llamactl.serve.upstream import ProxyError
+
+        if not (path in STREAM_PATHS and model is None):
+            try:
+                self.fleet.resolve(model)
+            except ProxyError:
+                return await self.pool.acquire(model, method, path)
+        return await self.fleet.acquire_conversation(model, method, path, url, conv)
+
     def release(self, upstream: Any, outcome: int, elapsed: float = 0.0) -> None:
         if upstream.name in self.pool.names:
             self.pool.release(upstream, outcome, elapsed)

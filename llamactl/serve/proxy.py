@@ -1315,6 +1315,7 @@ class Proxy:
         self._acquire_conv = getattr(provider, "acquire_conversation", None)
         #: Requests sent on behalf of clients that left (_ClientConn._abandon).
         self._detached: set[asyncio.Task[None]] = set()
+        self._closing = False
         keys = tuple(k.strip().encode() for k in (config.api_key or "").split(",") if k.strip())
         self._keys = keys
         #: Set when a key is required (the first key; the check compares with every one).
@@ -1413,6 +1414,7 @@ class Proxy:
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop listening, let requests in flight finish (up to `grace` s), close everything."""
+        self._closing = True
         for server in self._servers:
             server.close()
         loop = asyncio.get_running_loop()
@@ -1448,6 +1450,9 @@ class Proxy:
         """Send a request whose client has gone, on a connection of its own, and drop the
         answer once its status line is in: the llama-server keeps generating into the
         conversation's stream session, which a resume reads."""
+        if self._closing:
+            self.provider.release(upstream, 499)
+            return
         task = asyncio.get_running_loop().create_task(self._deliver(payload, upstream))
         self._detached.add(task)
         task.add_done_callback(self._detached.discard)
