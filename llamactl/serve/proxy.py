@@ -557,7 +557,10 @@ class _ClientConn(asyncio.Protocol):
         path = ex.url.partition(b"?")[0]
         ex.t0 = _monotonic()
         proxy = self.proxy
-        by_conv = proxy._acquire_conv is not None and (ex.conv is not None or path in _STREAM_PATHS)
+        # (A stream route that names a model goes to that model: no set lookup per request.)
+        by_conv = proxy._acquire_conv is not None and (
+            ex.conv is not None or (model is None and path in _STREAM_PATHS)
+        )
         if proxy._acquire_now is not None and not by_conv:
             upstream = proxy._acquire_now(model, ex.method, path)
             if upstream is not None:
