@@ -3,6 +3,7 @@ what an exit means, and the runner's supervision on fakes (no process, no socket
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import threading
@@ -412,3 +413,44 @@ def test_a_toml_model_split_over_rpc_workers(tmp_path: Path) -> None:
     cfg.write_text("[models.big]\nfile = 'big.gguf'\nrpc = ['nowhere']\n")
     with pytest.raises(ConfigError, match=r"serve\.toml:3: \[models\.big\] rpc: not an RPC"):
         declare(config=cfg)
+
+
+# -- a local head's own connections (/proc) ------------------------------------------------------
+
+# /proc/PID/net/tcp of a head (llama-server --rpc 127.0.0.1:47001,127.0.0.1:47002), recorded
+# after the ggml-rpc-server on 47001 was killed: its listening socket, the live link to 47002
+# and the one to 47001 in CLOSE_WAIT (08), plus another process's socket it does not own.
+PROC = Path(__file__).parent / "fixtures" / "proc"
+PROC_TCP = (PROC / "head-net-tcp.txt").read_text()
+# IPv6, hand-made in the same format: an IPv4-mapped link in CLOSE_WAIT, a live one to ::1.
+PROC_TCP6 = (PROC / "head-net-tcp6.txt").read_text()
+HEAD_INODES = {"4171346", "4172560", "4172554", "555", "556"}
+
+
+def test_a_heads_links_come_from_proc_with_their_states() -> None:
+    assert rpc.parse_proc_tcp(PROC_TCP, HEAD_INODES) == [
+        ("0.0.0.0", 0, "0A"),
+        ("127.0.0.1", 47002, rpc.TCP_ESTABLISHED),
+        ("127.0.0.1", 47001, rpc.TCP_CLOSE_WAIT),
+    ]
+    assert rpc.parse_proc_tcp(PROC_TCP6, HEAD_INODES) == [
+        ("10.0.0.2", 47001, rpc.TCP_CLOSE_WAIT),  # IPv4-mapped
+        ("::1", 47003, rpc.TCP_ESTABLISHED),
+    ]
+    assert rpc.parse_proc_tcp("header only\n", HEAD_INODES) == []
+
+
+def test_a_worker_whose_end_closed_is_lost_and_only_the_heads_workers_count() -> None:
+    w1, w2 = Endpoint("127.0.0.1", 47001), Endpoint("gpu-box", 47001)
+    links = rpc.parse_proc_tcp(PROC_TCP, HEAD_INODES) + rpc.parse_proc_tcp(PROC_TCP6, HEAD_INODES)
+    assert rpc.lost_links(links, {("127.0.0.1", 47001): w1, ("127.0.0.1", 47002): w1}) == [w1]
+    assert rpc.lost_links(links, {("10.0.0.2", 47001): w2}) == [w2]  # a name, resolved
+    assert rpc.lost_links(links, {("127.0.0.1", 47002): w1}) == []  # its link is live
+    assert rpc.lost_links(links, {}) == []
+
+
+def test_a_process_that_proc_cannot_show_is_none() -> None:
+    assert rpc.process_links(2**22 + 12345) is None  # beyond pid_max: no such process
+    mine = rpc.process_links(os.getpid())
+    if Path("/proc/self/fd").is_dir():
+        assert mine is not None

@@ -17,6 +17,7 @@ TCP connect succeeds (the kernel's backlog) but the hello waits unanswered.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
 import struct
@@ -192,8 +193,74 @@ def _problem_for(exc: OSError) -> str:
     if isinstance(exc, socket.gaierror):
         return f"has an address that does not resolve ({exc.strerror})"
     if isinstance(exc, TimeoutError | socket.timeout):
-        return "does not accept connections (timed out): a firewall, or the host is down"
+        return (
+            "does not accept connections (timed out): a firewall, the host is down, or its "
+            "queue is full while another head holds it"
+        )
     return f"cannot be reached: {exc.strerror or exc}"
+
+
+# -- what a local head's own connections show ------------------------------------------------
+
+#: /proc/net/tcp's state codes that matter here (include/net/tcp_states.h).
+TCP_ESTABLISHED = "01"
+TCP_CLOSE_WAIT = "08"
+
+
+def _address(hex_addr: str) -> str:
+    """An address as /proc/net/tcp{,6} prints it (32-bit words in host order) as text."""
+    words = [int(hex_addr[i : i + 8], 16) for i in range(0, len(hex_addr), 8)]
+    raw = b"".join(struct.pack("=I", w) for w in words)
+    if len(raw) == 16 and raw[:12] == b"\0" * 10 + b"\xff\xff":
+        raw = raw[12:]  # an IPv4-mapped IPv6 address
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+
+
+def parse_proc_tcp(text: str, inodes: set[str]) -> list[tuple[str, int, str]]:
+    """(remote address, remote port, state code) of each socket in `inodes` that a
+    /proc/PID/net/tcp or tcp6 table lists."""
+    links = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 10 or fields[9] not in inodes:
+            continue
+        host, _, port = fields[2].partition(":")
+        with contextlib.suppress(ValueError, OSError):
+            links.append((_address(host), int(port, 16), fields[3]))
+    return links
+
+
+def process_links(pid: int) -> list[tuple[str, int, str]] | None:
+    """The TCP connections of a local process (remote address, port, state code), from /proc;
+    None when /proc cannot tell (not Linux, or not allowed)."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        inodes = set()
+        for fd in (proc / "fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        links = []
+        for table in ("tcp", "tcp6"):
+            with contextlib.suppress(FileNotFoundError):
+                links += parse_proc_tcp((proc / "net" / table).read_text(), inodes)
+        return links
+    except OSError:
+        return None
+
+
+def lost_links(
+    links: Sequence[tuple[str, int, str]], workers: dict[tuple[str, int], Endpoint]
+) -> list[Endpoint]:
+    """The workers whose end of a connection to the head has closed (the head's side waits in
+    CLOSE_WAIT: the worker was restarted or stopped), from a head's `process_links`."""
+    lost = []
+    for host, port, state in links:
+        worker = workers.get((host, port))
+        if worker is not None and state == TCP_CLOSE_WAIT and worker not in lost:
+            lost.append(worker)
+    return lost
 
 
 _BUSY = (

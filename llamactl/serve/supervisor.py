@@ -11,6 +11,7 @@ import collections
 import contextlib
 import enum
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -448,14 +449,31 @@ class Supervisor:
         then answers a hello has lost the head's connection (it was restarted: the head would
         abort on its next request); one that then refuses connections is gone. Either way
         the head cannot go on: the reason, so that it is restarted once the worker answers.
-        A worker never seen busy (one the head does not use) is left alone."""
+        A worker never seen busy (one the head does not use) is left alone.
+
+        Where the head is a local process, its own connections tell first and without a probe
+        (/proc): the worker's end of one closed (the head's side in CLOSE_WAIT) is a lost
+        worker. Probes cannot always tell: ggml-rpc-server listens with a backlog of one, so
+        while a head holds it, the probes given up on fill its queue and the next connect
+        times out instead of showing the worker busy."""
         seen_busy: set[rpc.Endpoint] = set()
+        addresses = await self._worker_addresses(inst.config.rpc_workers)
         first = True
         while True:
             # The first look at once: a worker lost before it would go unseen.
             if not first:
                 await self._sleep(self.policy.worker_check_interval)
             first = False
+            pid = inst.backend.pid if inst.backend is not None else None
+            links = rpc.process_links(pid) if pid is not None else None
+            if links is not None:
+                lost = rpc.lost_links(links, addresses)
+                if lost:
+                    return (
+                        f"RPC worker {lost[0]} closed the head's connection: it was restarted "
+                        "or stopped, and the head cannot go on without it"
+                    )
+                continue  # the head's links say it all: no probe to fill a worker's queue
             probes = await asyncio.gather(
                 *(
                     rpc.probe_async(w, timeout=self.policy.worker_busy_timeout)
@@ -472,6 +490,24 @@ class Supervisor:
                     )
                 elif p.endpoint in seen_busy and p.problem and "refuses" in p.problem:
                     return f"RPC worker {p.endpoint} is gone ({p.problem})"
+
+    @staticmethod
+    async def _worker_addresses(
+        workers: tuple[rpc.Endpoint, ...],
+    ) -> dict[tuple[str, int], rpc.Endpoint]:
+        """Each worker under the addresses its name resolves to, as /proc lists them."""
+        loop = asyncio.get_running_loop()
+        addresses: dict[tuple[str, int], rpc.Endpoint] = {}
+        for w in workers:
+            try:
+                infos = await asyncio.wait_for(
+                    loop.getaddrinfo(w.host, w.port, type=socket.SOCK_STREAM), 5.0
+                )
+            except (OSError, asyncio.TimeoutError):
+                continue
+            for info in infos:
+                addresses[(str(info[4][0]), w.port)] = w
+        return addresses
 
     def _lifeless(self, inst: Instance, before: Vitals | None, since: float) -> str | None:
         """Why a server whose /health is late is surely hung, or None when it may be busy."""
