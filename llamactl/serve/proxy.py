@@ -1474,8 +1474,8 @@ class Proxy:
             parts = line.split(b" ", 2)
             if len(parts) >= 2 and parts[1].isdigit():
                 status = int(parts[1])
-        except (OSError, asyncio.TimeoutError):
-            pass
+        except (OSError, ValueError, asyncio.TimeoutError):
+            pass  # nobody waits for this answer: the outcome is all that is kept
         finally:
             if writer is not None:
                 writer.close()
