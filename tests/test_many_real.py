@@ -100,6 +100,37 @@ def test_a_stream_waiting_for_a_load_gets_its_answer(many: Serve) -> None:
     assert text.rstrip().endswith("data: [DONE]")
 
 
+def test_a_conversation_is_looked_up_resumed_and_stopped_by_its_id_alone(many: Serve) -> None:
+    """Resumable streams (X-Conversation-Id) across two models: the lookup, the resume and the
+    stop name no model and still reach the llama-server that holds each conversation."""
+    for model, conv in (("alpha", "conv-a"), ("beta", "conv-b")):
+        with httpx.stream(
+            "POST",
+            f"{many.url}/v1/chat/completions",
+            json={**SEED, "model": model, "stream": True, "max_tokens": 8},
+            headers={"X-Conversation-Id": conv},
+            timeout=300,
+        ) as resp:
+            assert resp.status_code == 200
+            assert "".join(resp.iter_text()).rstrip().endswith("data: [DONE]")
+    found = httpx.post(
+        f"{many.url}/v1/streams/lookup",
+        json={"conversation_ids": ["conv-a", "conv-b", "conv-unknown"]},
+        timeout=30,
+    )
+    assert found.status_code == 200
+    assert sorted(e["conversation_id"] for e in found.json()) == ["conv-a", "conv-b"]
+    replay = httpx.get(f"{many.url}/v1/stream", params={"conv_id": "conv-b", "from": 0}, timeout=60)
+    assert replay.status_code == 200 and '"model":"beta"' in replay.text.replace(" ", "")
+    stop = httpx.delete(f"{many.url}/v1/stream", params={"conv_id": "conv-b"}, timeout=30)
+    assert stop.status_code == 204
+    gone = httpx.get(f"{many.url}/v1/stream", params={"conv_id": "conv-b", "from": 0}, timeout=30)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "stream_not_found"
+    # The other conversation is untouched.
+    again = httpx.get(f"{many.url}/v1/stream", params={"conv_id": "conv-a", "from": 0}, timeout=60)
+    assert again.status_code == 200 and "data: " in again.text
+
+
 def test_one_model_is_served_under_its_llamactl_name(
     tmp_path: Path, server_bin: Path, default_model: Path
 ) -> None:
