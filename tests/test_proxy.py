@@ -711,19 +711,27 @@ class ConvProvider(StaticProvider):
         super().__init__(upstream)
         self.loaded = asyncio.Event()
         self.convs: list[tuple[bytes, bytes | None]] = []
+        self.cancelled = 0
 
     async def acquire_conversation(
         self, model: str | None, method: bytes, path: bytes, url: bytes, conv: bytes | None
     ) -> Upstream:
         self.convs.append((path, conv))
-        await self.loaded.wait()
+        await self.wait_loaded()
         return self.upstream
+
+    async def wait_loaded(self) -> None:
+        try:
+            await self.loaded.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
 
     async def acquire(
         self, model: str | None, method: bytes = b"GET", path: bytes = b"/"
     ) -> Upstream:
         self.models.append(model)
-        await self.loaded.wait()
+        await self.wait_loaded()
         return self.upstream
 
 
@@ -770,8 +778,12 @@ def test_a_resumable_stream_whose_client_left_during_the_load_is_still_sent(
             assert pt.call(lambda: provider.releases) == [200]
             assert fake_requests(fake_port) == before + 2  # the chat, then this stats call
         else:
-            time.sleep(0.3)
+            while not pt.call(lambda: provider.cancelled):  # its wait for the model is dropped
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
             assert fake_requests(fake_port) == before + 1  # only this stats call
-        assert pt.call(lambda: len(pt.proxy._detached)) == 0
+        assert pt.call(lambda: (provider.cancelled, len(pt.proxy._detached))) == (
+            (0, 0) if with_conv else (1, 0)
+        )
     finally:
         pt.close()
