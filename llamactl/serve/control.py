@@ -162,6 +162,8 @@ async def http_post(
 async def http_request(
     method: str, host: str, port: int, path: str, auth: bytes | None, body: bytes, timeout: float
 ) -> tuple[int, bytes]:
+    """One request on a fresh connection, closed after the answer: (status, body, de-chunked);
+    (0, b"") when nothing answers in `timeout`. A body other than a GET's goes as JSON."""
     writer = None
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
