@@ -556,3 +556,76 @@ def test_one_model_at_a_time_or_a_gpu_build_keeps_llama_cpps_default_threads() -
 
     drive(body, [decl("a"), decl("b")], models_max=1, cpus=4)
     drive(body, [decl("a"), decl("b")], models_max=2, cpus=0)
+
+
+class FakeLane:
+    """The express lane as the fleet sees it (serve/express.py's Lane): routes it forgets on a
+    change, exchanges in flight per instance, and finished ones handed over on sync."""
+
+    def __init__(self, fleet: ModelFleet) -> None:
+        self.fleet = fleet
+        self.clears = 0
+        self.busy: dict[str, int] = {}
+        self.finished: list[tuple[Upstream, int, float]] = []
+
+    def clear(self) -> None:
+        self.clears += 1
+
+    def in_flight(self, name: str) -> int:
+        return self.busy.get(name, 0)
+
+    def sync(self) -> None:
+        done, self.finished = self.finished, []
+        for upstream, status, elapsed in done:
+            self.fleet.note(upstream, status, elapsed)
+
+
+def test_the_lanes_routes_go_on_every_change_of_state() -> None:
+    async def body(w: World) -> None:
+        lane = FakeLane(w.fleet)
+        w.fleet.attach_lane(lane)
+        w.fleet.release(await w.get("a"), 200)
+        assert lane.clears >= 2  # starting, then ready: a route learned before is gone
+        before = lane.clears
+        w.fleet.request_unload("a")
+        await w.clock.run_until(lambda: w.state("a") == "unloaded")
+        assert lane.clears > before
+
+    drive(body, [decl("a"), decl("b")])
+
+
+def test_the_lanes_requests_count_in_metrics_last_use_and_failures() -> None:
+    async def body(w: World) -> None:
+        lane = FakeLane(w.fleet)
+        w.fleet.attach_lane(lane)
+        a = await w.get("a")
+        w.fleet.release(a, 200)
+        inst = w.sup.instances[a.name]
+        await w.clock.advance(10.0)
+        lane.finished = [(a, 200, 0.001), (a, 500, 0.002), (a, 0, 0.0)]
+        w.fleet._seen()  # every decision syncs first
+        assert w.fleet.metrics.requests[("a", "2xx")] == 2  # one by the proxy, one by the lane
+        assert w.fleet.metrics.errors["a"] == 2
+        assert inst.last_used == w.clock()
+        assert inst.consecutive_bad == 2
+        assert inst.in_flight == 0  # the lane's exchanges hold no lease
+
+    drive(body, [decl("a"), decl("b")])
+
+
+def test_a_model_the_lane_is_serving_is_evicted_only_once_that_ends() -> None:
+    async def body(w: World) -> None:
+        lane = FakeLane(w.fleet)
+        w.fleet.attach_lane(lane)
+        a = await w.get("a")
+        w.fleet.release(a, 200)
+        lane.busy[a.name] = 1
+        newcomer = asyncio.ensure_future(w.fleet.acquire("b"))
+        await w.clock.advance(5.0)
+        assert not newcomer.done() and w.state("a") == "loaded"
+        lane.busy[a.name] = 0
+        await w.clock.run_until(newcomer.done)
+        assert newcomer.result().name.startswith("b")
+        assert w.state("a") == "unloaded"
+
+    drive(body, [decl("a"), decl("b")])

@@ -5,6 +5,7 @@ names them; and one model served under its `llamactl models` name."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -233,3 +234,23 @@ def test_two_models_on_a_cpu_build_share_the_cores(
             assert argv[argv.index("-t") + 1] == share, argv
     finally:
         print(stop(s)[-3000:])
+
+
+def test_tokenize_for_two_models_is_served_by_the_express_lane_and_counted(many: Serve) -> None:
+    # The first request per model goes through Python (which loads the model and teaches the
+    # lane its route); then the lane serves them, on the same keep-alive connection.
+    with httpx.Client(base_url=many.url, timeout=300) as client:
+        for name in ("alpha", "beta") * 20:
+            got = client.post("/tokenize", json={"model": name, "content": "Paris is nice"})
+            assert got.status_code == 200, got.text
+            assert len(got.json()["tokens"]) >= 3
+        bad = client.post("/tokenize", json={"model": "alpha", "content": 5, "x": [1, {}]})
+        assert bad.status_code in (400, 500)  # llama-server's own answer, through the lane
+        broken = client.post("/tokenize", content=b'{"model": "alpha", "content": ')
+        assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_json"
+        metrics = client.get("/metrics").text
+    served = int(re.search(r"^llamactl_express_requests_total (\d+)$", metrics, re.M)[1])  # type: ignore[index]
+    assert served >= 30, metrics[-2000:]
+    for name in ("alpha", "beta"):
+        line = f'llamactl_requests_total{{model="{name}",status="2xx"}} '
+        assert int(metrics.split(line)[1].split()[0]) >= 20

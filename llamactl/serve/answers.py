@@ -105,12 +105,14 @@ def props_json(fleet: Any) -> dict[str, Any]:
 async def metrics_text(fleet: Any) -> str:
     """llamactl's series, then each ready instance's own, labelled with its model."""
     models = [d.name for d in fleet.fleet.models]
+    if fleet._lane is not None:
+        fleet._lane.sync()  # the express lane's requests, counted up to now
     restarts: dict[str, int] = collections.Counter()
     in_flight: dict[str, int] = collections.Counter()
     for inst in fleet.supervisor.instances.values():
         model = inst.config.model or inst.name
         restarts[model] += inst.restarts
-        in_flight[model] += inst.in_flight
+        in_flight[model] += inst.in_flight + fleet._lane_in_flight(inst.name)
     text = fleet.metrics.render(
         models, {m: model_state(fleet, m) for m in models}, dict(restarts), dict(in_flight)
     )
@@ -125,7 +127,23 @@ async def metrics_text(fleet: Any) -> str:
             lines += label_instance_metrics(
                 body.decode(errors="replace"), inst.config.model or inst.name, seen_meta
             )
+    if fleet._lane is not None:
+        lines += express_series(fleet._lane.stats())
     return text + ("\n".join(lines) + "\n" if lines else "")
+
+
+def express_series(stats: dict[str, int]) -> list[str]:
+    """The express lane's counters (serve/express.py) in Prometheus text."""
+    out = []
+    for key, kind, text in (
+        ("requests", "counter", "Requests the express lane served without Python."),
+        ("handed", "counter", "Connections the express lane handed to the Python proxy."),
+        ("taken_back", "counter", "Connections the Python proxy handed back to the lane."),
+        ("connections", "gauge", "Client connections the express lane holds."),
+    ):
+        name = f"llamactl_express_{key}" + ("_total" if kind == "counter" else "")
+        out += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {stats[key]}"]
+    return out
 
 
 async def handle_control(fleet: Any, method: str, path: str, query: str, body: bytes) -> Reply:

@@ -112,6 +112,8 @@ class ModelFleet:
         self._post = post
         #: Which instance owns each conversation's resumable stream (serve/conversations.py).
         self.conversations = conversations.Conversations()
+        #: The proxy's express lane while it runs (attach_lane).
+        self._lane: Any = None
         self.drain_timeout = drain_timeout
         self.worker_wait = worker_wait
         #: Seconds each request holds its model busy before it is sent, and each load waits
@@ -279,6 +281,22 @@ class ModelFleet:
     def replayable(self, upstream: Upstream) -> bool:
         return upstream.name != CONTROL and self.supervisor.replayable(upstream)
 
+    def attach_lane(self, lane: Any) -> None:
+        """The proxy's express lane (None: it stopped): its routes go on any change of state
+        (the supervisor's watch), and its exchanges count in every decision (_seen)."""
+        self._lane = lane
+        self.supervisor.attach_lane(lane)
+
+    def _lane_in_flight(self, name: str) -> int:
+        return self._lane.in_flight(name) if self._lane is not None else 0
+
+    def note(self, upstream: Upstream, outcome: int, elapsed: float = 0.0) -> None:
+        """A request the express lane served: counted as release counts one (no lease)."""
+        inst = self.supervisor.instances.get(upstream.name)
+        self.supervisor.note(upstream, outcome, elapsed)
+        if inst is not None and inst.config.model is not None:
+            self.metrics.request_done(inst.config.model, outcome, elapsed)
+
     def release(self, upstream: Upstream, outcome: int, elapsed: float = 0.0) -> None:
         if upstream.name == CONTROL:
             return
@@ -309,12 +327,14 @@ class ModelFleet:
         )
 
     def _seen(self) -> list[Seen]:
+        if self._lane is not None:
+            self._lane.sync()  # last use and outcomes of what the lane served, up to now
         return [
             Seen(
                 name=i.name,
                 model=i.config.model or i.name,
                 state=i.state.value,
-                in_flight=i.in_flight,
+                in_flight=i.in_flight + self._lane_in_flight(i.name),
                 last_used=i.last_used,
                 pinned=i.config.pinned,
                 bytes=i.config.estimate_bytes,
@@ -635,7 +655,7 @@ class ModelFleet:
             inst.set_state(State.STOPPING, reason)
             self.changed()
             deadline = self._clock() + self.drain_timeout
-            while inst.in_flight > 0:
+            while inst.in_flight > 0 or self._lane_in_flight(name) > 0:
                 left = deadline - self._clock()
                 if left <= 0:
                     if evict:
@@ -649,7 +669,8 @@ class ModelFleet:
                         "unloading %s with %d requests still in flight", name, inst.in_flight
                     )
                     break
-                await self._wait_change(min(1.0, left))
+                # (The lane's exchanges end without a pulse: look again soon.)
+                await self._wait_change(min(1.0 if inst.in_flight else 0.01, left))
             log.info("unloading %s: %s", name, reason)
             await self.supervisor.stop_instance(name, reason)
             model = inst.config.model or name

@@ -7,8 +7,10 @@ over keep-alive connections pooled per upstream and are never re-encoded. See do
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
+import os
 import socket
 import sys
 from collections import deque
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
-from llamactl.serve import listen
+from llamactl.serve import express, listen
 from llamactl.serve.http import BODY_METHODS as _BODY_METHODS
 from llamactl.serve.http import CONNECTION_WORDS as _CONNECTION_WORDS
 from llamactl.serve.http import JSON_ROUTES as _JSON_ROUTES
@@ -94,6 +96,10 @@ class ProxyConfig:
     #: an SSE comment, then one more every as many seconds, so that clients and proxies in
     #: between do not time out (0: never).
     sse_wait_comment_s: float = 2.0
+    #: Serve plain POST /tokenize, /detokenize and /apply-template in the express lane (C, a
+    #: thread of its own: serve/express.py) where the provider supports it; off, or where the
+    #: lane cannot be built, everything goes through Python.
+    express: bool = True
 
 
 def proxy_config(spec: Any) -> ProxyConfig:
@@ -247,6 +253,12 @@ class _ClientConn(asyncio.Protocol):
         self.linger: asyncio.TimerHandle | None = None
         #: The Host names this connection's requests must use (None: any); see connection_made.
         self.hosts = proxy._hosts
+        #: Bytes the express lane read before it handed the connection over.
+        self.preload = b""
+        #: Handed over by the lane for a request it could serve but had no route for (or whose
+        #: llama-server failed it): the route is taught to the lane, then the connection goes
+        #: back to it once idle.
+        self.from_lane = False
 
     # asyncio callbacks
 
@@ -261,6 +273,9 @@ class _ClientConn(asyncio.Protocol):
                 # No browser reaches a Unix socket: no rebinding, whatever Host it sends
                 # (`curl --unix-socket S http://x/` sends "Host: x").
                 self.hosts = None
+        if self.preload:
+            data, self.preload = self.preload, b""
+            self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
         if self.ignore_input:
@@ -564,6 +579,8 @@ class _ClientConn(asyncio.Protocol):
         if proxy._acquire_now is not None and not by_conv:
             upstream = proxy._acquire_now(model, ex.method, path)
             if upstream is not None:
+                if self.from_lane:
+                    proxy._teach(ex, model, path, upstream)
                 self._acquired(ex, upstream)
                 return
         # (Python 3.11's get_running_loop costs a getpid system call: not on the path above.)
@@ -849,6 +866,8 @@ class _ClientConn(asyncio.Protocol):
             self.transport.resume_reading()
         if self.queue:
             self._pump()
+        elif self.from_lane and self.cur is None:
+            self.proxy._give_back(self)
 
     def _close_after_write(self) -> None:
         """Close once the answer is out, without a reset that could eat it: stop sending, read
@@ -985,11 +1004,13 @@ class _Refused(asyncio.Protocol):
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.timer: asyncio.TimerHandle | None = None
+        # Counted from here (the factory's call, just before connection_made): a connection
+        # the express lane hands over is counted before it is adopted.
+        proxy.refused += 1
+        proxy.refusing += 1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         proxy = self.proxy
-        proxy.refused += 1
-        proxy.refusing += 1
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         if proxy.refusing > 64:
             transport.abort()
@@ -1339,6 +1360,10 @@ class Proxy:
         self.now = 0.0
         self.requests = 0
         self.in_flight = 0
+        #: The express lane (serve/express.py), while it runs.
+        self._lane: express.Lane | None = None
+        self._lane_ticker: asyncio.Task[None] | None = None
+        self._adopting: set[asyncio.Task[None]] = set()
 
     def _host_ok(self, value: bytes) -> bool:
         ok = self._hosts_seen.get(value)
@@ -1352,8 +1377,12 @@ class Proxy:
     def _new_connection(self) -> asyncio.Protocol:
         """The protocol for a connection just accepted: served, or over the bound refused."""
         bound = self.config.max_connections
-        if bound and len(self._clients) >= bound:
-            return _Refused(self)
+        if bound:
+            held = len(self._clients)
+            if self._lane is not None:
+                held += self._lane.stats()["connections"]
+            if held >= bound:
+                return _Refused(self)
         return _ClientConn(self)
 
     def _check_key(self, authz: bytes | None, xkey: bytes | None) -> bool:
@@ -1380,6 +1409,10 @@ class Proxy:
         config = self.config
         if sockets is None:
             sockets = listen.bind(config.host, config.port, config.backlog)
+        tcp = [s.getsockname() for s in sockets if s.family != socket.AF_UNIX]
+        name = tcp[0] if tcp else (sockets[0].getsockname(), 0)
+        if ssl is None:
+            sockets = self._start_lane(sockets)
         try:
             for sock in sockets:
                 server: asyncio.AbstractServer
@@ -1392,11 +1425,153 @@ class Proxy:
             for server in self._servers:
                 server.close()
             self._servers.clear()
+            self._close_lane()
             raise
-        tcp = [s.getsockname() for s in sockets if s.family != socket.AF_UNIX]
-        name = tcp[0] if tcp else (sockets[0].getsockname(), 0)
         self._address = (str(name[0]), int(name[1]))
         self._ticker = loop.create_task(self._tick())
+
+    # the express lane
+
+    def _start_lane(self, sockets: list[socket.socket]) -> list[socket.socket]:
+        """Give the TCP sockets to the express lane when it may run (a provider that can keep
+        its routes: `attach_lane`); the sockets left for asyncio to serve."""
+        attach = getattr(self.provider, "attach_lane", None)
+        tcp = [s for s in sockets if s.family != socket.AF_UNIX]
+        if not self.config.express or attach is None or not tcp:
+            return sockets
+        lib = express.library()
+        if lib is None:
+            return sockets
+        config = self.config
+        lane = express.Lane(
+            lib,
+            max_connections=config.max_connections,
+            keepalive_timeout=config.keepalive_timeout,
+            upstream_timeout=config.upstream_timeout,
+            keys=self._keys,
+            hosts_any=self._hosts is None,
+        )
+        for sock in tcp:
+            lane.listen(sock.detach())
+        lane.fold = self._fold
+        lane.start()
+        self._lane = lane
+        loop = asyncio.get_running_loop()
+        loop.add_reader(lane.notify_fd, self._lane_ready)
+        self._lane_ticker = loop.create_task(self._lane_tick())
+        attach(lane)
+        log.info("%s", express.describe(lane))
+        return [s for s in sockets if s.family == socket.AF_UNIX]
+
+    def _fold(self, upstream: Upstream, status: int, elapsed: float) -> None:
+        """One exchange the lane served, counted as if the Python proxy had."""
+        self.requests += 1
+        self.provider.note(upstream, status, elapsed)  # type: ignore[attr-defined]
+
+    async def _lane_tick(self) -> None:
+        lane = self._lane
+        while lane is not None:
+            await asyncio.sleep(0.1)
+            lane.sync()
+
+    def _lane_ready(self) -> None:
+        """The lane handed connections over: adopt each with the bytes it read."""
+        lane = self._lane
+        if lane is None:
+            return
+        try:
+            os.read(lane.notify_fd, 8)
+        except BlockingIOError:
+            pass
+        loop = asyncio.get_running_loop()
+        while True:
+            taken = lane.take()
+            if taken is None:
+                return
+            fd, reason, data = taken
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+                continue
+            if self._closing:
+                sock.close()
+                continue
+            proto = self._new_connection()
+            if isinstance(proto, _ClientConn):
+                proto.preload = data
+                proto.from_lane = reason != express.OTHER
+            elif isinstance(proto, _Refused) and self.refusing > 64:
+                proto.connection_lost(None)  # past the bound of refusals: closed at once
+                sock.close()
+                continue
+            task = loop.create_task(self._adopt(proto, sock))
+            self._adopting.add(task)
+            task.add_done_callback(self._adopting.discard)
+
+    async def _adopt(self, proto: asyncio.Protocol, sock: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: proto, sock)
+        except (OSError, asyncio.CancelledError) as exc:
+            sock.close()
+            if isinstance(proto, _Refused):
+                proto.connection_lost(None)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+    def _teach(self, ex: _Exchange, model: str | None, path: bytes, upstream: Upstream) -> None:
+        """Teach the lane the route a request it handed over has just taken without a wait,
+        when it is one the lane may serve (a local llama-server, an express path)."""
+        lane = self._lane
+        if (
+            lane is None
+            or ex.method != b"POST"
+            or path not in express.EXPRESS_PATHS
+            or ex.conv is not None
+            or upstream.tls is not None
+            or upstream.replicated
+            or upstream.host_header is not None
+        ):
+            return
+        if ex.host is not None and self._hosts is not None:
+            lane.allow_host(ex.host)  # found good for this request: it reached acquire
+        lane.learn(model, upstream)
+
+    def _give_back(self, client: _ClientConn) -> None:
+        """Hand an idle connection (nothing queued, its answers all written) back to the
+        lane."""
+        lane = self._lane
+        transport = client.transport
+        if lane is None or self._closing or transport.get_write_buffer_size():
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return
+        try:
+            fd = os.dup(sock.fileno())
+        except OSError:
+            return
+        if not lane.give(fd):
+            os.close(fd)
+            return
+        client.closed = True
+        client.ignore_input = True
+        transport.abort()  # closes this side's descriptor only: the lane's copy lives on
+
+    def _close_lane(self) -> None:
+        lane, self._lane = self._lane, None
+        if lane is None:
+            return
+        if self._lane_ticker is not None:
+            self._lane_ticker.cancel()
+            self._lane_ticker = None
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(lane.notify_fd)
+        lane.sync()
+        detach = getattr(self.provider, "attach_lane", None)
+        if detach is not None:
+            detach(None)
+        lane.close()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -1407,11 +1582,14 @@ class Proxy:
 
     @property
     def stats(self) -> ProxyStats:
-        """A snapshot of the counters."""
+        """A snapshot of the counters (the express lane's included)."""
+        lane = self._lane.stats() if self._lane is not None else {}
+        if self._lane is not None:
+            self._lane.sync()
         return ProxyStats(
             requests=self.requests,
-            in_flight=self.in_flight,
-            connections=len(self._clients),
+            in_flight=self.in_flight + lane.get("in_flight", 0),
+            connections=len(self._clients) + lane.get("connections", 0),
             upstream_idle=sum(len(v) for v in self._idle.values()),
         )
 
@@ -1420,10 +1598,18 @@ class Proxy:
         self._closing = True
         for server in self._servers:
             server.close()
+        lane = self._lane
+        if lane is not None:
+            lane.stop()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while self.in_flight > 0 and loop.time() < deadline:
+        while loop.time() < deadline and (
+            self.in_flight > 0 or (lane is not None and lane.stats()["in_flight"] > 0)
+        ):
             await asyncio.sleep(0.05)
+        self._close_lane()
+        for task in list(self._adopting):
+            task.cancel()
         for client in list(self._clients):
             client.transport.abort()
         for conns in self._idle.values():

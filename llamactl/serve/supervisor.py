@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from llamactl.errors import ServerStartError
 from llamactl.serve import rpc
@@ -109,6 +110,8 @@ class Instance:
     last_used: float = 0.0  # clock time of the last request given to it
     slots: int = 1 << 30  # parallel slots (llama-server's /props total_slots); unknown: many
     failed_at: float | None = None  # clock time of its last failed load
+    #: Called on every change of state (the supervisor drops the express lane's routes).
+    watch: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -123,6 +126,8 @@ class Instance:
         if state is not self.state:
             log.info("instance %s: %s -> %s (%s)", self.name, self.state.value, state.value, reason)
         self.state = state
+        if self.watch is not None:
+            self.watch()
         if state is State.READY:
             self.ready_event.set()
         else:
@@ -152,6 +157,9 @@ class Supervisor:
             backend_factory = local_backend
         self._new_backend = backend_factory
         self._stopping = False
+        #: The proxy's express lane (serve/express.py) while it runs: its learned routes go
+        #: on any change of an instance's state.
+        self._lane: Any = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -160,8 +168,17 @@ class Supervisor:
         its llama-server before the event loop exists, to save start-up time), adopted by
         `start`."""
         inst = Instance(config=config, backend=process)
+        inst.watch = self._routes_changed
         self.instances[config.name] = inst
         return inst
+
+    def attach_lane(self, lane: Any) -> None:
+        """The proxy's express lane (None: it stopped); see serve/express.py."""
+        self._lane = lane
+
+    def _routes_changed(self) -> None:
+        if self._lane is not None:
+            self._lane.clear()
 
     async def start(self, name: str) -> Instance:
         """First start of an instance, then its supervision. A failure is raised (serve exits
@@ -624,6 +641,17 @@ class Supervisor:
         if inst is None:
             return
         inst.in_flight = max(0, inst.in_flight - 1)
+        self._outcome(inst, upstream, outcome)
+
+    def note(self, upstream: Upstream, outcome: int, elapsed: float = 0.0) -> None:
+        """A request the express lane served (no lease): counted as release counts it."""
+        inst = self.instances.get(upstream.name)
+        if inst is None:
+            return
+        inst.last_used = self._clock()
+        self._outcome(inst, upstream, outcome)
+
+    def _outcome(self, inst: Instance, upstream: Upstream, outcome: int) -> None:
         if upstream.generation != inst.generation:
             return
         if 0 < outcome < 500 or outcome == 501:
