@@ -629,3 +629,22 @@ def test_a_model_the_lane_is_serving_is_evicted_only_once_that_ends() -> None:
         assert w.state("a") == "unloaded"
 
     drive(body, [decl("a"), decl("b")])
+
+
+def test_the_lane_is_given_only_ready_single_replica_routes() -> None:
+    async def body(w: World) -> None:
+        assert w.fleet.express_route("a") is None  # not loaded
+        a = await w.get("a")
+        w.fleet.release(a, 200)
+        assert w.fleet.express_route("a") == a
+        w.fleet.changed()  # the fast path forgot it: the route is found all the same
+        assert w.fleet.express_route("a") == a
+        assert w.fleet.express_route("nope") is None
+        r = await w.get("r")
+        w.fleet.release(r, 200)
+        assert w.fleet.express_route("r") is None  # replicas: the fleet picks by free slot
+        w.fleet.request_unload("a")
+        await w.clock.run_until(lambda: w.state("a") == "unloaded")
+        assert w.fleet.express_route("a") is None
+
+    drive(body, [decl("a"), decl("r", replicas=2)], models_max=3)

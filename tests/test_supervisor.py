@@ -357,3 +357,37 @@ def test_close_stops_a_backend_that_is_still_starting() -> None:
         assert backends.made[0].stopped
 
     drive(body)
+
+
+class _Lane:
+    def __init__(self) -> None:
+        self.clears = 0
+
+    def clear(self) -> None:
+        self.clears += 1
+
+
+def test_the_express_lane_forgets_its_route_on_a_restart_and_its_failures_count() -> None:
+    async def body(sup: Supervisor, clock: FakeClock, backends: FakeBackends) -> None:
+        lane = _Lane()
+        sup.attach_lane(lane)
+        inst = await start(sup, clock)
+        first = sup.express_route("any")
+        assert first is not None and first.port == backends.made[0].port
+        assert inst.in_flight == 0  # no lease
+        cleared = lane.clears
+        backends.made[0].crash(-9)
+        await clock.run_until(state_is(sup, State.BACKOFF))
+        assert lane.clears > cleared and sup.express_route("any") is None
+        await clock.run_until(state_is(sup, State.READY))
+        second = sup.express_route(None)
+        assert second is not None and second.generation == first.generation + 1
+        # The lane's exchanges count as released ones do: a run of 500s makes a probe.
+        backends.script.probe_ok = False
+        for _ in range(FAST.broken_after):
+            sup.note(second, 500, 0.001)
+        await clock.run_until(state_is(sup, State.BACKOFF))
+        assert "fails every request" in (inst.last_error or "")
+        assert inst.in_flight == 0
+
+    drive(body)

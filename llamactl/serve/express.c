@@ -66,6 +66,7 @@ struct conn;
 
 typedef struct slot {
     int used;                 /* registered by Python (xl_upstream) */
+    int gen;                  /* bumped on each reuse: Python's (slot, gen) names one upstream */
     int retired;              /* no name leads here any more (xl_clear) */
     struct sockaddr_storage addr;
     socklen_t addrlen;
@@ -157,6 +158,7 @@ typedef struct lane {
     /* counters */
     uint64_t requests, handed, taken_back;
     int conns, in_flight;
+    int py_conns;        /* client connections the Python proxy holds (xl_python_conns) */
     conn_t *all;
     conn_t *grave_c;     /* closed in this turn of the loop: freed after it */
     up_t *grave_u;
@@ -818,9 +820,7 @@ static void finish_exchange(lane_t *l, conn_t *c, int status, int pool) {
             pthread_mutex_lock(&l->mu);
             slot_t *s = &l->slots[slot];
             if (!s->retired && s->nidle < 64) {
-                free(u->in);
-                u->in = NULL;
-                u->in_len = u->in_cap = 0;
+                u->in_len = 0; /* its buffer stays for the next answer's head */
                 u->phase = UP_IDLE;
                 u->fresh = 0;
                 u->next = s->idle;
@@ -838,6 +838,7 @@ static void finish_exchange(lane_t *l, conn_t *c, int status, int pool) {
     l->in_flight--;
     if (status >= 0) journal_add(l, slot, status, now_ns() - c->t0);
     if (status < 0) {
+        l->requests--; /* Python answers it, and counts it */
         /* Its llama-server is gone or broken: no request goes there until Python has seen
          * to it (it drops every route on any change of state, then learns them again). */
         l->slots[slot].retired = 1;
@@ -1067,7 +1068,8 @@ static void up_head(lane_t *l, up_t *u, conn_t *c) {
         free(out);
         if (w < 0) { client_gone(l, c); return; }
         size_t rest = u->in_len - head_len;
-        int fail = 0, done = u->framing == F_NONE;
+        int fail = 0;
+        int done = u->framing == F_NONE || (u->framing == F_LENGTH && u->remaining == 0);
         if (rest && !done) {
             done = relay_body(l, u, c, u->in + head_len, rest, &fail);
             if (done < 0) return;
@@ -1236,7 +1238,8 @@ static void accept_all(lane_t *l, int lfd) {
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         conn_t *c = NULL;
-        int over = l->max_conns > 0 && l->conns >= l->max_conns;
+        int over = l->max_conns > 0 &&
+                   l->conns + __atomic_load_n(&l->py_conns, __ATOMIC_RELAXED) >= l->max_conns;
         if (!over) c = conn_new(l, fd);
         if (!c) {
             /* Over the bound: Python answers it (a 503); past 64 waiting for Python, closed at
@@ -1290,6 +1293,10 @@ static void sweep(lane_t *l) {
         next = c->next;
         if (c->busy) {
             up_t *u = c->up;
+            if (u && u->phase == UP_CONNECTING && now - u->stamp > l->connect_ms) {
+                up_failed(l, u); /* not taken: Python's path decides (504 or a restart) */
+                continue;
+            }
             if (u && now - u->stamp > l->upstream_ms) {
                 finish_exchange(l, c, 0, 0);
                 conn_close(l, c);
@@ -1394,7 +1401,8 @@ int xl_version(void) { return XL_VERSION; }
 
 int xl_take_max(void) { return IN_MAX; }
 
-lane_t *xl_create(int notify_fd, int max_conns, int keepalive_ms, int upstream_ms) {
+lane_t *xl_create(int notify_fd, int max_conns, int keepalive_ms, int upstream_ms,
+                  int connect_ms) {
     lane_t *l = calloc(1, sizeof *l);
     if (!l) return NULL;
     pthread_mutex_init(&l->mu, NULL);
@@ -1402,6 +1410,7 @@ lane_t *xl_create(int notify_fd, int max_conns, int keepalive_ms, int upstream_m
     l->max_conns = max_conns;
     l->keepalive_ms = (uint64_t)keepalive_ms;
     l->upstream_ms = (uint64_t)upstream_ms;
+    l->connect_ms = (uint64_t)connect_ms;
     l->ep = epoll_create1(EPOLL_CLOEXEC);
     l->wake = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (l->ep < 0 || l->wake < 0) {
@@ -1485,7 +1494,9 @@ int xl_upstream(lane_t *l, const char *ip, int port, const char *auth, int authl
     }
     if (found >= 0) {
         slot_t *s = &l->slots[found];
+        int gen = s->gen + 1;
         memset(s, 0, sizeof *s);
+        s->gen = gen;
         s->used = 1;
         s->addr = ss;
         s->addrlen = sl;
@@ -1497,19 +1508,35 @@ int xl_upstream(lane_t *l, const char *ip, int port, const char *auth, int authl
     return found;
 }
 
+/* The slot's generation while requests may still be routed to it, else -1 (retired). */
+int xl_slot_gen(lane_t *l, int slot) {
+    if (slot < 0 || slot >= MAX_SLOTS) return -1;
+    pthread_mutex_lock(&l->mu);
+    slot_t *s = &l->slots[slot];
+    int gen = s->used && !s->retired ? s->gen : -1;
+    pthread_mutex_unlock(&l->mu);
+    return gen;
+}
+
 /* Requests naming `name` (len -1: naming no model) go to `slot`. */
 int xl_name(lane_t *l, const char *name, int len, int slot) {
     if (slot < 0 || slot >= MAX_SLOTS || len >= NAME_MAX_LEN) return -1;
     pthread_mutex_lock(&l->mu);
     int r = 0;
-    if (!l->slots[slot].used || l->slots[slot].retired) r = -1;
-    else if (find_name(l, name, len) >= 0) r = 0;
-    else if (l->nnames == MAX_NAMES) r = -1;
-    else {
-        name_t *n = &l->names[l->nnames++];
-        n->len = len;
-        if (len > 0) memcpy(n->s, name, (size_t)len);
-        n->slot = slot;
+    if (!l->slots[slot].used || l->slots[slot].retired) {
+        r = -1;
+    } else {
+        name_t *n = NULL;
+        for (int i = 0; i < l->nnames && !n; i++)
+            if (l->names[i].len == len && (len <= 0 || memcmp(l->names[i].s, name, (size_t)len) == 0))
+                n = &l->names[i];
+        if (!n && l->nnames < MAX_NAMES) {
+            n = &l->names[l->nnames++];
+            n->len = len;
+            if (len > 0) memcpy(n->s, name, (size_t)len);
+        }
+        if (n) n->slot = slot; /* the newest route for a name wins */
+        else r = -1;
     }
     pthread_mutex_unlock(&l->mu);
     return r;
@@ -1541,6 +1568,9 @@ int xl_drain(lane_t *l, uint32_t *out, int cap) {
     pthread_mutex_unlock(&l->mu);
     return n;
 }
+
+/* How many client connections the Python proxy holds: they count in the bound too. */
+void xl_python_conns(lane_t *l, int n) { __atomic_store_n(&l->py_conns, n, __ATOMIC_RELAXED); }
 
 int xl_in_flight(lane_t *l, int slot) {
     if (slot < 0 || slot >= MAX_SLOTS) return 0;

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,7 @@ _JOURNAL_BATCH = 4096
 
 _lib: ctypes.CDLL | None = None
 _lib_tried = False
+_lib_lock = threading.Lock()
 
 
 def enabled() -> bool:
@@ -98,8 +100,20 @@ def build(quiet: bool = True) -> Path | None:
     return target
 
 
+def prebuild() -> None:
+    """Build and load the lane in a thread (serve calls it once llama-server is loading its
+    model, so that a first build costs no time to ready)."""
+    if enabled():
+        threading.Thread(target=library, name="express-build", daemon=True).start()
+
+
 def library() -> ctypes.CDLL | None:
     """The lane's library, built and loaded once per process; None where it cannot be."""
+    with _lib_lock:
+        return _library()
+
+
+def _library() -> ctypes.CDLL | None:
     global _lib, _lib_tried
     if _lib_tried:
         return _lib
@@ -120,13 +134,16 @@ def library() -> ctypes.CDLL | None:
         return None
     vp, c_int, c_char_p = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p
     lib.xl_create.restype = vp
-    lib.xl_create.argtypes = [c_int, c_int, c_int, c_int]
+    lib.xl_create.argtypes = [c_int, c_int, c_int, c_int, c_int]
     lib.xl_listen.argtypes = [vp, c_int]
     lib.xl_key.argtypes = [vp, c_char_p, c_int]
     lib.xl_host.argtypes = [vp, c_char_p, c_int, c_int]
     lib.xl_start.argtypes = [vp]
     lib.xl_upstream.argtypes = [vp, c_char_p, c_int, c_char_p, c_int]
     lib.xl_name.argtypes = [vp, c_char_p, c_int, c_int]
+    lib.xl_slot_gen.argtypes = [vp, c_int]
+    lib.xl_python_conns.argtypes = [vp, c_int]
+    lib.xl_python_conns.restype = None
     lib.xl_clear.argtypes = [vp]
     lib.xl_clear.restype = None
     lib.xl_drain.argtypes = [vp, ctypes.POINTER(ctypes.c_uint32), c_int]
@@ -162,6 +179,7 @@ class Lane:
         max_connections: int,
         keepalive_timeout: float,
         upstream_timeout: float,
+        connect_timeout: float,
         keys: tuple[bytes, ...],
         hosts_any: bool,
     ) -> None:
@@ -173,6 +191,7 @@ class Lane:
             max_connections,
             int(keepalive_timeout * 1000),
             int(upstream_timeout * 1000),
+            int(connect_timeout * 1000),
         )
         if not ptr:
             os.close(self.notify_fd)
@@ -190,8 +209,8 @@ class Lane:
         self._stats = (ctypes.c_int64 * 6)()
         #: slot -> the Upstream it stands for (kept after a clear, for the slot's records).
         self._slot_upstream: dict[int, Upstream] = {}
-        self._upstream_slot: dict[Upstream, int] = {}
-        self._names: set[str | None] = set()
+        #: Upstream -> (slot, the slot's generation when it was registered).
+        self._upstream_slot: dict[Upstream, tuple[int, int]] = {}
         self._closed = False
         #: Called with (upstream, status, seconds) for each exchange the lane finished (sync).
         self.fold: Callable[[Upstream, int, float], None] = lambda upstream, status, elapsed: None
@@ -211,24 +230,31 @@ class Lane:
             self._hosts.add(host)
             self._lib.xl_host(self._ptr, host, len(host), 0)
 
-    def learn(self, model: str | None, upstream: Upstream) -> None:
-        """Requests naming `model` (None: naming none) go to `upstream`, a local llama-server
-        the provider has just handed out for it without waiting (acquire_nowait)."""
-        if model in self._names:
-            return
-        slot = self._upstream_slot.get(upstream)
-        if slot is None:
+    def learn(self, model: str | None, upstream: Upstream) -> bool:
+        """Requests naming `model` (None: naming none) go to `upstream`, the local
+        llama-server the provider routes it to without a wait (its `express_route`); False
+        when the lane cannot take the route (its tables are full)."""
+        if self._closed:
+            return False
+        lib, ptr = self._lib, self._ptr
+        known = self._upstream_slot.get(upstream)
+        # The lane retires a slot by itself when its llama-server fails a request, and may give
+        # it to another upstream afterwards: the generation tells.
+        if known is not None and lib.xl_slot_gen(ptr, known[0]) != known[1]:
+            known = None
+        if known is None:
             auth = upstream.auth or b""
-            slot = self._lib.xl_upstream(
-                self._ptr, upstream.host.encode(), upstream.port, auth, len(auth)
-            )
-            if slot < 0:
-                return
+            slot = lib.xl_upstream(ptr, upstream.host.encode(), upstream.port, auth, len(auth))
+            gen = lib.xl_slot_gen(ptr, slot) if slot >= 0 else -1
+            if gen < 0:
+                return False
+            known = (slot, gen)
             self._slot_upstream[slot] = upstream
-            self._upstream_slot[upstream] = slot
+            self._upstream_slot[upstream] = known
         raw = model.encode() if model is not None else b""
-        if self._lib.xl_name(self._ptr, raw, len(raw) if model is not None else -1, slot) == 0:
-            self._names.add(model)
+        # (A name the lane already has leads to a live slot: the lane drops the names of a slot
+        # it retires.)
+        return lib.xl_name(ptr, raw, len(raw) if model is not None else -1, known[0]) == 0
 
     def clear(self) -> None:
         """Forget every route (the provider's state changed): requests go through Python until
@@ -236,7 +262,6 @@ class Lane:
         if self._closed:
             return
         self._lib.xl_clear(self._ptr)
-        self._names.clear()
         self._upstream_slot.clear()
 
     def drain(self) -> list[tuple[Upstream, int, float]]:
@@ -285,6 +310,11 @@ class Lane:
             "taken_back": s[4],
             "lost": s[5],
         }
+
+    def python_connections(self, count: int) -> None:
+        """How many client connections the Python proxy holds (the bound counts both)."""
+        if not self._closed:
+            self._lib.xl_python_conns(self._ptr, count)
 
     def take(self) -> tuple[int, int, bytes] | None:
         """The next connection handed to Python: (descriptor, reason, bytes read), or None."""

@@ -287,6 +287,28 @@ class ModelFleet:
         self._lane = lane
         self.supervisor.attach_lane(lane)
 
+    def express_route(self, model: str | None) -> Upstream | None:
+        """Where the express lane may send a slot-free request naming `model`, without a wait
+        or a lease: the instance the fast path holds for that name (one replica, ready)."""
+        inst = self._fast.get(model)
+        if inst is None:
+            # Not routed since the last change: the one ready instance of a single-replica model.
+            decl = self._names.get(model)  # type: ignore[arg-type]
+            if decl is None or decl.replicas != 1:
+                return None
+            ready = [
+                i
+                for i in self.supervisor.instances.values()
+                if i.config.model == decl.name and i.state is State.READY
+            ]
+            inst = ready[0] if len(ready) == 1 else None
+        if self.hold or inst is None or inst.state is not State.READY:
+            return None
+        backend = inst.backend
+        if inst.upstream is None or (backend is not None and backend.returncode is not None):
+            return None
+        return inst.upstream
+
     def _lane_in_flight(self, name: str) -> int:
         return self._lane.in_flight(name) if self._lane is not None else 0
 

@@ -214,6 +214,9 @@ def serve(spec: ServeSpec) -> int:
         server.private_spec(binary, args, log_path), echo=echo.write if echo else None
     )
     process.spawn()
+    from llamactl.serve import express
+
+    express.prebuild()  # the proxy's express lane, built (first time) while the model loads
     try:
         exposed = listen.exposed(spec.host)
         if exposed and not spec.api_keys:

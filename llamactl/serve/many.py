@@ -59,6 +59,9 @@ def serve_many(
 
     fleet = declare_fleet(spec)
     front = listen.open_spec_front(spec)
+    from llamactl.serve import express
+
+    express.prebuild()  # the proxy's express lane (a first build) while the rest starts
     echo = None
     try:
         record_id = records.new_id()

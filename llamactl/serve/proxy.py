@@ -266,7 +266,10 @@ class _ClientConn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         # Bounded buffering towards a slow reader; past it the upstream is paused instead.
         self.transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
-        self.proxy._clients.add(self)
+        proxy = self.proxy
+        proxy._clients.add(self)
+        if proxy._lane is not None:
+            proxy._lane.python_connections(len(proxy._clients))
         if self.hosts is not None:
             sock = transport.get_extra_info("socket")
             if sock is not None and sock.family == socket.AF_UNIX:
@@ -305,7 +308,10 @@ class _ClientConn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.proxy._clients.discard(self)
+        proxy = self.proxy
+        proxy._clients.discard(self)
+        if proxy._lane is not None:
+            proxy._lane.python_connections(len(proxy._clients))
         if self.linger is not None:
             self.linger.cancel()
             self.linger = None
@@ -579,8 +585,6 @@ class _ClientConn(asyncio.Protocol):
         if proxy._acquire_now is not None and not by_conv:
             upstream = proxy._acquire_now(model, ex.method, path)
             if upstream is not None:
-                if self.from_lane:
-                    proxy._teach(ex, model, path, upstream)
                 self._acquired(ex, upstream)
                 return
         # (Python 3.11's get_running_loop costs a getpid system call: not on the path above.)
@@ -867,7 +871,7 @@ class _ClientConn(asyncio.Protocol):
         if self.queue:
             self._pump()
         elif self.from_lane and self.cur is None:
-            self.proxy._give_back(self)
+            self.proxy._give_back(self, ex)
 
     def _close_after_write(self) -> None:
         """Close once the answer is out, without a reset that could eat it: stop sending, read
@@ -1448,6 +1452,7 @@ class Proxy:
             max_connections=config.max_connections,
             keepalive_timeout=config.keepalive_timeout,
             upstream_timeout=config.upstream_timeout,
+            connect_timeout=config.connect_timeout,
             keys=self._keys,
             hosts_any=self._hosts is None,
         )
@@ -1519,30 +1524,32 @@ class Proxy:
             if isinstance(exc, asyncio.CancelledError):
                 raise
 
-    def _teach(self, ex: _Exchange, model: str | None, path: bytes, upstream: Upstream) -> None:
-        """Teach the lane the route a request it handed over has just taken without a wait,
-        when it is one the lane may serve (a local llama-server, an express path)."""
+    def _give_back(self, client: _ClientConn, ex: _Exchange) -> None:
+        """After the answer to a request the lane handed over because it had no route for it
+        (or its llama-server failed it): teach the lane the route the provider now has for its
+        model, when there is one, and hand the idle connection back. Otherwise the connection
+        stays here (an unknown model, a model still loading: no ping-pong per request)."""
         lane = self._lane
+        transport = client.transport
+        if lane is None or self._closing or transport.get_write_buffer_size():
+            return
+        path = ex.url.partition(b"?")[0]
+        if ex.method != b"POST" or path not in express.EXPRESS_PATHS or ex.conv is not None:
+            return
+        route = getattr(self.provider, "express_route", None)
+        upstream = route(ex.model) if route is not None else None
         if (
-            lane is None
-            or ex.method != b"POST"
-            or path not in express.EXPRESS_PATHS
-            or ex.conv is not None
+            upstream is None
             or upstream.tls is not None
             or upstream.replicated
             or upstream.host_header is not None
         ):
             return
-        if ex.host is not None and self._hosts is not None:
-            lane.allow_host(ex.host)  # found good for this request: it reached acquire
-        lane.learn(model, upstream)
-
-    def _give_back(self, client: _ClientConn) -> None:
-        """Hand an idle connection (nothing queued, its answers all written) back to the
-        lane."""
-        lane = self._lane
-        transport = client.transport
-        if lane is None or self._closing or transport.get_write_buffer_size():
+        if ex.host is not None and client.hosts is not None:
+            if not self._host_ok(ex.host):
+                return
+            lane.allow_host(ex.host)
+        if not lane.learn(ex.model, upstream):
             return
         sock = transport.get_extra_info("socket")
         if sock is None:

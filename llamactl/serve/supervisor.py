@@ -577,6 +577,15 @@ class Supervisor:
                 return inst.upstream
         return None
 
+    def express_route(self, model: str | None) -> Upstream | None:
+        """Where the express lane may send a slot-free request naming `model` (any: one
+        instance serves every name) without a wait or a lease: the ready instance, else None."""
+        inst = next(iter(self.instances.values()), None)
+        if inst is None or inst.state is not State.READY or inst.upstream is None:
+            return None
+        process = inst.backend
+        return inst.upstream if process is None or process.returncode is None else None
+
     async def acquire(
         self, model: str | None, method: bytes = b"GET", path: bytes = b"/"
     ) -> Upstream:

@@ -49,7 +49,14 @@ class UpstreamProvider(Protocol):
     `acquire_conversation(model, method, path, url, conv)`, a coroutine the proxy awaits
     instead of `acquire` for a request with an X-Conversation-Id (`conv`) or on a stream route
     (`/v1/stream`, `/v1/streams/lookup`); the proxy then still sends such a request when its
-    client leaves while it waits (serve/conversations.py)."""
+    client leaves while it waits (serve/conversations.py).
+
+    A provider that can keep the express lane's routes (serve/express.py: the supervisor, a
+    fleet) offers `attach_lane(lane)` (it calls `lane.clear()` on any change of state and
+    counts `lane.in_flight(name)` where requests under way matter), `express_route(model)`
+    (the ready local upstream a slot-free request naming `model` may go to, no lease) and
+    `note(upstream, outcome, elapsed)` (an exchange the lane served, counted as `release`
+    counts one). The proxy starts the lane only for such a provider."""
 
     async def acquire(
         self, model: str | None, method: bytes = b"GET", path: bytes = b"/"
