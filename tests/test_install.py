@@ -164,6 +164,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
 def test_the_wheel_carries_the_pin(installed: Installed) -> None:
     with zipfile.ZipFile(installed.wheel) as z:
         assert "llamactl/build/llama.cpp.pin.json" in z.namelist()
+        # The express lane's source: an installed serve compiles it on first use.
+        assert "llamactl/serve/express.c" in z.namelist()
 
 
 @pytest.mark.real
