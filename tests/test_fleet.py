@@ -580,6 +580,15 @@ class FakeLane:
             self.fleet.note(upstream, status, elapsed)
 
 
+async def lane_and_a(w: World) -> tuple[FakeLane, Upstream]:
+    """A fake lane attached to the fleet, and model a loaded (one request served)."""
+    lane = FakeLane(w.fleet)
+    w.fleet.attach_lane(lane)
+    a = await w.get("a")
+    w.fleet.release(a, 200)
+    return lane, a
+
+
 def test_the_lanes_routes_go_on_every_change_of_state() -> None:
     async def body(w: World) -> None:
         lane = FakeLane(w.fleet)
@@ -596,10 +605,7 @@ def test_the_lanes_routes_go_on_every_change_of_state() -> None:
 
 def test_the_lanes_requests_count_in_metrics_last_use_and_failures() -> None:
     async def body(w: World) -> None:
-        lane = FakeLane(w.fleet)
-        w.fleet.attach_lane(lane)
-        a = await w.get("a")
-        w.fleet.release(a, 200)
+        lane, a = await lane_and_a(w)
         inst = w.sup.instances[a.name]
         await w.clock.advance(10.0)
         lane.finished = [(a, 200, 0.001), (a, 500, 0.002), (a, 0, 0.0)]
@@ -615,10 +621,7 @@ def test_the_lanes_requests_count_in_metrics_last_use_and_failures() -> None:
 
 def test_a_model_the_lane_is_serving_is_evicted_only_once_that_ends() -> None:
     async def body(w: World) -> None:
-        lane = FakeLane(w.fleet)
-        w.fleet.attach_lane(lane)
-        a = await w.get("a")
-        w.fleet.release(a, 200)
+        lane, a = await lane_and_a(w)
         lane.busy[a.name] = 1
         newcomer = asyncio.ensure_future(w.fleet.acquire("b"))
         await w.clock.advance(5.0)

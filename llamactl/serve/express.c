@@ -159,6 +159,7 @@ typedef struct lane {
     uint64_t requests, handed, taken_back;
     int conns, in_flight;
     int py_conns;        /* client connections the Python proxy holds (xl_python_conns) */
+    int py_refusing;     /* and those it is turning away with a 503 */
     conn_t *all;
     conn_t *grave_c;     /* closed in this turn of the loop: freed after it */
     up_t *grave_u;
@@ -1246,7 +1247,7 @@ static void accept_all(lane_t *l, int lfd) {
              * once, so that a flood cannot exhaust descriptors (as the Python proxy does). */
             handoff_t *h = calloc(1, sizeof *h);
             pthread_mutex_lock(&l->mu);
-            int full = l->queued >= 64;
+            int full = l->queued + __atomic_load_n(&l->py_refusing, __ATOMIC_RELAXED) >= 64;
             if (h && !full) {
                 h->fd = fd;
                 h->reason = XL_OTHER;
@@ -1569,8 +1570,12 @@ int xl_drain(lane_t *l, uint32_t *out, int cap) {
     return n;
 }
 
-/* How many client connections the Python proxy holds: they count in the bound too. */
-void xl_python_conns(lane_t *l, int n) { __atomic_store_n(&l->py_conns, n, __ATOMIC_RELAXED); }
+/* How many client connections the Python proxy holds (they count in the bound too), and how
+ * many it is turning away (with those waiting in the queue, at most 64 at once). */
+void xl_python_conns(lane_t *l, int n, int refusing) {
+    __atomic_store_n(&l->py_conns, n, __ATOMIC_RELAXED);
+    __atomic_store_n(&l->py_refusing, refusing, __ATOMIC_RELAXED);
+}
 
 int xl_in_flight(lane_t *l, int slot) {
     if (slot < 0 || slot >= MAX_SLOTS) return 0;

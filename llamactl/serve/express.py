@@ -24,7 +24,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from llamactl import paths
 
@@ -142,7 +142,7 @@ def _library() -> ctypes.CDLL | None:
     lib.xl_upstream.argtypes = [vp, c_char_p, c_int, c_char_p, c_int]
     lib.xl_name.argtypes = [vp, c_char_p, c_int, c_int]
     lib.xl_slot_gen.argtypes = [vp, c_int]
-    lib.xl_python_conns.argtypes = [vp, c_int]
+    lib.xl_python_conns.argtypes = [vp, c_int, c_int]
     lib.xl_python_conns.restype = None
     lib.xl_clear.argtypes = [vp]
     lib.xl_clear.restype = None
@@ -311,10 +311,11 @@ class Lane:
             "lost": s[5],
         }
 
-    def python_connections(self, count: int) -> None:
-        """How many client connections the Python proxy holds (the bound counts both)."""
+    def python_connections(self, count: int, refusing: int) -> None:
+        """How many client connections the Python proxy holds (the bound counts both), and how
+        many it is turning away (the lane closes more at once past 64 with its own queue)."""
         if not self._closed:
-            self._lib.xl_python_conns(self._ptr, count)
+            self._lib.xl_python_conns(self._ptr, count, refusing)
 
     def take(self) -> tuple[int, int, bytes] | None:
         """The next connection handed to Python: (descriptor, reason, bytes read), or None."""
@@ -343,6 +344,6 @@ class Lane:
         os.close(self.notify_fd)
 
 
-def describe(lane: Any) -> str:
+def describe() -> str:
     """One line for the log."""
     return "express lane on (POST " + ", ".join(sorted(p.decode() for p in EXPRESS_PATHS)) + ")"

@@ -268,8 +268,7 @@ class _ClientConn(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
         proxy = self.proxy
         proxy._clients.add(self)
-        if proxy._lane is not None:
-            proxy._lane.python_connections(len(proxy._clients))
+        proxy._tell_lane()
         if self.hosts is not None:
             sock = transport.get_extra_info("socket")
             if sock is not None and sock.family == socket.AF_UNIX:
@@ -310,8 +309,7 @@ class _ClientConn(asyncio.Protocol):
         self.closed = True
         proxy = self.proxy
         proxy._clients.discard(self)
-        if proxy._lane is not None:
-            proxy._lane.python_connections(len(proxy._clients))
+        proxy._tell_lane()
         if self.linger is not None:
             self.linger.cancel()
             self.linger = None
@@ -1012,6 +1010,7 @@ class _Refused(asyncio.Protocol):
         # the express lane hands over is counted before it is adopted.
         proxy.refused += 1
         proxy.refusing += 1
+        proxy._tell_lane()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         proxy = self.proxy
@@ -1032,6 +1031,7 @@ class _Refused(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.proxy.refusing -= 1
+        self.proxy._tell_lane()
         if self.timer is not None:
             self.timer.cancel()
 
@@ -1465,8 +1465,13 @@ class Proxy:
         loop.add_reader(lane.notify_fd, self._lane_ready)
         self._lane_ticker = loop.create_task(self._lane_tick())
         attach(lane)
-        log.info("%s", express.describe(lane))
+        log.info("%s", express.describe())
         return [s for s in sockets if s.family == socket.AF_UNIX]
+
+    def _tell_lane(self) -> None:
+        """The connections held here, for the lane's share of the bound."""
+        if self._lane is not None:
+            self._lane.python_connections(len(self._clients), self.refusing)
 
     def _fold(self, upstream: Upstream, status: int, elapsed: float) -> None:
         """One exchange the lane served, counted as if the Python proxy had."""
