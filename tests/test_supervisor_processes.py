@@ -92,6 +92,24 @@ def test_crash_while_starting_fails_at_once_with_the_log(tmp_path: Path) -> None
     run(main())
 
 
+def test_a_failed_load_that_never_exits_fails_the_start_promptly(tmp_path: Path) -> None:
+    # llama-server hangs at times after "failed to load model" (its join on an HTTP thread
+    # that started listening after the stop): serve stops it instead of waiting out the
+    # stall bound (120 s), and says why.
+    async def main() -> None:
+        sup = Supervisor(FAST)
+        sup.add(config(tmp_path, "--mode", "hang-on-load-error"))
+        with pytest.raises(ServerStartError) as err:
+            await asyncio.wait_for(sup.start("default"), timeout=30)
+        assert "could not load the model and did not exit" in err.value.message
+        assert "failed to load model" in err.value.message
+        pid = sup.instances["default"].process.pid  # type: ignore[union-attr]
+        await sup.close()
+        assert pid is not None and not pid_alive(pid)
+
+    run(main())
+
+
 def test_frozen_server_is_killed_and_restarted(tmp_path: Path) -> None:
     async def main() -> None:
         sup = Supervisor(FAST)

@@ -18,6 +18,8 @@ Modes:
   normal            load for --load-time, then serve.
   slow-start        like normal with a 3 s load (or --load-time when given).
   crash-on-start    print a llama-server-like load error on stderr and exit 1 while loading.
+  hang-on-load-error  print llama-server's failed-load lines, then never exit (llama-server's
+                    own join on its HTTP thread can hang there: server.cpp, clean_up()).
   crash-mid-stream  healthy; a streamed completion exits the process (code 1) after
                     --crash-after events.
   hang              loads for --load-time, is healthy for --hang-after seconds (default 1),
@@ -483,6 +485,15 @@ async def main(argv: list[str]) -> int:
             flush=True,
         )
         return 1
+    if s.mode == "hang-on-load-error":
+        await asyncio.sleep(min(s.load_time, 0.2))
+        print(
+            f"gguf_init_from_file: failed to open GGUF file '{s.model}' (No such file or "
+            f"directory)\nsrv    load_model: failed to load model, '{s.model}'",
+            file=sys.stderr,
+            flush=True,
+        )
+        await asyncio.Event().wait()
     try:
         srv = await asyncio.start_server(server.handle_connection, s.host, s.port, limit=1 << 20)
     except OSError:
