@@ -91,7 +91,6 @@ typedef struct up {
     uint64_t remaining;                   /* F_LENGTH: body bytes still to come */
     int ch; uint64_t ch_left;             /* F_CHUNKED: where in the chunk framing */
     int close_after;                      /* llama-server said Connection: close */
-    int got_data;
     int fresh;                            /* connected for this exchange */
     int epoll_out;                        /* EPOLLOUT is in the interest set */
     struct up *grave;
@@ -109,7 +108,6 @@ typedef struct conn {
     int epoll_out;
     size_t req_len;                       /* the current request's bytes at the start of in */
     int slot;
-    int attempts;
     int head_sent;                        /* a byte of the answer went to the client */
     int close_after;                      /* close once the answer is out */
     int status;
@@ -134,7 +132,7 @@ typedef struct name { char s[NAME_MAX_LEN]; int len; int slot; } name_t;
 typedef struct lane {
     pthread_mutex_t mu;
     pthread_t thread;
-    int started, stopping, stopped;
+    int started, stopping;
     int ep, wake, notify;
     tag_t wake_tag;
     int nlisten;
@@ -783,7 +781,6 @@ static void start_exchange(lane_t *l, conn_t *c, int slot, const char *req, size
     c->head_sent = 0;
     c->close_after = 0;
     c->status = 0;
-    c->attempts++;
     if (!c->force_fresh) c->t0 = now_ns();
     up_t *u = c->force_fresh ? NULL : up_pop(l, slot);
     if (!u) u = up_connect(l, slot);
@@ -799,7 +796,6 @@ static void start_exchange(lane_t *l, conn_t *c, int slot, const char *req, size
     u->out_len = req_len;
     u->out_off = 0;
     u->in_len = 0;
-    u->got_data = 0;
     u->close_after = 0;
     u->stamp = now_ms();
     if (u->phase == UP_IDLE) u->phase = UP_SENDING;
@@ -847,7 +843,6 @@ static void finish_exchange(lane_t *l, conn_t *c, int status, int pool) {
             if (l->names[i].slot == slot) l->names[i--] = l->names[--l->nnames];
     }
     pthread_mutex_unlock(&l->mu);
-    c->attempts = 0;
     c->force_fresh = 0;
     c->stamp = now_ms();
     if (status < 0) {
@@ -1142,7 +1137,6 @@ static void up_readable(lane_t *l, up_t *u) {
         up_failed(l, u);
         return;
     }
-    u->got_data = 1;
     if (u->phase != UP_BODY) {
         u->in_len += (size_t)n;
         up_head(l, u, c);
